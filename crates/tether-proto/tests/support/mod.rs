@@ -117,3 +117,4 @@ pub fn data(events: &[Event]) -> Vec<Vec<u8>> {
         })
         .collect()
 }
+pub mod endpoint;

@@ -1,0 +1,381 @@
+//! The many-peer endpoint: cookies, routing, re-handshake, hostile input, limits.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use support::endpoint::{addr, exchange};
+use support::*;
+use tether_proto::dtls::{
+    record, CloseReason, DropReason, Endpoint, EndpointConfig, EndpointEvent, Event, PeerIdentity,
+    Session,
+};
+
+fn endpoint(now: Instant) -> Endpoint {
+    Endpoint::new(
+        psk_server(fast_session()),
+        EndpointConfig::new([7; 32]),
+        now,
+    )
+    .unwrap()
+}
+
+fn connect(now: Instant, ep: &mut Endpoint, at: SocketAddr) -> (Session, Vec<EndpointEvent>) {
+    let mut client = Session::client(&psk_client(fast_session()), now).unwrap();
+    let (events, client_events) = exchange(now, ep, &mut client, at);
+    assert!(client.is_established(), "{client_events:?} {events:?}");
+    (client, events)
+}
+
+fn connected_handle(events: &[EndpointEvent]) -> tether_proto::dtls::SessionHandle {
+    events
+        .iter()
+        .find_map(|e| match e {
+            EndpointEvent::Connected { handle, .. } => Some(*handle),
+            _ => None,
+        })
+        .expect("a Connected event")
+}
+
+#[test]
+fn a_client_connects_through_the_cookie_exchange_and_talks() {
+    let now = Instant::now();
+    let mut ep = endpoint(now);
+    let at = addr(1);
+    let mut client = Session::client(&psk_client(fast_session()), now).unwrap();
+    // First ClientHello: answered statelessly.
+    ep.handle(now, at, &client.poll_transmit().unwrap().contents);
+    assert_eq!(ep.session_count(), 0);
+    assert_eq!(ep.stats().hello_verify_requests_sent, 1);
+    let hvr = ep.poll_transmit().unwrap();
+    assert_eq!(record::handshake_messages(&hvr.contents), vec![Some(3)]);
+    client.handle_datagram(now, &hvr.contents);
+    let (events, _) = exchange(now, &mut ep, &mut client, at);
+    let handle = connected_handle(&events);
+    assert!(events.iter().any(|e| matches!(e, EndpointEvent::Connected { identity: Some(PeerIdentity::Psk(id)), .. } if id == IDENTITY.as_bytes())));
+    assert_eq!(ep.established(at), Some(handle));
+    client.send(now, b"hello").unwrap();
+    let (events, _) = exchange(now, &mut ep, &mut client, at);
+    assert_eq!(
+        events,
+        vec![EndpointEvent::Data {
+            handle,
+            peer: at,
+            data: b"hello".to_vec()
+        }]
+    );
+    ep.send(now, handle, b"world").unwrap();
+    let (_, client_events) = exchange(now, &mut ep, &mut client, at);
+    assert_eq!(client_events, vec![Event::Data(b"world".to_vec())]);
+    assert_eq!(ep.stats().handshakes_completed, 1);
+}
+
+#[test]
+fn a_rebooted_device_on_the_same_address_replaces_its_session() {
+    let now = Instant::now();
+    let mut ep = endpoint(now);
+    let at = addr(2);
+    let (mut old_client, events) = connect(now, &mut ep, at);
+    let old = connected_handle(&events);
+
+    // A forged ClientHello for that address with a bad cookie: only a HelloVerifyRequest.
+    let mut forger = Session::client(&psk_client(fast_session()), now).unwrap();
+    let hello = forger.poll_transmit().unwrap().contents;
+    let forged = with_cookie(&hello, &[0xAA; 32]);
+    ep.handle(now, at, &forged);
+    assert_eq!(ep.stats().cookies_rejected, 1);
+    assert_eq!(ep.session_count(), 1);
+    assert!(ep.poll_event().is_none());
+    while ep.poll_transmit().is_some() {}
+    old_client.send(now, b"still here").unwrap();
+    let (events, _) = exchange(now, &mut ep, &mut old_client, at);
+    assert_eq!(
+        events,
+        vec![EndpointEvent::Data {
+            handle: old,
+            peer: at,
+            data: b"still here".to_vec()
+        }]
+    );
+
+    // The device reboots: a new client from the same address and port.
+    let (mut new_client, events) = connect(now, &mut ep, at);
+    let new = connected_handle(&events);
+    assert_ne!(new, old);
+    assert!(events.contains(&EndpointEvent::Connected {
+        handle: new,
+        peer: at,
+        identity: Some(PeerIdentity::Psk(IDENTITY.into())),
+        resumed: false,
+        replaced: Some(old),
+    }));
+    assert!(events.contains(&EndpointEvent::Closed {
+        handle: old,
+        peer: at,
+        was_established: true,
+        reason: CloseReason::Replaced
+    }));
+    assert_eq!(ep.session_count(), 1);
+    assert_eq!(ep.established(at), Some(new));
+    assert_eq!(ep.stats().sessions_replaced, 1);
+    new_client.send(now, b"after reboot").unwrap();
+    let (events, _) = exchange(now, &mut ep, &mut new_client, at);
+    assert_eq!(
+        events,
+        vec![EndpointEvent::Data {
+            handle: new,
+            peer: at,
+            data: b"after reboot".to_vec()
+        }]
+    );
+}
+
+#[test]
+fn the_old_session_keeps_working_until_the_new_handshake_completes() {
+    let now = Instant::now();
+    let mut ep = endpoint(now);
+    let at = addr(3);
+    let (mut old_client, events) = connect(now, &mut ep, at);
+    let old = connected_handle(&events);
+    // A new handshake gets as far as the cookie and its first server flight, then stalls.
+    let mut new_client = Session::client(&psk_client(fast_session()), now).unwrap();
+    ep.handle(now, at, &new_client.poll_transmit().unwrap().contents);
+    new_client.handle_datagram(now, &ep.poll_transmit().unwrap().contents);
+    ep.handle(now, at, &new_client.poll_transmit().unwrap().contents);
+    assert_eq!(ep.handshakes_in_progress(), 1);
+    while ep.poll_transmit().is_some() {}
+    old_client.send(now, b"old traffic").unwrap();
+    let (events, _) = exchange(now, &mut ep, &mut old_client, at);
+    assert_eq!(
+        events,
+        vec![EndpointEvent::Data {
+            handle: old,
+            peer: at,
+            data: b"old traffic".to_vec()
+        }]
+    );
+    // The stalled handshake hits its deadline: the old session is untouched.
+    ep.handle_timeout(now + Duration::from_secs(11));
+    let events: Vec<_> = std::iter::from_fn(|| ep.poll_event()).collect();
+    assert!(
+        matches!(
+            &events[..],
+            [EndpointEvent::Closed {
+                was_established: false,
+                reason: CloseReason::HandshakeTimeout,
+                ..
+            }]
+        ),
+        "{events:?}"
+    );
+    assert_eq!(ep.established(at), Some(old));
+    assert_eq!(ep.handshakes_in_progress(), 0);
+}
+
+/// Rewrites a first ClientHello to carry `cookie`.
+fn with_cookie(hello: &[u8], cookie: &[u8]) -> Vec<u8> {
+    // record(13) + handshake header(12) + version(2) + random(32) + session id.
+    let sid_len = hello[13 + 12 + 34] as usize;
+    let cookie_at = 13 + 12 + 34 + 1 + sid_len;
+    assert_eq!(hello[cookie_at], 0, "a first ClientHello has no cookie");
+    let mut out = hello[..cookie_at].to_vec();
+    out.push(cookie.len() as u8);
+    out.extend_from_slice(cookie);
+    out.extend_from_slice(&hello[cookie_at + 1..]);
+    let grow = cookie.len();
+    let rec_len = u16::from_be_bytes([out[11], out[12]]) as usize + grow;
+    out[11..13].copy_from_slice(&(rec_len as u16).to_be_bytes());
+    for at in [14, 22] {
+        let len = u32::from_be_bytes([0, out[at], out[at + 1], out[at + 2]]) as usize + grow;
+        out[at..at + 3].copy_from_slice(&(len as u32).to_be_bytes()[1..]);
+    }
+    out
+}
+
+#[test]
+fn hostile_datagrams_never_close_a_legitimate_session() {
+    let now = Instant::now();
+    let mut ep = endpoint(now);
+    let at = addr(4);
+    let (mut client, events) = connect(now, &mut ep, at);
+    let handle = connected_handle(&events);
+    client.send(now, b"record to replay").unwrap();
+    let genuine = client.poll_transmit().unwrap().contents;
+    ep.handle(now, at, &genuine);
+    assert_eq!(
+        ep.poll_event(),
+        Some(EndpointEvent::Data {
+            handle,
+            peer: at,
+            data: b"record to replay".to_vec()
+        })
+    );
+
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+    let mut hostile: Vec<Vec<u8>> = Vec::new();
+    for _ in 0..2_000 {
+        let len = rng.gen_range(0..200);
+        hostile.push((0..len).map(|_| rng.gen()).collect());
+    }
+    for cut in 0..genuine.len() {
+        hostile.push(genuine[..cut].to_vec()); // truncated
+    }
+    for i in 13..genuine.len() {
+        let mut bad_mac = genuine.clone();
+        bad_mac[i] ^= 0x40;
+        hostile.push(bad_mac); // bad MAC (any ciphertext or tag bit)
+    }
+    for _ in 0..10 {
+        hostile.push(genuine.clone()); // replays
+    }
+    for epoch_byte in [0u8, 2, 255] {
+        let mut wrong_epoch = genuine.clone();
+        wrong_epoch[4] = epoch_byte;
+        hostile.push(wrong_epoch);
+    }
+    hostile.push(record::fatal_alert(40, 1)); // spoofed plaintext fatal alert
+    for datagram in &hostile {
+        ep.handle(now, at, datagram);
+    }
+    let events: Vec<_> = std::iter::from_fn(|| ep.poll_event()).collect();
+    assert!(events.is_empty(), "hostile input produced {events:?}");
+    assert!(ep.session(handle).unwrap().is_established());
+    client.send(now, b"still fine").unwrap();
+    let (events, _) = exchange(now, &mut ep, &mut client, at);
+    assert_eq!(
+        events,
+        vec![EndpointEvent::Data {
+            handle,
+            peer: at,
+            data: b"still fine".to_vec()
+        }]
+    );
+    // The same garbage from unknown addresses creates nothing.
+    for (i, datagram) in hostile.iter().enumerate() {
+        ep.handle(now, addr(100 + i as u32), datagram);
+    }
+    assert_eq!(ep.session_count(), 1);
+    assert!(ep.stats().dropped(DropReason::Malformed) > 0);
+    assert!(ep.stats().dropped(DropReason::UnknownPeer) > 0);
+}
+
+#[test]
+fn hostile_datagrams_mid_handshake_do_not_break_it() {
+    let now = Instant::now();
+    let mut ep = endpoint(now);
+    let at = addr(5);
+    let mut client = Session::client(&psk_client(fast_session()), now).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    for _ in 0..20 {
+        let mut moved = false;
+        while let Some(t) = client.poll_transmit() {
+            ep.handle(now, at, &t.contents);
+            let len = rng.gen_range(13..120);
+            let mut junk: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+            junk[..3].copy_from_slice(&[22, 0xfe, 0xfd]); // looks like DTLS handshake
+            let body = (len - 13) as u16;
+            junk[11..13].copy_from_slice(&body.to_be_bytes());
+            ep.handle(now, at, &junk);
+            moved = true;
+        }
+        while let Some(t) = ep.poll_transmit() {
+            client.handle_datagram(now, &t.contents);
+            moved = true;
+        }
+        if !moved {
+            break;
+        }
+    }
+    assert!(client.is_established());
+}
+
+#[test]
+fn handshake_and_session_limits_hold() {
+    let now = Instant::now();
+    let config = EndpointConfig::new([7; 32])
+        .max_handshakes(2)
+        .max_sessions(3);
+    let mut ep = Endpoint::new(psk_server(fast_session()), config, now).unwrap();
+    // Three handshakes reach the cookie stage; the third is refused.
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        let at = addr(10 + i);
+        let mut client = Session::client(&psk_client(fast_session()), now).unwrap();
+        ep.handle(now, at, &client.poll_transmit().unwrap().contents);
+        client.handle_datagram(now, &ep.poll_transmit().unwrap().contents);
+        ep.handle(now, at, &client.poll_transmit().unwrap().contents);
+        while ep.poll_transmit().is_some() {}
+        clients.push(client);
+    }
+    assert_eq!(ep.handshakes_in_progress(), 2);
+    assert_eq!(ep.stats().dropped(DropReason::HandshakeLimit), 1);
+    // Fill up to the session limit; the fourth established session is refused.
+    let mut ep = Endpoint::new(
+        psk_server(fast_session()),
+        EndpointConfig::new([7; 32]).max_sessions(3),
+        now,
+    )
+    .unwrap();
+    for i in 0..3 {
+        connect(now, &mut ep, addr(20 + i));
+    }
+    let mut late = Session::client(&psk_client(fast_session()), now).unwrap();
+    exchange(now, &mut ep, &mut late, addr(30));
+    assert!(!late.is_established());
+    assert_eq!(ep.session_count(), 3);
+    assert_eq!(ep.stats().dropped(DropReason::SessionLimit), 1);
+    // A device that reboots still gets back in at the limit: its session is replaced.
+    connect(now, &mut ep, addr(20));
+    assert_eq!(ep.session_count(), 3);
+}
+
+#[test]
+fn resumption_through_the_endpoint() {
+    let now = Instant::now();
+    let mut ep = endpoint(now);
+    let cctx = psk_client(fast_session());
+    let mut client = Session::client(&cctx, now).unwrap();
+    exchange(now, &mut ep, &mut client, addr(40));
+    let saved = client.saved_session(&cctx).unwrap();
+    let mut again = Session::client_resuming(&cctx, now, &saved).unwrap();
+    let (events, _) = exchange(now, &mut ep, &mut again, addr(41));
+    assert!(again.is_resumed());
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, EndpointEvent::Connected { resumed: true, .. })));
+}
+
+#[test]
+fn close_all_sends_close_notify_and_reports_each_session_once() {
+    let now = Instant::now();
+    let mut ep = endpoint(now);
+    let mut clients: Vec<_> = (0..3)
+        .map(|i| (addr(50 + i), connect(now, &mut ep, addr(50 + i)).0))
+        .collect();
+    ep.close_all(now);
+    let closed: Vec<_> = std::iter::from_fn(|| ep.poll_event())
+        .filter(|e| {
+            matches!(
+                e,
+                EndpointEvent::Closed {
+                    reason: CloseReason::Local,
+                    ..
+                }
+            )
+        })
+        .collect();
+    assert_eq!(closed.len(), 3);
+    assert_eq!(ep.session_count(), 0);
+    while let Some(t) = ep.poll_transmit() {
+        let (_, client) = clients
+            .iter_mut()
+            .find(|(a, _)| *a == t.destination)
+            .unwrap();
+        client.handle_datagram(now, &t.contents);
+    }
+    for (_, client) in &clients {
+        assert_eq!(client.close_reason(), Some(&CloseReason::PeerClosed));
+    }
+}
