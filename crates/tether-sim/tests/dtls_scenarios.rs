@@ -1,0 +1,223 @@
+//! DTLS over the simulated network: every suite, and handshakes under loss.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tether_proto::dtls::pki::{CertificateAuthority, Validity};
+use tether_proto::dtls::{
+    CipherSuite, ClientAuth, ClientConfig, CloseReason, DtlsContext, EndpointConfig, PskKey,
+    ServerConfig, SessionConfig, StaticPskStore,
+};
+use tether_sim::dtls::{ClientNode, DtlsNode, ServerNode};
+use tether_sim::{seed_from_env, Clock, LinkConfig, Loss, Network, NodeId};
+
+const SERVER: &str = "127.0.0.1:5684";
+
+fn server_addr() -> SocketAddr {
+    SERVER.parse().unwrap()
+}
+
+fn client_addr(i: usize) -> SocketAddr {
+    SocketAddr::from((
+        [127, 0, (i / 250) as u8 + 1, (i % 250) as u8 + 1],
+        40_000 + (i % 1000) as u16,
+    ))
+}
+
+fn psk() -> PskKey {
+    PskKey::from_hex("73656372657450534b").unwrap()
+}
+
+fn session(initial_rto: Duration) -> SessionConfig {
+    SessionConfig::default()
+        .retransmit(initial_rto, initial_rto * 8)
+        .handshake_timeout(Duration::from_secs(10))
+}
+
+struct Contexts {
+    server: Arc<DtlsContext>,
+    client: Arc<DtlsContext>,
+}
+
+fn contexts(suite: CipherSuite, session: SessionConfig) -> Contexts {
+    let session = session.cipher_suites(&[suite]);
+    if suite.is_psk() {
+        let store = StaticPskStore::new().with("identity", psk());
+        return Contexts {
+            server: DtlsContext::server(ServerConfig::psk(store).session(session.clone())).unwrap(),
+            client: DtlsContext::client(ClientConfig::psk("identity", psk()).session(session))
+                .unwrap(),
+        };
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let validity = Validity::days_around(now, 30);
+    let mut ca = CertificateAuthority::generate("sim ca", validity).unwrap();
+    let server_cert = ca.issue("server.test", validity).unwrap();
+    let client_cert = ca.issue("device-1", validity).unwrap();
+    let server = ServerConfig::x509(server_cert)
+        .client_auth(ClientAuth::Required(vec![ca.certificate.clone()]))
+        .session(session.clone());
+    let client = ClientConfig::x509(vec![ca.certificate.clone()])
+        .certificate(client_cert)
+        .server_name("server.test")
+        .session(session);
+    Contexts {
+        server: DtlsContext::server(server).unwrap(),
+        client: DtlsContext::client(client).unwrap(),
+    }
+}
+
+#[test]
+fn every_suite_handshakes_and_echoes_over_the_simulator() {
+    for suite in CipherSuite::ALL {
+        let seed = seed_from_env(1);
+        let ctx = contexts(suite, session(Duration::from_millis(50)));
+        let mut net: Network<DtlsNode> =
+            Network::new(seed, Clock::FollowWallClock, LinkConfig::default());
+        let now = net.now();
+        let server = ServerNode::new(ctx.server, EndpointConfig::new([1; 32]), now).unwrap();
+        net.add(server_addr(), DtlsNode::Server(server));
+        let payload = format!("hello over {suite:?}").into_bytes();
+        let client =
+            ClientNode::new(&ctx.client, server_addr(), now, Some(payload.clone())).unwrap();
+        let id = net.add(client_addr(0), DtlsNode::Client(client));
+        let done = net.run_until(Duration::from_secs(5), |net| {
+            net.node(id)
+                .client()
+                .is_some_and(|c| !c.received.is_empty())
+        });
+        let client = net.node(id).client().unwrap();
+        assert!(done, "{suite:?}: {:?}", client.closed);
+        assert_eq!(client.received, vec![payload], "{suite:?}");
+        assert_eq!(client.session.cipher_suite(), Some(suite));
+    }
+}
+
+struct Profile {
+    label: String,
+    link: LinkConfig,
+}
+
+/// Median and 95th percentile of a sorted list.
+fn percentile(sorted: &[Duration], p: f64) -> Option<Duration> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((sorted.len() - 1) as f64 * p).round() as usize;
+    Some(sorted[rank])
+}
+
+#[test]
+fn two_hundred_handshakes_per_loss_level_complete_or_time_out() {
+    const PER_PROFILE: usize = 200;
+    let seed = seed_from_env(2026);
+    let profiles: Vec<Profile> = [
+        Loss::None,
+        Loss::Random(0.05),
+        Loss::Random(0.20),
+        Loss::Random(0.50),
+        Loss::bursty(0.20, 4.0),
+    ]
+    .into_iter()
+    .map(|loss| Profile {
+        label: loss.label(),
+        link: LinkConfig::default().loss(loss),
+    })
+    .collect();
+
+    let ctx = contexts(
+        CipherSuite::PskAes128Ccm8,
+        session(Duration::from_millis(30)),
+    );
+    let deadline = ctx.client.session_config().handshake_timeout;
+    let mut net: Network<DtlsNode> =
+        Network::new(seed, Clock::FollowWallClock, LinkConfig::default());
+    let start = net.now();
+    let server = ServerNode::new(ctx.server, EndpointConfig::new([2; 32]), start).unwrap();
+    let server_id = net.add(server_addr(), DtlsNode::Server(server));
+    let mut clients: Vec<Vec<NodeId>> = Vec::new();
+    for (p, profile) in profiles.iter().enumerate() {
+        let mut ids = Vec::new();
+        for i in 0..PER_PROFILE {
+            let addr = client_addr(p * PER_PROFILE + i);
+            net.set_links(addr, server_addr(), profile.link.clone());
+            let client = ClientNode::new(&ctx.client, server_addr(), start, None).unwrap();
+            ids.push(net.add(addr, DtlsNode::Client(client)));
+        }
+        clients.push(ids);
+    }
+    let all: Vec<NodeId> = clients.iter().flatten().copied().collect();
+    let settled = net.run_until(deadline + Duration::from_secs(1), |net| {
+        all.iter()
+            .all(|id| net.node(*id).client().is_some_and(ClientNode::is_settled))
+    });
+    assert!(
+        settled,
+        "a handshake neither completed nor failed by its deadline (a hang)"
+    );
+
+    println!("\nDTLS PSK-AES128-CCM8 handshakes over the simulator (seed {seed}, RTO 30 ms doubling to 240 ms, deadline {deadline:?}, one-way latency 10 ms)");
+    println!(
+        "{:<26} {:>6} {:>10} {:>8} {:>12} {:>12}",
+        "loss", "count", "completed", "failed", "median", "p95"
+    );
+    for (profile, ids) in profiles.iter().zip(&clients) {
+        let mut times: Vec<Duration> = Vec::new();
+        let mut failed = 0;
+        for id in ids {
+            let client = net.node(*id).client().unwrap();
+            match (&client.handshake_time(), &client.closed) {
+                (Some(t), _) => times.push(*t),
+                (None, Some(reason)) => {
+                    failed += 1;
+                    assert!(
+                        matches!(
+                            reason,
+                            CloseReason::HandshakeTimeout | CloseReason::RetransmissionLimit
+                        ),
+                        "{}: failed for a reason other than a timeout: {reason}",
+                        profile.label
+                    );
+                    let _ = reason;
+                }
+                (None, None) => unreachable!("checked settled above"),
+            }
+            if let Some(t) = client.handshake_time() {
+                assert!(t <= deadline, "completed after its deadline: {t:?}");
+            }
+        }
+        times.sort();
+        let fmt = |d: Option<Duration>| {
+            d.map_or("-".to_string(), |d| {
+                format!("{:.0} ms", d.as_secs_f64() * 1e3)
+            })
+        };
+        println!(
+            "{:<26} {:>6} {:>9.1}% {:>8} {:>12} {:>12}",
+            profile.label,
+            ids.len(),
+            times.len() as f64 * 100.0 / ids.len() as f64,
+            failed,
+            fmt(percentile(&times, 0.5)),
+            fmt(percentile(&times, 0.95)),
+        );
+        if profile.link.loss == Loss::None {
+            assert_eq!(times.len(), ids.len(), "lossless handshakes all complete");
+        }
+    }
+    let stats = net.stats();
+    println!("network: {stats:?}");
+    // The server sheds the half-open handshakes of clients that gave up, by its own deadline.
+    net.run_for(deadline + Duration::from_secs(1));
+    let endpoint = &net.node(server_id).server().unwrap().endpoint;
+    assert_eq!(
+        endpoint.handshakes_in_progress(),
+        0,
+        "{:?}",
+        endpoint.stats()
+    );
+}
