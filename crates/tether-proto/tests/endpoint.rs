@@ -1,5 +1,7 @@
 //! The many-peer endpoint: cookies, routing, re-handshake, hostile input, limits.
 
+#![allow(clippy::disallowed_methods, reason = "tests pick their starting instant and drive real sockets")]
+
 mod support;
 
 use std::net::SocketAddr;

@@ -1,5 +1,7 @@
 //! Session-level behaviour: suites, authentication failures, MTU, close, resumption.
 
+#![allow(clippy::disallowed_methods, reason = "tests pick their starting instant and drive real sockets")]
+
 mod support;
 
 use std::time::{Duration, Instant};
@@ -350,4 +352,87 @@ fn one_expired_timer_produces_exactly_one_retransmitted_flight() {
     );
     assert_eq!(server.stats().retransmissions, 1);
     let _ = client;
+}
+
+#[test]
+fn extended_master_secret_is_used_when_offered_and_not_required() {
+    let now = Instant::now();
+    let sctx = psk_server(fast_session());
+    for offer in [true, false] {
+        let mut config = tether_proto::dtls::ClientConfig::psk(IDENTITY, psk()).session(fast_session());
+        config.offer_extended_master_secret = offer;
+        let cctx = tether_proto::dtls::DtlsContext::client(config).unwrap();
+        let mut client = Session::client(&cctx, now).unwrap();
+        let mut server = Session::server(&sctx, now).unwrap();
+        handshake(now, &mut client, &mut server);
+        assert!(server.is_established(), "offer {offer}");
+        assert_eq!(server.uses_extended_master_secret(), Some(offer));
+        assert_eq!(client.uses_extended_master_secret(), Some(offer));
+    }
+}
+
+#[test]
+fn no_psk_identity_hint_is_sent_by_default() {
+    let now = Instant::now();
+    let sctx = psk_server(fast_session().cipher_suites(&[CipherSuite::PskAes128Ccm8]));
+    let cctx = psk_client(fast_session());
+    let mut client = Session::client(&cctx, now).unwrap();
+    let mut server = Session::server(&sctx, now).unwrap();
+    // Flight 1 and 2 (ClientHello, ServerHello..ServerHelloDone) in plaintext: a PSK suite
+    // without a hint sends no ServerKeyExchange (handshake type 12) at all (RFC 4279 §2).
+    let mut server_types = Vec::new();
+    for _ in 0..4 {
+        while let Some(t) = client.poll_transmit() {
+            server.handle_datagram(now, &t.contents);
+        }
+        while let Some(t) = server.poll_transmit() {
+            server_types.extend(record::handshake_messages(&t.contents));
+            client.handle_datagram(now, &t.contents);
+        }
+    }
+    assert!(client.is_established());
+    assert!(server_types.contains(&Some(2)) && server_types.contains(&Some(14)), "{server_types:?}");
+    assert!(!server_types.contains(&Some(12)), "a ServerKeyExchange carried an identity hint: {server_types:?}");
+}
+
+#[test]
+fn the_server_session_cache_is_bounded() {
+    let now = Instant::now();
+    let sctx = tether_proto::dtls::DtlsContext::server(
+        tether_proto::dtls::ServerConfig::psk(tether_proto::dtls::StaticPskStore::new().with(IDENTITY, psk()))
+            .session(fast_session())
+            .session_cache_size(1),
+    )
+    .unwrap();
+    let cctx = psk_client(fast_session());
+    let mut saved = Vec::new();
+    for _ in 0..2 {
+        let mut client = Session::client(&cctx, now).unwrap();
+        let mut server = Session::server(&sctx, now).unwrap();
+        handshake(now, &mut client, &mut server);
+        saved.push(client.saved_session(&cctx).unwrap());
+    }
+    // Only the newest of the two fits in a cache of one.
+    let resumes = |saved: &tether_proto::dtls::SavedSession| {
+        let mut client = Session::client_resuming(&cctx, now, saved).unwrap();
+        let mut server = Session::server(&sctx, now).unwrap();
+        handshake(now, &mut client, &mut server);
+        assert!(client.is_established());
+        client.is_resumed()
+    };
+    assert!(resumes(&saved[1]));
+    assert!(!resumes(&saved[0]), "an evicted cache entry falls back to a full handshake");
+}
+
+#[test]
+fn dtls_1_0_is_refused() {
+    // A DTLS 1.0 ClientHello: take ours and lower client_version to 0xfeff.
+    let now = Instant::now();
+    let cctx = psk_client(fast_session());
+    let mut hello = Session::client(&cctx, now).unwrap().poll_transmit().unwrap().contents;
+    hello[13 + 12] = 0xfe;
+    hello[13 + 12 + 1] = 0xff;
+    let mut server = Session::server(&psk_server(fast_session()), now).unwrap();
+    server.handle_datagram(now, &hello);
+    assert!(matches!(server.close_reason(), Some(CloseReason::HandshakeFailed(why)) if why.contains("unsupported protocol")), "{:?}", server.close_reason());
 }

@@ -293,7 +293,7 @@ impl fmt::Debug for CertifiedKey {
 }
 
 /// A client's configuration.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ClientConfig {
     /// Common session settings.
     pub session: SessionConfig,
@@ -305,6 +305,22 @@ pub struct ClientConfig {
     pub certificate: Option<CertifiedKey>,
     /// If set, the server certificate must name this host (SAN or CN).
     pub server_name: Option<String>,
+    /// Offer Extended Master Secret (RFC 7627). Default true. Turn it off only to reproduce
+    /// peers that lack it, such as node-dtls-client.
+    pub offer_extended_master_secret: bool,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            session: SessionConfig::default(),
+            psk: None,
+            trust_anchors: Vec::new(),
+            certificate: None,
+            server_name: None,
+            offer_extended_master_secret: true,
+        }
+    }
 }
 
 impl ClientConfig {
@@ -503,6 +519,9 @@ impl DtlsContext {
         if let Some(cert) = &config.certificate {
             install_certificate(&mut builder, cert)?;
         }
+        if !config.offer_extended_master_secret {
+            builder.set_options(SslOptions::from_bits_retain(NO_EXTENDED_MASTER_SECRET));
+        }
         Ok(Arc::new(Self {
             ssl: builder.build(),
             role: Role::Client,
@@ -586,6 +605,9 @@ impl DtlsContext {
         &self.session
     }
 }
+
+/// `SSL_OP_NO_EXTENDED_MASTER_SECRET` (OpenSSL 3.0), which the crate does not name.
+const NO_EXTENDED_MASTER_SECRET: u64 = 1;
 
 /// The cookie the endpoint verified, left on a new server SSL for OpenSSL's verify callback.
 pub(crate) struct VerifiedCookie(pub(crate) Vec<u8>);

@@ -265,6 +265,15 @@ impl Session {
         self.resumed
     }
 
+    /// Whether the handshake used Extended Master Secret (RFC 7627); `None` before the
+    /// handshake finished.
+    pub fn uses_extended_master_secret(&self) -> Option<bool> {
+        if !self.is_established() {
+            return None;
+        }
+        self.stream.ssl().extms_support()
+    }
+
     /// The negotiated cipher suite, once established.
     pub fn cipher_suite(&self) -> Option<CipherSuite> {
         let cipher = self.stream.ssl().current_cipher()?;

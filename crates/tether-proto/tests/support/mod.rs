@@ -118,3 +118,4 @@ pub fn data(events: &[Event]) -> Vec<Vec<u8>> {
         .collect()
 }
 pub mod endpoint;
+pub mod udp;
