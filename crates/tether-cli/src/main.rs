@@ -59,8 +59,20 @@ enum BenchTarget {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Command::Echo { listen, psk_identity, psk_key } => echo(listen, &psk_identity, &psk_key)?,
-        Command::Bench { target: BenchTarget::Dtls { seconds, sessions, payload, json } } => {
+        Command::Echo {
+            listen,
+            psk_identity,
+            psk_key,
+        } => echo(listen, &psk_identity, &psk_key)?,
+        Command::Bench {
+            target:
+                BenchTarget::Dtls {
+                    seconds,
+                    sessions,
+                    payload,
+                    json,
+                },
+        } => {
             if !(seconds > 0.0 && seconds <= 600.0) {
                 anyhow::bail!("--seconds must be between 0 and 600, got {seconds}");
             }
@@ -76,7 +88,10 @@ fn main() -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&figures)?);
             } else {
-                bench::print_table("tether bench dtls (loopback, this machine, this run)", &figures);
+                bench::print_table(
+                    "tether bench dtls (loopback, this machine, this run)",
+                    &figures,
+                );
             }
         }
     }
@@ -84,19 +99,36 @@ fn main() -> Result<()> {
 }
 
 fn echo(listen: std::net::SocketAddr, identity: &str, key_hex: &str) -> Result<()> {
-    use tether_proto::dtls::{DtlsContext, Endpoint, EndpointConfig, EndpointEvent, PskKey, ServerConfig, StaticPskStore};
+    use tether_proto::dtls::{
+        DtlsContext, Endpoint, EndpointConfig, EndpointEvent, PskKey, ServerConfig, StaticPskStore,
+    };
 
     let key = PskKey::from_hex(key_hex).map_err(|e| anyhow::anyhow!("--psk-key: {e}"))?;
     let store = StaticPskStore::new().with(identity, key);
     let context = DtlsContext::server(ServerConfig::psk(store))?;
-    let endpoint = Endpoint::new(context, EndpointConfig::new(echo::os_seed()), std::time::Instant::now())?;
-    let socket = std::net::UdpSocket::bind(listen).map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
-    println!("tether echo: DTLS 1.2 on udp {} with PSK identity {identity:?} (key not shown)", socket.local_addr()?);
+    let endpoint = Endpoint::new(
+        context,
+        EndpointConfig::new(echo::os_seed()),
+        std::time::Instant::now(),
+    )?;
+    let socket = std::net::UdpSocket::bind(listen)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    println!(
+        "tether echo: DTLS 1.2 on udp {} with PSK identity {identity:?} (key not shown)",
+        socket.local_addr()?
+    );
     println!("try: openssl s_client -dtls1_2 -psk_identity {identity} -psk <key> -cipher PSK-AES128-CCM8 -connect {}", socket.local_addr()?);
     let stop = std::sync::atomic::AtomicBool::new(false);
     echo::serve(&socket, endpoint, &stop, |event| match event {
-        EndpointEvent::Connected { peer, identity, resumed, .. } => {
-            let who = identity.as_ref().map_or("-".to_string(), ToString::to_string);
+        EndpointEvent::Connected {
+            peer,
+            identity,
+            resumed,
+            ..
+        } => {
+            let who = identity
+                .as_ref()
+                .map_or("-".to_string(), ToString::to_string);
             println!("connected {peer} {who} resumed={resumed}");
         }
         EndpointEvent::Closed { peer, reason, .. } => println!("closed {peer}: {reason}"),

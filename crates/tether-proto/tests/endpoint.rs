@@ -1,6 +1,9 @@
 //! The many-peer endpoint: cookies, routing, re-handshake, hostile input, limits.
 
-#![allow(clippy::disallowed_methods, reason = "tests pick their starting instant and drive real sockets")]
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests pick their starting instant and drive real sockets"
+)]
 
 mod support;
 

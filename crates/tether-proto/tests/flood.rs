@@ -1,7 +1,10 @@
 //! 100,000 ClientHellos without cookies from distinct spoofed addresses: no session, no
 //! retained allocation, and a legitimate client completes its handshake meanwhile.
 
-#![allow(clippy::disallowed_methods, reason = "tests pick their starting instant and drive real sockets")]
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests pick their starting instant and drive real sockets"
+)]
 
 mod support;
 

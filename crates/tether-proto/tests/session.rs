@@ -1,6 +1,9 @@
 //! Session-level behaviour: suites, authentication failures, MTU, close, resumption.
 
-#![allow(clippy::disallowed_methods, reason = "tests pick their starting instant and drive real sockets")]
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests pick their starting instant and drive real sockets"
+)]
 
 mod support;
 
@@ -359,7 +362,8 @@ fn extended_master_secret_is_used_when_offered_and_not_required() {
     let now = Instant::now();
     let sctx = psk_server(fast_session());
     for offer in [true, false] {
-        let mut config = tether_proto::dtls::ClientConfig::psk(IDENTITY, psk()).session(fast_session());
+        let mut config =
+            tether_proto::dtls::ClientConfig::psk(IDENTITY, psk()).session(fast_session());
         config.offer_extended_master_secret = offer;
         let cctx = tether_proto::dtls::DtlsContext::client(config).unwrap();
         let mut client = Session::client(&cctx, now).unwrap();
@@ -391,17 +395,25 @@ fn no_psk_identity_hint_is_sent_by_default() {
         }
     }
     assert!(client.is_established());
-    assert!(server_types.contains(&Some(2)) && server_types.contains(&Some(14)), "{server_types:?}");
-    assert!(!server_types.contains(&Some(12)), "a ServerKeyExchange carried an identity hint: {server_types:?}");
+    assert!(
+        server_types.contains(&Some(2)) && server_types.contains(&Some(14)),
+        "{server_types:?}"
+    );
+    assert!(
+        !server_types.contains(&Some(12)),
+        "a ServerKeyExchange carried an identity hint: {server_types:?}"
+    );
 }
 
 #[test]
 fn the_server_session_cache_is_bounded() {
     let now = Instant::now();
     let sctx = tether_proto::dtls::DtlsContext::server(
-        tether_proto::dtls::ServerConfig::psk(tether_proto::dtls::StaticPskStore::new().with(IDENTITY, psk()))
-            .session(fast_session())
-            .session_cache_size(1),
+        tether_proto::dtls::ServerConfig::psk(
+            tether_proto::dtls::StaticPskStore::new().with(IDENTITY, psk()),
+        )
+        .session(fast_session())
+        .session_cache_size(1),
     )
     .unwrap();
     let cctx = psk_client(fast_session());
@@ -421,7 +433,10 @@ fn the_server_session_cache_is_bounded() {
         client.is_resumed()
     };
     assert!(resumes(&saved[1]));
-    assert!(!resumes(&saved[0]), "an evicted cache entry falls back to a full handshake");
+    assert!(
+        !resumes(&saved[0]),
+        "an evicted cache entry falls back to a full handshake"
+    );
 }
 
 #[test]
@@ -429,10 +444,18 @@ fn dtls_1_0_is_refused() {
     // A DTLS 1.0 ClientHello: take ours and lower client_version to 0xfeff.
     let now = Instant::now();
     let cctx = psk_client(fast_session());
-    let mut hello = Session::client(&cctx, now).unwrap().poll_transmit().unwrap().contents;
+    let mut hello = Session::client(&cctx, now)
+        .unwrap()
+        .poll_transmit()
+        .unwrap()
+        .contents;
     hello[13 + 12] = 0xfe;
     hello[13 + 12 + 1] = 0xff;
     let mut server = Session::server(&psk_server(fast_session()), now).unwrap();
     server.handle_datagram(now, &hello);
-    assert!(matches!(server.close_reason(), Some(CloseReason::HandshakeFailed(why)) if why.contains("unsupported protocol")), "{:?}", server.close_reason());
+    assert!(
+        matches!(server.close_reason(), Some(CloseReason::HandshakeFailed(why)) if why.contains("unsupported protocol")),
+        "{:?}",
+        server.close_reason()
+    );
 }

@@ -114,7 +114,10 @@ fn mac_client_hello(mac: &mut Hmac<Sha256>, hello: &ClientHello<'_>) {
 }
 
 #[cfg(test)]
-#[allow(clippy::disallowed_methods, reason = "tests pick their starting instant")]
+#[allow(
+    clippy::disallowed_methods,
+    reason = "tests pick their starting instant"
+)]
 mod tests {
     use super::*;
 
