@@ -221,3 +221,63 @@ fn two_hundred_handshakes_per_loss_level_complete_or_time_out() {
         endpoint.stats()
     );
 }
+
+#[test]
+fn certificate_handshakes_survive_duplication_reordering_and_a_small_mtu() {
+    const CLIENTS: usize = 40;
+    let seed = seed_from_env(7);
+    // The link drops anything over 600 bytes; the sessions are told the same MTU, so the
+    // certificate flights must be fragmented to fit.
+    let session = session(Duration::from_millis(40)).mtu(600);
+    let ctx = contexts(CipherSuite::EcdheEcdsaAes128Ccm8, session);
+    let link = LinkConfig::default()
+        .latency(Duration::from_millis(10), Duration::from_millis(20))
+        .chaos(0.10, 0.20)
+        .loss(Loss::Random(0.05))
+        .mtu(600);
+    let mut net: Network<DtlsNode> = Network::new(seed, Clock::FollowWallClock, link);
+    let now = net.now();
+    let server = ServerNode::new(ctx.server, EndpointConfig::new([3; 32]), now).unwrap();
+    net.add(server_addr(), DtlsNode::Server(server));
+    let ids: Vec<NodeId> = (0..CLIENTS)
+        .map(|i| {
+            let payload = format!("payload {i}").into_bytes();
+            let client = ClientNode::new(&ctx.client, server_addr(), now, Some(payload)).unwrap();
+            net.add(client_addr(i), DtlsNode::Client(client))
+        })
+        .collect();
+    let settled = |net: &Network<DtlsNode>, id: &NodeId| {
+        net.node(*id).client().is_some_and(ClientNode::is_settled)
+    };
+    assert!(net.run_until(Duration::from_secs(11), |net| ids
+        .iter()
+        .all(|id| settled(net, id))));
+    // Echoes ride on application data, which DTLS does not retransmit; let the last ones in.
+    net.run_for(Duration::from_millis(300));
+    let stats = net.stats();
+    assert_eq!(stats.too_big, 0, "no datagram exceeded the mtu: {stats:?}");
+    assert!(stats.duplicated > 0 && stats.reordered > 0, "{stats:?}");
+    let mut completed = 0;
+    for (i, id) in ids.iter().enumerate() {
+        let c = net.node(*id).client().unwrap();
+        if c.connected_at.is_some() {
+            completed += 1;
+            for data in &c.received {
+                assert_eq!(data, format!("payload {i}").as_bytes(), "echo is intact");
+            }
+        } else {
+            assert!(
+                matches!(
+                    c.closed,
+                    Some(CloseReason::HandshakeTimeout | CloseReason::RetransmissionLimit)
+                ),
+                "client {i}: {:?}",
+                c.closed
+            );
+        }
+    }
+    assert!(
+        completed >= CLIENTS * 9 / 10,
+        "only {completed}/{CLIENTS} completed at 5% loss: {stats:?}"
+    );
+}
