@@ -384,3 +384,68 @@ fn close_all_sends_close_notify_and_reports_each_session_once() {
         assert_eq!(client.close_reason(), Some(&CloseReason::PeerClosed));
     }
 }
+
+/// Runs a handshake in which the network delivers `stale` (an earlier ClientHello of the
+/// same client) once more, after the server's flight has gone out.
+fn handshake_with_stale_hello(pick_stale: usize) -> (Session, Endpoint, Vec<EndpointEvent>) {
+    let now = Instant::now();
+    let mut ep = endpoint(now);
+    let at = addr(60);
+    let mut client = Session::client(&psk_client(fast_session()), now).unwrap();
+    let mut hellos = Vec::new();
+    let first = client.poll_transmit().unwrap().contents;
+    hellos.push(first.clone());
+    ep.handle(now, at, &first);
+    client.handle_datagram(now, &ep.poll_transmit().unwrap().contents);
+    let second = client.poll_transmit().unwrap().contents;
+    hellos.push(second.clone());
+    ep.handle(now, at, &second);
+    let flight: Vec<_> = std::iter::from_fn(|| ep.poll_transmit()).collect();
+    // The reordered copy arrives now; whatever the endpoint answers reaches the client first.
+    ep.handle(now, at, &hellos[pick_stale]);
+    while let Some(t) = ep.poll_transmit() {
+        client.handle_datagram(now, &t.contents);
+    }
+    for t in flight {
+        client.handle_datagram(now, &t.contents);
+    }
+    let (events, _) = exchange(now, &mut ep, &mut client, at);
+    (client, ep, events)
+}
+
+#[test]
+fn a_reordered_first_client_hello_does_not_restart_the_handshake() {
+    let (client, ep, events) = handshake_with_stale_hello(0);
+    assert!(
+        client.is_established(),
+        "{:?} {events:?}",
+        client.close_reason()
+    );
+    assert_eq!(ep.stats().sessions_created, 1);
+    assert_eq!(ep.stats().dropped(DropReason::StaleClientHello), 1);
+}
+
+#[test]
+fn a_duplicated_cookie_client_hello_after_completion_creates_no_second_session() {
+    let now = Instant::now();
+    let mut ep = endpoint(now);
+    let at = addr(61);
+    let mut client = Session::client(&psk_client(fast_session()), now).unwrap();
+    let first = client.poll_transmit().unwrap().contents;
+    ep.handle(now, at, &first);
+    client.handle_datagram(now, &ep.poll_transmit().unwrap().contents);
+    let with_cookie = client.poll_transmit().unwrap().contents;
+    ep.handle(now, at, &with_cookie);
+    let (_events, _) = exchange(now, &mut ep, &mut client, at);
+    assert!(client.is_established());
+    // A late duplicate of the cookie-bearing ClientHello.
+    ep.handle(now, at, &with_cookie);
+    assert_eq!(ep.stats().dropped(DropReason::StaleClientHello), 1);
+    assert_eq!(ep.stats().sessions_created, 1);
+    assert_eq!(ep.handshakes_in_progress(), 0);
+    assert!(ep.poll_transmit().is_none());
+    // The same copy while the handshake is still running is a retransmission: harmless.
+    let (client, ep, events) = handshake_with_stale_hello(1);
+    assert!(client.is_established(), "{events:?}");
+    assert_eq!(ep.stats().sessions_created, 1);
+}

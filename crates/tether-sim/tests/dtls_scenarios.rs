@@ -258,6 +258,16 @@ fn certificate_handshakes_survive_duplication_reordering_and_a_small_mtu() {
     assert_eq!(stats.too_big, 0, "no datagram exceeded the mtu: {stats:?}");
     assert!(stats.duplicated > 0 && stats.reordered > 0, "{stats:?}");
     let mut completed = 0;
+    let server_events = &net.nodes().find_map(|(_, n)| n.server()).unwrap().events;
+    for e in server_events {
+        if let tether_proto::dtls::EndpointEvent::Closed {
+            was_established: false,
+            ..
+        } = e
+        {
+            eprintln!("server: {e:?}");
+        }
+    }
     for (i, id) in ids.iter().enumerate() {
         let c = net.node(*id).client().unwrap();
         if c.connected_at.is_some() {

@@ -131,16 +131,20 @@ pub enum DropReason {
     SessionLimit,
     /// OpenSSL refused to start a session for a ClientHello with a valid cookie.
     SessionSetupFailed,
+    /// A late copy of the ClientHello that started a live session of the same address (same
+    /// client random): a duplicate or reordered datagram, not a new handshake.
+    StaleClientHello,
 }
 
 impl DropReason {
     /// Every reason, for reports.
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 6] = [
         Self::Malformed,
         Self::UnknownPeer,
         Self::HandshakeLimit,
         Self::SessionLimit,
         Self::SessionSetupFailed,
+        Self::StaleClientHello,
     ];
 
     /// A short snake_case name for metrics.
@@ -151,6 +155,7 @@ impl DropReason {
             Self::HandshakeLimit => "handshake_limit",
             Self::SessionLimit => "session_limit",
             Self::SessionSetupFailed => "session_setup_failed",
+            Self::StaleClientHello => "stale_client_hello",
         }
     }
 
@@ -176,7 +181,7 @@ pub struct EndpointStats {
     pub handshakes_failed: u64,
     /// Sessions replaced by a new handshake from the same address.
     pub sessions_replaced: u64,
-    dropped: [u64; 5],
+    dropped: [u64; DropReason::ALL.len()],
 }
 
 impl EndpointStats {
@@ -363,7 +368,21 @@ impl Endpoint {
         datagram: &[u8],
         hello: &record::ClientHello<'_>,
     ) {
-        if !self.cookies.verify(from, hello) {
+        let slot = self.peers.get(&from).copied().unwrap_or_default();
+        let started = |handle: Option<SessionHandle>| {
+            handle
+                .and_then(|h| self.sessions.get(&h))
+                .is_some_and(|e| e.client_random == hello.random)
+        };
+        let cookie_ok = self.cookies.verify(from, hello);
+        // A copy of the ClientHello that began a live session is a duplicate or a reordered
+        // datagram. Answering it would either restart the client or, after the handshake,
+        // open a second session that steals the client's retransmitted final flight.
+        if started(slot.established) || (started(slot.handshaking) && !cookie_ok) {
+            self.drop_datagram(DropReason::StaleClientHello);
+            return;
+        }
+        if !cookie_ok {
             if !hello.cookie.is_empty() {
                 self.stats.cookies_rejected += 1;
             }
