@@ -459,3 +459,80 @@ fn dtls_1_0_is_refused() {
         server.close_reason()
     );
 }
+
+#[test]
+fn hostile_datagrams_fed_straight_to_established_sessions_change_nothing() {
+    for suite in CipherSuite::ALL {
+        hostile_datagrams_against(suite);
+    }
+}
+
+fn hostile_datagrams_against(suite: CipherSuite) {
+    use rand::{Rng, SeedableRng};
+    let now = Instant::now();
+    let pki = pki();
+    let (cctx, sctx) = if suite.is_psk() {
+        (psk_client(only(suite)), psk_server(only(suite)))
+    } else {
+        (
+            x509_client(&pki, false, only(suite)),
+            x509_server(&pki, ClientAuth::None, only(suite)),
+        )
+    };
+    let mut client = Session::client(&cctx, now).unwrap();
+    let mut server = Session::server(&sctx, now).unwrap();
+    handshake(now, &mut client, &mut server);
+    client.send(now, b"genuine").unwrap();
+    let genuine = client.poll_transmit().unwrap().contents;
+    server.handle_datagram(now, &genuine);
+    assert_eq!(server.poll_event(), Some(Event::Data(b"genuine".to_vec())));
+
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let mut hostile: Vec<Vec<u8>> = (0..20_000)
+        .map(|_| {
+            let len = rng.gen_range(0..300);
+            let mut d: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+            if len >= 13 && rng.gen_bool(0.5) {
+                // Plausible DTLS framing so that OpenSSL's record layer is exercised.
+                d[0] = rng.gen_range(20..=23);
+                d[1..3].copy_from_slice(&[0xfe, 0xfd]);
+                d[3..5].copy_from_slice(&[0, rng.gen_range(0..=2)]);
+                if rng.gen_bool(0.3) {
+                    // A whole record at the current epoch: short ones probe OpenSSL's AEAD checks.
+                    let body = rng.gen_range(0..40).min(len - 13);
+                    d.truncate(13 + body);
+                    d[11..13].copy_from_slice(&(body as u16).to_be_bytes());
+                    return d;
+                }
+                d[11..13].copy_from_slice(&((len - 13) as u16).to_be_bytes());
+            }
+            d
+        })
+        .collect();
+    hostile.extend((0..genuine.len()).map(|cut| genuine[..cut].to_vec()));
+    hostile.extend((13..genuine.len()).map(|i| {
+        let mut d = genuine.clone();
+        d[i] ^= 0x01;
+        d
+    }));
+    hostile.extend(std::iter::repeat_n(genuine.clone(), 5));
+    for (i, d) in hostile.iter().enumerate() {
+        server.handle_datagram(now, d);
+        client.handle_datagram(now, d);
+        if !server.is_established() || !client.is_established() {
+            let head: Vec<u8> = d.iter().take(16).copied().collect();
+            panic!("{suite:?}: datagram {i} (len {}, head {head:02x?}) closed: server {:?} client {:?}", d.len(), server.close_reason(), client.close_reason());
+        }
+    }
+    for session in [&mut client, &mut server] {
+        assert!(session.is_established(), "{:?}", session.close_reason());
+        assert_eq!(
+            session.poll_event(),
+            None,
+            "hostile input surfaced an event"
+        );
+    }
+    server.send(now, b"still here").unwrap();
+    let (ce, _) = pump(now, &mut client, &mut server);
+    assert_eq!(data(&ce), vec![b"still here".to_vec()]);
+}

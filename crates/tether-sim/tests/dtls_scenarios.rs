@@ -160,9 +160,10 @@ fn two_hundred_handshakes_per_loss_level_complete_or_time_out() {
         "a handshake neither completed nor failed by its deadline (a hang)"
     );
 
-    println!("\nDTLS PSK-AES128-CCM8 handshakes over the simulator (seed {seed}, RTO 30 ms doubling to 240 ms, deadline {deadline:?}, one-way latency 10 ms)");
-    println!(
-        "{:<26} {:>6} {:>10} {:>8} {:>12} {:>12}",
+    let mut table = format!(
+        "DTLS PSK-AES128-CCM8 handshakes over tether-sim (seed {seed}, {PER_PROFILE} concurrent per level, \
+         RTO 30 ms doubling to 240 ms, deadline {deadline:?}, one-way latency 10 ms)\n\
+         {:<26} {:>6} {:>10} {:>8} {:>12} {:>12}\n",
         "loss", "count", "completed", "failed", "median", "p95"
     );
     for (profile, ids) in profiles.iter().zip(&clients) {
@@ -182,7 +183,6 @@ fn two_hundred_handshakes_per_loss_level_complete_or_time_out() {
                         "{}: failed for a reason other than a timeout: {reason}",
                         profile.label
                     );
-                    let _ = reason;
                 }
                 (None, None) => unreachable!("checked settled above"),
             }
@@ -196,8 +196,8 @@ fn two_hundred_handshakes_per_loss_level_complete_or_time_out() {
                 format!("{:.0} ms", d.as_secs_f64() * 1e3)
             })
         };
-        println!(
-            "{:<26} {:>6} {:>9.1}% {:>8} {:>12} {:>12}",
+        table += &format!(
+            "{:<26} {:>6} {:>9.1}% {:>8} {:>12} {:>12}\n",
             profile.label,
             ids.len(),
             times.len() as f64 * 100.0 / ids.len() as f64,
@@ -209,8 +209,9 @@ fn two_hundred_handshakes_per_loss_level_complete_or_time_out() {
             assert_eq!(times.len(), ids.len(), "lossless handshakes all complete");
         }
     }
-    let stats = net.stats();
-    println!("network: {stats:?}");
+    table += &format!("network: {:?}\n", net.stats());
+    print!("{table}");
+    write_report("dtls_loss_table.txt", &table);
     // The server sheds the half-open handshakes of clients that gave up, by its own deadline.
     net.run_for(deadline + Duration::from_secs(1));
     let endpoint = &net.node(server_id).server().unwrap().endpoint;
@@ -290,4 +291,11 @@ fn certificate_handshakes_survive_duplication_reordering_and_a_small_mtu() {
         completed >= CLIENTS * 9 / 10,
         "only {completed}/{CLIENTS} completed at 5% loss: {stats:?}"
     );
+}
+
+/// Writes a report under target/reports/, which `.ci/run` prints after the tests.
+fn write_report(name: &str, text: &str) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/reports");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(name), text).unwrap();
 }

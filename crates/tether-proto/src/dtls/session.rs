@@ -87,6 +87,9 @@ pub struct SessionStats {
     pub bytes_sent: u64,
     /// Retransmission timer expiries that re-sent a flight.
     pub retransmissions: u64,
+    /// Datagrams dropped before OpenSSL saw them: not DTLS records, or an encrypted record
+    /// too short to hold the cipher's nonce and tag.
+    pub datagrams_dropped: u64,
 }
 
 #[derive(Debug)]
@@ -314,6 +317,10 @@ impl Session {
         }
         self.stats.datagrams_received += 1;
         self.stats.bytes_received += datagram.len() as u64;
+        if !self.is_plausible(datagram) {
+            self.stats.datagrams_dropped += 1;
+            return;
+        }
         self.stream.get_mut().deliver(datagram);
         if self.is_handshaking() {
             let carried_finished = carries_encrypted_handshake(datagram);
@@ -431,6 +438,22 @@ impl Session {
         ffi::dtls_timeout(self.stream.ssl())
     }
 
+    /// Whether a datagram is worth handing to OpenSSL: whole DTLS records only, and no
+    /// encrypted record shorter than the AEAD's explicit nonce plus tag. OpenSSL 3.0 treats
+    /// such a short record as a fatal error instead of discarding it, so one spoofed 21-byte
+    /// datagram could otherwise end an established session.
+    fn is_plausible(&self, datagram: &[u8]) -> bool {
+        let Some(records) = record::parse_records(datagram) else {
+            return false;
+        };
+        let min = self
+            .cipher_suite()
+            .map_or(MIN_AEAD_CIPHERTEXT, min_ciphertext);
+        records
+            .iter()
+            .all(|r| r.epoch == 0 || r.fragment.len() >= min)
+    }
+
     /// The epoch-0 record sequence numbers this side has used, for plaintext alerts.
     fn next_plaintext_sequence(&self) -> u64 {
         self.stream.get_ref().next_epoch0_sequence
@@ -534,6 +557,18 @@ fn new_ssl(context: &DtlsContext) -> Result<Ssl, ConfigError> {
     ssl.set_mtu(u32::from(context.session.mtu))?;
     ffi::install_retransmit_timer(&ssl);
     Ok(ssl)
+}
+
+/// 8-byte explicit nonce plus the shortest tag (CCM8's 8 bytes).
+const MIN_AEAD_CIPHERTEXT: usize = 16;
+
+/// The shortest valid ciphertext of a record under `suite`: explicit nonce, tag, and for the
+/// handshake-less empty plaintext nothing more.
+fn min_ciphertext(suite: CipherSuite) -> usize {
+    match suite {
+        CipherSuite::PskAes128Ccm8 | CipherSuite::EcdheEcdsaAes128Ccm8 => 8 + 8,
+        _ => 8 + 16,
+    }
 }
 
 fn carries_encrypted_handshake(datagram: &[u8]) -> bool {
@@ -644,7 +679,9 @@ impl DatagramPipe {
 
 impl io::Read for DatagramPipe {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let Some(datagram) = self.incoming.take() else {
+        // A datagram socket has no end of stream: an empty datagram (legal on the wire) must
+        // not read as Ok(0), which OpenSSL takes for EOF and a fatal error.
+        let Some(datagram) = self.incoming.take().filter(|d| !d.is_empty()) else {
             return Err(io::ErrorKind::WouldBlock.into());
         };
         let n = datagram.len().min(buf.len());
