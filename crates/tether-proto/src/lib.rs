@@ -5,7 +5,9 @@
 //! drivers live in the `tether` crate.
 //!
 //! - [`dtls`]: DTLS 1.2 sessions over OpenSSL and the many-peer server endpoint.
+//! - [`pool`]: the session pool policy (generations, idle expiry, LRU, statistics).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod dtls;
+pub mod pool;
