@@ -55,6 +55,26 @@ enum BenchTarget {
         #[arg(long)]
         json: bool,
     },
+    /// The session pool over real UDP on 127.0.0.1: requests to one peer through the pool
+    /// versus a new handshake per request, and pooled round trips versus plain UDP.
+    Pool {
+        /// Requests per mode.
+        #[arg(long, default_value_t = 3_000)]
+        requests: usize,
+        /// Bytes per request.
+        #[arg(long, default_value_t = 100)]
+        payload: usize,
+        /// Most seconds spent per mode.
+        #[arg(long, default_value_t = 10.0)]
+        max_seconds: f64,
+        /// tokio worker threads (1: a current-thread runtime, where both modes pay the least
+        /// scheduling overhead).
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -63,15 +83,18 @@ fn main() -> Result<()> {
             listen,
             psk_identity,
             psk_key,
-        } => echo(listen, &psk_identity, &psk_key)?,
-        Command::Bench {
-            target:
-                BenchTarget::Dtls {
-                    seconds,
-                    sessions,
-                    payload,
-                    json,
-                },
+        } => echo(listen, &psk_identity, &psk_key),
+        Command::Bench { target } => bench(target),
+    }
+}
+
+fn bench(target: BenchTarget) -> Result<()> {
+    match target {
+        BenchTarget::Dtls {
+            seconds,
+            sessions,
+            payload,
+            json,
         } => {
             if !(seconds > 0.0 && seconds <= 600.0) {
                 anyhow::bail!("--seconds must be between 0 and 600, got {seconds}");
@@ -85,15 +108,49 @@ fn main() -> Result<()> {
                 payload,
             };
             let figures = bench::dtls::run(&options)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&figures)?);
-            } else {
-                bench::print_table(
-                    "tether bench dtls (loopback, this machine, this run)",
-                    &figures,
-                );
-            }
+            report(
+                json,
+                "tether bench dtls (loopback, this machine, this run)",
+                &figures,
+            )
         }
+        BenchTarget::Pool {
+            requests,
+            payload,
+            max_seconds,
+            threads,
+            json,
+        } => {
+            if requests == 0 || payload == 0 || payload > 1000 {
+                anyhow::bail!("--requests must be positive and --payload between 1 and 1000 bytes");
+            }
+            if !(max_seconds > 0.0 && max_seconds <= 600.0) {
+                anyhow::bail!("--max-seconds must be between 0 and 600, got {max_seconds}");
+            }
+            if threads == 0 || threads > 64 {
+                anyhow::bail!("--threads must be between 1 and 64, got {threads}");
+            }
+            let options = bench::pool::PoolBenchOptions {
+                requests,
+                payload,
+                max_duration: Duration::from_secs_f64(max_seconds),
+                threads,
+            };
+            let figures = bench::pool::run(&options)?;
+            report(
+                json,
+                "tether bench pool (loopback, this machine, this run)",
+                &figures,
+            )
+        }
+    }
+}
+
+fn report(json: bool, title: &str, figures: &[bench::Figure]) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(figures)?);
+    } else {
+        bench::print_table(title, figures);
     }
     Ok(())
 }

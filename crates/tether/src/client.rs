@@ -107,7 +107,7 @@ pub struct ClientCounters {
 }
 
 enum Command {
-    Send(Vec<u8>, oneshot::Sender<Result<(), SendError>>),
+    Send(Vec<u8>),
     Close(oneshot::Sender<()>),
 }
 
@@ -214,12 +214,26 @@ impl DtlsClient {
         &self.counters
     }
 
-    /// Sends one datagram of application data.
+    /// Queues one datagram of application data for sending. Everything a send can refuse
+    /// is checked here (closed, empty, larger than `max_payload`), so `Ok` means the datagram
+    /// goes out; like any UDP datagram it may still be lost on the way.
     pub async fn send(&self, data: &[u8]) -> Result<(), SendError> {
-        let (reply, answer) = oneshot::channel();
+        if let Some(reason) = self.close_reason() {
+            return Err(SendError::Closed(reason));
+        }
+        if data.is_empty() {
+            return Err(SendError::Empty);
+        }
+        let max = self.connected.max_payload;
+        if data.len() > max {
+            return Err(SendError::TooLarge {
+                len: data.len(),
+                max,
+            });
+        }
         if self
             .commands
-            .send(Command::Send(data.to_vec(), reply))
+            .send(Command::Send(data.to_vec()))
             .await
             .is_err()
         {
@@ -227,11 +241,7 @@ impl DtlsClient {
                 self.close_reason().unwrap_or(CloseReason::Local),
             ));
         }
-        answer.await.unwrap_or_else(|_| {
-            Err(SendError::Closed(
-                self.close_reason().unwrap_or(CloseReason::Local),
-            ))
-        })
+        Ok(())
     }
 
     /// The next datagram of application data; `None` once the connection has closed and
@@ -303,12 +313,12 @@ impl Driver {
                 },
                 _ = sleep_until(deadline), if deadline.is_some() => self.session.handle_timeout(clock::now()),
                 command = commands.recv() => match command {
-                    Some(Command::Send(data, reply)) => {
-                        let result = self.session.send(clock::now(), &data);
-                        if result.is_ok() {
+                    Some(Command::Send(data)) => {
+                        // Checked by `send`; a failure here closes the session, which
+                        // reports why.
+                        if self.session.send(clock::now(), &data).is_ok() {
                             self.counters.bytes_out.fetch_add(data.len() as u64, Ordering::Relaxed);
                         }
-                        let _ = reply.send(result);
                     }
                     Some(Command::Close(reply)) => {
                         self.session.close(clock::now());

@@ -405,3 +405,51 @@ async fn statistics_match_the_pools_real_state() {
     assert!(text.contains("tether_pool_handshakes_total 3\n"));
     assert!(text.contains("tether_dtls_datagrams_dropped_total{reason=\"malformed\"} 0\n"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn accepted_sessions_are_pooled_and_found_by_identity_or_endpoint_name() {
+    let net = MemoryNetwork::new();
+    let at = addr(13, 5684);
+    let server = echo_server(&net, at, PoolConfig::default());
+    let pool = SessionPool::new(
+        PoolConfig::default(),
+        None,
+        Dialer::Memory(net.clone()),
+        Some(Arc::clone(&server)),
+    )
+    .unwrap();
+    let device = addr(14, 7000);
+    let client = DtlsClient::connect_on(net.bind(device).unwrap(), at, &client_context(), None)
+        .await
+        .unwrap();
+    let accepted = server.accept().await.unwrap();
+    assert_eq!(accepted.peer, device);
+
+    // In the pool from its handshake on, found by its PSK identity.
+    assert_eq!(pool.peer_of(IDENTITY).await, Some(device));
+    let session = pool
+        .get_or_connect(device)
+        .await
+        .expect("the accepted session, no dialling");
+    assert_eq!(session.role(), SessionRole::Accepted);
+    // Bound to an endpoint name (as LwM2M registration does), found by that too.
+    assert!(server.set_identity(device, "urn:dev:1").await);
+    assert_eq!(pool.peer_of("urn:dev:1").await, Some(device));
+    // A server-initiated request rides on the device's own session.
+    session.send(b"server to device").await.unwrap();
+    assert_eq!(
+        client.recv().await.as_deref(),
+        Some(&b"server to device"[..])
+    );
+    let stats = pool.stats().await;
+    assert_eq!(
+        (stats.sessions, stats.handshakes_total, stats.requests_total),
+        (1, 1, 1)
+    );
+    assert_eq!(stats.per_session[0].role, SessionRole::Accepted);
+    assert_eq!(stats.per_session[0].identity.as_deref(), Some("urn:dev:1"));
+    // Explicit close through the pool reaches the device.
+    assert!(pool.close(device).await);
+    assert_eq!(client.closed().await, CloseReason::PeerClosed);
+    assert_eq!(pool.stats().await.sessions, 0);
+}

@@ -2,6 +2,7 @@
 //! same run.
 
 pub mod dtls;
+pub mod pool;
 
 use serde::Serialize;
 
