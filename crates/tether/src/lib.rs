@@ -7,6 +7,9 @@
 //! - [`SessionPool`]: one authenticated session per peer, reused for every request, with
 //!   single-flight connects, generations, idle expiry, LRU eviction that keeps sessions
 //!   resumable, and statistics ([`metrics`] renders them for Prometheus).
+//! - [`ResilientClient`]: reconnect with backoff, circuit breaker, send with retry and events,
+//!   over any [`Transport`] ([`TcpTransport`], [`DtlsTransport`]); [`retry`] for any
+//!   operation.
 //!
 //! Time: this crate reads the clock only through `tokio::time::Instant`, so tests with
 //! `start_paused = true` drive every timer of the state machines except OpenSSL's own DTLS
@@ -19,11 +22,17 @@ mod client;
 mod clock;
 pub mod metrics;
 mod pool;
+mod resilient;
 mod server;
 mod socket;
 
 pub use client::{handshake_timeout, ClientCounters, ConnectError, Connected, DtlsClient};
 pub use pool::{send_request, Dialer, PooledSession, RequestError, SessionPool};
+pub use resilient::{
+    retry, ClientEvent, Connection, DisconnectReason, DtlsTransport, ResilientClient,
+    ResilientConfig, ResilientError, RetryError, TcpConnection, TcpTransport, Transport,
+    TransportError,
+};
 pub use server::{
     identity_name, os_seed, Accepted, DepartReason, Departed, DtlsServer, DtlsServerConfig,
     ServerError, ServerSendError, ServerStats,

@@ -329,6 +329,9 @@ impl Actor {
             self.apply_events();
             self.flush().await;
             if let Some(done) = shutdown.take() {
+                // Release the socket before answering, so the address can be bound again
+                // as soon as `shutdown` returns.
+                drop(self);
                 let _ = done.send(());
                 return;
             }
