@@ -1,0 +1,19 @@
+//! CoAP (RFC 7252) message layer and LwM2M server logic, sans-IO.
+//!
+//! - [`message`]: one peer's CoAP message layer: confirmable retransmission, tokens,
+//!   piggybacked and separate responses, deduplication, resets, observe notifications.
+//! - [`link_format`]: CoRE link format (RFC 6690), as LwM2M registration bodies use it.
+//! - [`registration`]: the LwM2M registration interface: requests, authorization, the registry
+//!   with lifetimes.
+//!
+//! The wire format is `coap-lite`'s [`Packet`](coap_lite::Packet); what it lacks (the
+//! message layer with injected time) is written here. Nothing here opens a socket or reads a
+//! clock.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub use coap_lite;
+
+pub mod link_format;
+pub mod message;
+pub mod registration;
