@@ -10,6 +10,8 @@
 //! - [`ResilientClient`]: reconnect with backoff, circuit breaker, send with retry and events,
 //!   over any [`Transport`] ([`TcpTransport`], [`DtlsTransport`]); [`retry`] for any
 //!   operation.
+//! - [`lwm2m::Lwm2mServer`]: the LwM2M server runtime: registrations and server-initiated
+//!   requests over the session each device opened.
 //!
 //! Time: this crate reads the clock only through `tokio::time::Instant`, so tests with
 //! `start_paused = true` drive every timer of the state machines except OpenSSL's own DTLS
@@ -20,6 +22,7 @@
 
 mod client;
 mod clock;
+pub mod lwm2m;
 pub mod metrics;
 mod pool;
 mod resilient;

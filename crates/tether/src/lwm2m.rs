@@ -1,0 +1,474 @@
+//! `Lwm2mServer`: the LwM2M server runtime over a [`DtlsServer`].
+//!
+//! One task owns the registry and one CoAP message layer per DTLS session. Devices register
+//! over the session they opened; every server-initiated request (Read, Write, Execute, …)
+//! goes back over that same session: the server never dials out and never opens a second
+//! handshake.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tether_coap::coap_lite::{CoapOption, MessageClass, Packet, RequestType, ResponseType};
+use tether_coap::message::{CoapConfig, CoapEvent, MessageLayer, RequestFailure, Token};
+use tether_coap::registration::{EndpointAuthorizer, Registration, Registry, RegistryEvent};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::client::sleep_until;
+use crate::clock;
+use crate::server::{identity_name, DtlsServer, ServerSendError};
+
+/// Settings of an [`Lwm2mServer`].
+#[derive(Debug, Clone)]
+pub struct Lwm2mServerConfig {
+    /// CoAP transmission parameters.
+    pub coap: CoapConfig,
+    /// Seed of message IDs, tokens and registration IDs.
+    pub seed: u64,
+}
+
+impl Default for Lwm2mServerConfig {
+    fn default() -> Self {
+        Self {
+            coap: CoapConfig::default(),
+            seed: rand::random(),
+        }
+    }
+}
+
+/// A device's answer to a server-initiated request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceResponse {
+    /// The CoAP response code.
+    pub code: ResponseType,
+    /// Its Content-Format, if any.
+    pub content_format: Option<u16>,
+    /// The payload.
+    pub payload: Vec<u8>,
+}
+
+/// A server-initiated request failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Lwm2mError {
+    /// No registration with that endpoint name.
+    #[error("endpoint {0:?} is not registered")]
+    NotRegistered(String),
+    /// The device did not answer in time (CoAP retransmissions exhausted).
+    #[error("device did not answer: {0}")]
+    NoAnswer(RequestFailure),
+    /// The device's session ended before it answered.
+    #[error("the device's session closed")]
+    SessionClosed,
+    /// The request could not be sent.
+    #[error(transparent)]
+    Send(#[from] ServerSendError),
+    /// The request could not be encoded.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// The server has shut down.
+    #[error("server shut down")]
+    ShutDown,
+}
+
+enum Command {
+    Request {
+        endpoint: String,
+        request: Packet,
+        reply: oneshot::Sender<Result<DeviceResponse, Lwm2mError>>,
+    },
+    Registrations(oneshot::Sender<Vec<Registration>>),
+    Restore(Vec<Registration>),
+}
+
+/// The LwM2M server. See the module docs.
+#[derive(Debug, Clone)]
+pub struct Lwm2mServer {
+    commands: mpsc::Sender<Command>,
+    events: broadcast::Sender<RegistryEvent>,
+    dtls: Arc<DtlsServer>,
+}
+
+impl Lwm2mServer {
+    /// Starts serving the registration interface on `dtls`, authorizing endpoint names with
+    /// `authorizer`. The server's `accept`, `recv` and `departed` queues belong to it from now.
+    pub fn start(
+        dtls: Arc<DtlsServer>,
+        authorizer: Arc<dyn EndpointAuthorizer>,
+        config: Lwm2mServerConfig,
+    ) -> Self {
+        let (commands, command_rx) = mpsc::channel(1024);
+        let (events, _) = broadcast::channel(4096);
+        let actor = Actor {
+            dtls: Arc::clone(&dtls),
+            authorizer,
+            registry: Registry::new(config.seed),
+            config: config.coap,
+            seed: config.seed,
+            sessions: HashMap::new(),
+            pending: HashMap::new(),
+            events: events.clone(),
+        };
+        tokio::spawn(actor.run(command_rx));
+        Self {
+            commands,
+            events,
+            dtls,
+        }
+    }
+
+    /// The DTLS server underneath (pool statistics, shutdown).
+    pub fn dtls(&self) -> &Arc<DtlsServer> {
+        &self.dtls
+    }
+
+    /// Registry changes, for persistence and observers.
+    pub fn events(&self) -> broadcast::Receiver<RegistryEvent> {
+        self.events.subscribe()
+    }
+
+    /// Every registration.
+    pub async fn registrations(&self) -> Vec<Registration> {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .commands
+            .send(Command::Registrations(tx))
+            .await
+            .is_err()
+        {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// Restores registrations loaded from storage (after a restart).
+    pub async fn restore(&self, registrations: Vec<Registration>) {
+        let _ = self.commands.send(Command::Restore(registrations)).await;
+    }
+
+    /// Read (`GET`) `path` (`/3/0/0`) on `endpoint`.
+    pub async fn read(&self, endpoint: &str, path: &str) -> Result<DeviceResponse, Lwm2mError> {
+        self.request(endpoint, build(RequestType::Get, path, None, Vec::new()))
+            .await
+    }
+
+    /// Write (`PUT`) `payload` in `content_format` to `path`.
+    pub async fn write(
+        &self,
+        endpoint: &str,
+        path: &str,
+        content_format: u16,
+        payload: Vec<u8>,
+    ) -> Result<DeviceResponse, Lwm2mError> {
+        self.request(
+            endpoint,
+            build(RequestType::Put, path, Some(content_format), payload),
+        )
+        .await
+    }
+
+    /// Execute (`POST`) `path` with optional arguments.
+    pub async fn execute(
+        &self,
+        endpoint: &str,
+        path: &str,
+        arguments: &str,
+    ) -> Result<DeviceResponse, Lwm2mError> {
+        let content_format = (!arguments.is_empty()).then_some(0);
+        self.request(
+            endpoint,
+            build(
+                RequestType::Post,
+                path,
+                content_format,
+                arguments.as_bytes().to_vec(),
+            ),
+        )
+        .await
+    }
+
+    /// Any request to `endpoint` over its session.
+    pub async fn request(
+        &self,
+        endpoint: &str,
+        request: Packet,
+    ) -> Result<DeviceResponse, Lwm2mError> {
+        let (reply, answer) = oneshot::channel();
+        let command = Command::Request {
+            endpoint: endpoint.to_string(),
+            request,
+            reply,
+        };
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| Lwm2mError::ShutDown)?;
+        answer.await.unwrap_or(Err(Lwm2mError::ShutDown))
+    }
+}
+
+/// A request with `path`'s segments as Uri-Path options.
+pub fn build(
+    method: RequestType,
+    path: &str,
+    content_format: Option<u16>,
+    payload: Vec<u8>,
+) -> Packet {
+    let mut packet = Packet::new();
+    packet.header.code = MessageClass::Request(method);
+    for segment in path.split('/').filter(|s| !s.is_empty()) {
+        packet.add_option(CoapOption::UriPath, segment.as_bytes().to_vec());
+    }
+    if let Some(cf) = content_format {
+        packet.add_option(CoapOption::ContentFormat, encode_uint(u32::from(cf)));
+    }
+    packet.payload = payload;
+    packet
+}
+
+fn encode_uint(value: u32) -> Vec<u8> {
+    let bytes = value.to_be_bytes();
+    let first = bytes.iter().position(|b| *b != 0).unwrap_or(4);
+    bytes[first..].to_vec()
+}
+
+fn decode_uint(bytes: &[u8]) -> Option<u16> {
+    if bytes.len() > 2 {
+        return None;
+    }
+    Some(bytes.iter().fold(0u16, |acc, b| (acc << 8) | u16::from(*b)))
+}
+
+struct Session {
+    identity: Option<String>,
+    layer: MessageLayer,
+}
+
+type Reply = oneshot::Sender<Result<DeviceResponse, Lwm2mError>>;
+
+struct Actor {
+    dtls: Arc<DtlsServer>,
+    authorizer: Arc<dyn EndpointAuthorizer>,
+    registry: Registry,
+    config: CoapConfig,
+    seed: u64,
+    sessions: HashMap<SocketAddr, Session>,
+    pending: HashMap<(SocketAddr, Token), Reply>,
+    events: broadcast::Sender<RegistryEvent>,
+}
+
+impl Actor {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let dtls = Arc::clone(&self.dtls);
+        loop {
+            let deadline = self.next_deadline();
+            tokio::select! {
+                // Sessions before their data: a session's identity is known before its
+                // first request is authorized.
+                biased;
+                accepted = dtls.accept() => {
+                    let Some(accepted) = accepted else { return };
+                    let identity = accepted.identity.as_ref().map(identity_name);
+                    self.seed = self.seed.wrapping_add(1);
+                    let layer = MessageLayer::new(self.config.clone(), self.seed);
+                    self.fail_pending(accepted.peer);
+                    self.sessions.insert(accepted.peer, Session { identity, layer });
+                }
+                departed = dtls.departed() => {
+                    let Some(departed) = departed else { return };
+                    self.sessions.remove(&departed.peer);
+                    self.fail_pending(departed.peer);
+                }
+                received = dtls.recv() => {
+                    let Some((peer, data)) = received else { return };
+                    let now = clock::now();
+                    if let Some(session) = self.sessions.get_mut(&peer) {
+                        session.layer.handle_datagram(now, &data);
+                        self.drive(peer).await;
+                    }
+                }
+                command = commands.recv() => match command {
+                    None => return,
+                    Some(command) => self.command(command).await,
+                },
+                _ = sleep_until(deadline.map(clock::deadline)), if deadline.is_some() => {
+                    let now = clock::now();
+                    self.registry.handle_timeout(now);
+                    let peers: Vec<SocketAddr> = self.sessions.keys().copied().collect();
+                    for peer in peers {
+                        if let Some(session) = self.sessions.get_mut(&peer) {
+                            session.layer.handle_timeout(now);
+                        }
+                        self.drive(peer).await;
+                    }
+                }
+            }
+            self.apply_registry_events().await;
+        }
+    }
+
+    fn next_deadline(&self) -> Option<std::time::Instant> {
+        let layers = self
+            .sessions
+            .values()
+            .filter_map(|s| s.layer.poll_timeout())
+            .min();
+        [self.registry.poll_timeout(), layers]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    async fn command(&mut self, command: Command) {
+        match command {
+            Command::Registrations(reply) => {
+                let _ = reply.send(self.registry.registrations().cloned().collect());
+            }
+            Command::Restore(registrations) => {
+                for registration in registrations {
+                    self.registry.restore(registration);
+                }
+            }
+            Command::Request {
+                endpoint,
+                request,
+                reply,
+            } => {
+                let Some(peer) = self.registry.get(&endpoint).map(|r| r.peer) else {
+                    let _ = reply.send(Err(Lwm2mError::NotRegistered(endpoint)));
+                    return;
+                };
+                let Some(session) = self.sessions.get_mut(&peer) else {
+                    let _ = reply.send(Err(Lwm2mError::SessionClosed));
+                    return;
+                };
+                match session.layer.request(clock::now(), request, true, false) {
+                    Ok(token) => {
+                        self.pending.insert((peer, token), reply);
+                        self.drive(peer).await;
+                    }
+                    Err(err) => {
+                        let _ = reply.send(Err(Lwm2mError::InvalidRequest(err.to_string())));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends a session's datagrams and acts on its CoAP events.
+    async fn drive(&mut self, peer: SocketAddr) {
+        loop {
+            let Some(session) = self.sessions.get_mut(&peer) else {
+                return;
+            };
+            let mut outgoing = Vec::new();
+            while let Some(datagram) = session.layer.poll_transmit() {
+                outgoing.push(datagram);
+            }
+            let event = session.layer.poll_event();
+            for datagram in outgoing {
+                // A failed send is a lost datagram; CoAP retransmission covers it.
+                let _ = self.dtls.send_to(peer, &datagram).await;
+            }
+            let Some(event) = event else { return };
+            match event {
+                CoapEvent::Request { id, request } => {
+                    let Some(session) = self.sessions.get_mut(&peer) else {
+                        return;
+                    };
+                    let response = match &session.identity {
+                        Some(identity) => self.registry.handle_request(
+                            clock::now(),
+                            peer,
+                            identity,
+                            self.authorizer.as_ref(),
+                            &request,
+                        ),
+                        None => tether_coap::registration::response(ResponseType::Forbidden),
+                    };
+                    let _ = session.layer.respond(clock::now(), &id, response);
+                }
+                CoapEvent::Response { token, response } => {
+                    if let Some(reply) = self.pending.remove(&(peer, token)) {
+                        let _ = reply.send(Ok(device_response(response)));
+                    }
+                }
+                CoapEvent::RequestFailed { token, reason } => {
+                    if let Some(reply) = self.pending.remove(&(peer, token)) {
+                        let _ = reply.send(Err(Lwm2mError::NoAnswer(reason)));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    async fn apply_registry_events(&mut self) {
+        while let Some(event) = self.registry.poll_event() {
+            match &event {
+                RegistryEvent::Registered {
+                    registration,
+                    replaced,
+                } => {
+                    self.dtls
+                        .set_identity(registration.peer, registration.endpoint.clone())
+                        .await;
+                    if let Some(old) = replaced
+                        .as_ref()
+                        .filter(|old| old.peer != registration.peer)
+                    {
+                        // Re-registered from a new address: the old session is dead weight.
+                        self.dtls.close(old.peer).await;
+                    }
+                }
+                RegistryEvent::Updated {
+                    registration,
+                    moved_from: Some(_),
+                } => {
+                    self.dtls
+                        .set_identity(registration.peer, registration.endpoint.clone())
+                        .await;
+                }
+                RegistryEvent::Deregistered { registration }
+                | RegistryEvent::Expired { registration } => {
+                    self.dtls.close(registration.peer).await;
+                }
+                _ => {}
+            }
+            let _ = self.events.send(event);
+        }
+    }
+
+    fn fail_pending(&mut self, peer: SocketAddr) {
+        let keys: Vec<_> = self
+            .pending
+            .keys()
+            .filter(|(p, _)| *p == peer)
+            .copied()
+            .collect();
+        for key in keys {
+            if let Some(reply) = self.pending.remove(&key) {
+                let _ = reply.send(Err(Lwm2mError::SessionClosed));
+            }
+        }
+    }
+}
+
+fn device_response(response: Packet) -> DeviceResponse {
+    let code = match response.header.code {
+        MessageClass::Response(code) => code,
+        _ => ResponseType::UnKnown,
+    };
+    let content_format = response
+        .get_first_option(CoapOption::ContentFormat)
+        .and_then(|v| decode_uint(v));
+    DeviceResponse {
+        code,
+        content_format,
+        payload: response.payload,
+    }
+}
+
+/// How long a device may take to answer one request, by default.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(93);
