@@ -27,14 +27,8 @@ pub fn serve(
     let mut buf = vec![0u8; 65_536];
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
-        let wake = endpoint
-            .poll_timeout()
-            .map_or(Duration::from_millis(100), |at| {
-                at.saturating_duration_since(now)
-            });
-        socket.set_read_timeout(Some(
-            wake.clamp(Duration::from_millis(1), Duration::from_millis(100)),
-        ))?;
+        let wake = endpoint.poll_timeout().map_or(Duration::from_millis(100), |at| at.saturating_duration_since(now));
+        socket.set_read_timeout(Some(wake.clamp(Duration::from_millis(1), Duration::from_millis(100))))?;
         match socket.recv_from(&mut buf) {
             Ok((n, from)) => endpoint.handle(Instant::now(), from, &buf[..n]),
             Err(_) => endpoint.handle_timeout(Instant::now()),

@@ -5,8 +5,10 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod api;
 mod bench;
 mod echo;
+mod serve;
 
 /// tether: secure, persistent device links over DTLS.
 #[derive(Parser)]
@@ -18,6 +20,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The LwM2M server over CoAP over DTLS, with its REST API, on embedded defaults
+    /// (CoAPs 127.0.0.1:5684, HTTP 127.0.0.1:8080, SQLite under ./tether-data).
+    Serve(serve::ServeArgs),
     /// A DTLS echo server (PSK) for trying peers against tether's engine.
     Echo {
         /// Address to listen on.
@@ -79,48 +84,36 @@ enum BenchTarget {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Command::Echo {
-            listen,
-            psk_identity,
-            psk_key,
-        } => echo(listen, &psk_identity, &psk_key),
+        Command::Serve(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+                )
+                .init();
+            let settings = serve::Settings::resolve(&args)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(serve::run(settings))
+        }
+        Command::Echo { listen, psk_identity, psk_key } => echo(listen, &psk_identity, &psk_key),
         Command::Bench { target } => bench(target),
     }
 }
 
 fn bench(target: BenchTarget) -> Result<()> {
     match target {
-        BenchTarget::Dtls {
-            seconds,
-            sessions,
-            payload,
-            json,
-        } => {
+        BenchTarget::Dtls { seconds, sessions, payload, json } => {
             if !(seconds > 0.0 && seconds <= 600.0) {
                 anyhow::bail!("--seconds must be between 0 and 600, got {seconds}");
             }
             if sessions == 0 || payload == 0 || payload > 1000 {
                 anyhow::bail!("--sessions must be positive and --payload between 1 and 1000 bytes");
             }
-            let options = bench::dtls::DtlsBenchOptions {
-                duration: Duration::from_secs_f64(seconds),
-                sessions,
-                payload,
-            };
+            let options =
+                bench::dtls::DtlsBenchOptions { duration: Duration::from_secs_f64(seconds), sessions, payload };
             let figures = bench::dtls::run(&options)?;
-            report(
-                json,
-                "tether bench dtls (loopback, this machine, this run)",
-                &figures,
-            )
+            report(json, "tether bench dtls (loopback, this machine, this run)", &figures)
         }
-        BenchTarget::Pool {
-            requests,
-            payload,
-            max_seconds,
-            threads,
-            json,
-        } => {
+        BenchTarget::Pool { requests, payload, max_seconds, threads, json } => {
             if requests == 0 || payload == 0 || payload > 1000 {
                 anyhow::bail!("--requests must be positive and --payload between 1 and 1000 bytes");
             }
@@ -137,11 +130,7 @@ fn bench(target: BenchTarget) -> Result<()> {
                 threads,
             };
             let figures = bench::pool::run(&options)?;
-            report(
-                json,
-                "tether bench pool (loopback, this machine, this run)",
-                &figures,
-            )
+            report(json, "tether bench pool (loopback, this machine, this run)", &figures)
         }
     }
 }
@@ -163,29 +152,17 @@ fn echo(listen: std::net::SocketAddr, identity: &str, key_hex: &str) -> Result<(
     let key = PskKey::from_hex(key_hex).map_err(|e| anyhow::anyhow!("--psk-key: {e}"))?;
     let store = StaticPskStore::new().with(identity, key);
     let context = DtlsContext::server(ServerConfig::psk(store))?;
-    let endpoint = Endpoint::new(
-        context,
-        EndpointConfig::new(echo::os_seed()),
-        std::time::Instant::now(),
-    )?;
-    let socket = std::net::UdpSocket::bind(listen)
-        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    let endpoint = Endpoint::new(context, EndpointConfig::new(echo::os_seed()), std::time::Instant::now())?;
+    let socket = std::net::UdpSocket::bind(listen).map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    println!("tether echo: DTLS 1.2 on udp {} with PSK identity {identity:?} (key not shown)", socket.local_addr()?);
     println!(
-        "tether echo: DTLS 1.2 on udp {} with PSK identity {identity:?} (key not shown)",
+        "try: openssl s_client -dtls1_2 -psk_identity {identity} -psk <key> -cipher PSK-AES128-CCM8 -connect {}",
         socket.local_addr()?
     );
-    println!("try: openssl s_client -dtls1_2 -psk_identity {identity} -psk <key> -cipher PSK-AES128-CCM8 -connect {}", socket.local_addr()?);
     let stop = std::sync::atomic::AtomicBool::new(false);
     echo::serve(&socket, endpoint, &stop, |event| match event {
-        EndpointEvent::Connected {
-            peer,
-            identity,
-            resumed,
-            ..
-        } => {
-            let who = identity
-                .as_ref()
-                .map_or("-".to_string(), ToString::to_string);
+        EndpointEvent::Connected { peer, identity, resumed, .. } => {
+            let who = identity.as_ref().map_or("-".to_string(), ToString::to_string);
             println!("connected {peer} {who} resumed={resumed}");
         }
         EndpointEvent::Closed { peer, reason, .. } => println!("closed {peer}: {reason}"),

@@ -17,10 +17,7 @@ pub struct Link {
 impl Link {
     /// The value of attribute `name`, unquoted.
     pub fn attribute(&self, name: &str) -> Option<&str> {
-        self.attributes
-            .iter()
-            .find(|(n, _)| n == name)
-            .and_then(|(_, v)| v.as_deref())
+        self.attributes.iter().find(|(n, _)| n == name).and_then(|(_, v)| v.as_deref())
     }
 }
 
@@ -54,10 +51,7 @@ pub const MAX_LEN: usize = 16 * 1024;
 /// Parses a link-format document.
 pub fn parse(input: &str) -> Result<Vec<Link>, LinkFormatError> {
     if input.len() > MAX_LEN {
-        return Err(LinkFormatError {
-            at: MAX_LEN,
-            what: "document too long",
-        });
+        return Err(LinkFormatError { at: MAX_LEN, what: "document too long" });
     }
     let bytes = input.as_bytes();
     let mut links = Vec::new();
@@ -69,17 +63,10 @@ pub fn parse(input: &str) -> Result<Vec<Link>, LinkFormatError> {
         if bytes.get(i) != Some(&b'<') {
             return Err(LinkFormatError { at: i, what: "'<'" });
         }
-        let close = input[i + 1..]
-            .find('>')
-            .ok_or(LinkFormatError { at: i, what: "'>'" })?
-            + i
-            + 1;
+        let close = input[i + 1..].find('>').ok_or(LinkFormatError { at: i, what: "'>'" })? + i + 1;
         let target = input[i + 1..close].to_string();
         if target.contains(['<', ',', '"']) {
-            return Err(LinkFormatError {
-                at: i + 1,
-                what: "a URI reference",
-            });
+            return Err(LinkFormatError { at: i + 1, what: "a URI reference" });
         }
         i = close + 1;
         let mut attributes = Vec::new();
@@ -90,35 +77,24 @@ pub fn parse(input: &str) -> Result<Vec<Link>, LinkFormatError> {
             }
             i = skip_ws(bytes, i + 1);
             let start = i;
-            while i < bytes.len()
-                && (bytes[i].is_ascii_alphanumeric() || b"!#$&+-.^_`|~*".contains(&bytes[i]))
-            {
+            while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || b"!#$&+-.^_`|~*".contains(&bytes[i])) {
                 i += 1;
             }
             if i == start {
-                return Err(LinkFormatError {
-                    at: i,
-                    what: "an attribute name",
-                });
+                return Err(LinkFormatError { at: i, what: "an attribute name" });
             }
             let name = input[start..i].to_string();
             let value = if bytes.get(i) == Some(&b'=') {
                 i += 1;
                 if bytes.get(i) == Some(&b'"') {
-                    let end = input[i + 1..].find('"').ok_or(LinkFormatError {
-                        at: i,
-                        what: "a closing quote",
-                    })? + i
-                        + 1;
+                    let end =
+                        input[i + 1..].find('"').ok_or(LinkFormatError { at: i, what: "a closing quote" })? + i + 1;
                     let v = input[i + 1..end].to_string();
                     i = end + 1;
                     Some(v)
                 } else {
                     let start = i;
-                    while i < bytes.len()
-                        && !matches!(bytes[i], b',' | b';')
-                        && !bytes[i].is_ascii_whitespace()
-                    {
+                    while i < bytes.len() && !matches!(bytes[i], b',' | b';') && !bytes[i].is_ascii_whitespace() {
                         i += 1;
                     }
                     Some(input[start..i].to_string())
@@ -133,12 +109,7 @@ pub fn parse(input: &str) -> Result<Vec<Link>, LinkFormatError> {
         match bytes.get(i) {
             None => return Ok(links),
             Some(b',') => i = skip_ws(bytes, i + 1),
-            Some(_) => {
-                return Err(LinkFormatError {
-                    at: i,
-                    what: "',' or the end",
-                })
-            }
+            Some(_) => return Err(LinkFormatError { at: i, what: "',' or the end" }),
         }
     }
 }
@@ -152,11 +123,7 @@ fn skip_ws(bytes: &[u8], mut i: usize) -> usize {
 
 /// Serialises links.
 pub fn format(links: &[Link]) -> String {
-    links
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
+    links.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
 }
 
 #[cfg(test)]
@@ -165,8 +132,7 @@ mod tests {
 
     #[test]
     fn parses_an_lwm2m_registration_body() {
-        let links =
-            parse(r#"</>;rt="oma.lwm2m";ct=11543, </1/0>,</3/0>,</3/0/1>;dim=2,</5>"#).unwrap();
+        let links = parse(r#"</>;rt="oma.lwm2m";ct=11543, </1/0>,</3/0>,</3/0/1>;dim=2,</5>"#).unwrap();
         assert_eq!(links.len(), 5);
         assert_eq!(links[0].target, "/");
         assert_eq!(links[0].attribute("rt"), Some("oma.lwm2m"));
@@ -186,18 +152,9 @@ mod tests {
 
     #[test]
     fn malformed_documents_are_errors_not_panics() {
-        for bad in [
-            "<",
-            "</1",
-            "</1>,",
-            "</1>;",
-            "</1>;=3",
-            "</1>;a=\"open",
-            "/1",
-            "</1> </2>",
-            "<\u{e9}",
-            "</1>;\u{e9}=1",
-        ] {
+        for bad in
+            ["<", "</1", "</1>,", "</1>;", "</1>;=3", "</1>;a=\"open", "/1", "</1> </2>", "<\u{e9}", "</1>;\u{e9}=1"]
+        {
             assert!(parse(bad).is_err(), "{bad:?}");
         }
         // Every prefix of a valid document parses or fails cleanly.

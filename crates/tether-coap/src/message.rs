@@ -230,29 +230,16 @@ impl MessageLayer {
     ) -> Result<Token, CoapError> {
         let token = Token(self.rng.gen());
         request.set_token(token.bytes());
-        request.header.set_type(if confirmable {
-            MessageType::Confirmable
-        } else {
-            MessageType::NonConfirmable
-        });
+        request.header.set_type(if confirmable { MessageType::Confirmable } else { MessageType::NonConfirmable });
         let message_id = self.message_id();
         request.header.message_id = message_id;
-        let datagram = request
-            .to_bytes()
-            .map_err(|e| CoapError::Encode(e.to_string()))?;
+        let datagram = request.to_bytes().map_err(|e| CoapError::Encode(e.to_string()))?;
         if confirmable {
             self.send_confirmable(now, message_id, datagram, Some(token));
         } else {
             self.transmits.push_back(datagram);
         }
-        self.pending.insert(
-            token,
-            Pending {
-                observe,
-                deadline: now + self.config.request_timeout,
-                answered: false,
-            },
-        );
+        self.pending.insert(token, Pending { observe, deadline: now + self.config.request_timeout, answered: false });
         Ok(token)
     }
 
@@ -267,12 +254,7 @@ impl MessageLayer {
     /// Answers a request: piggybacked on the ACK of a confirmable request, else as a
     /// non-confirmable response. The answer is remembered and sent again if the request is
     /// repeated within EXCHANGE_LIFETIME.
-    pub fn respond(
-        &mut self,
-        _now: Instant,
-        id: &IncomingRequest,
-        mut response: Packet,
-    ) -> Result<(), CoapError> {
+    pub fn respond(&mut self, _now: Instant, id: &IncomingRequest, mut response: Packet) -> Result<(), CoapError> {
         let Some(seen) = self.seen.get(&id.message_id) else {
             return Err(CoapError::AlreadyAnswered);
         };
@@ -287,9 +269,7 @@ impl MessageLayer {
             response.header.set_type(MessageType::NonConfirmable);
             response.header.message_id = self.message_id();
         }
-        let datagram = response
-            .to_bytes()
-            .map_err(|e| CoapError::Encode(e.to_string()))?;
+        let datagram = response.to_bytes().map_err(|e| CoapError::Encode(e.to_string()))?;
         if let Some(seen) = self.seen.get_mut(&id.message_id) {
             seen.response = Some(datagram.clone());
         }
@@ -319,10 +299,7 @@ impl MessageLayer {
                 self.on_empty_ack(message_id);
                 self.on_response(now, packet);
             }
-            (
-                kind @ (MessageType::Confirmable | MessageType::NonConfirmable),
-                MessageClass::Request(_),
-            ) => {
+            (kind @ (MessageType::Confirmable | MessageType::NonConfirmable), MessageClass::Request(_)) => {
                 if self.is_duplicate(now, message_id) {
                     return;
                 }
@@ -331,22 +308,15 @@ impl MessageLayer {
                     token: packet.get_token().to_vec(),
                     confirmable: kind == MessageType::Confirmable,
                 };
-                self.events.push_back(CoapEvent::Request {
-                    id,
-                    request: packet,
-                });
+                self.events.push_back(CoapEvent::Request { id, request: packet });
             }
-            (
-                kind @ (MessageType::Confirmable | MessageType::NonConfirmable),
-                MessageClass::Response(_),
-            ) => {
+            (kind @ (MessageType::Confirmable | MessageType::NonConfirmable), MessageClass::Response(_)) => {
                 let confirmable = kind == MessageType::Confirmable;
                 if self.is_duplicate(now, message_id) {
                     return;
                 }
-                let known = Token::from_bytes(packet.get_token()).is_some_and(|t| {
-                    self.pending.contains_key(&t) || self.observations.contains_key(&t)
-                });
+                let known = Token::from_bytes(packet.get_token())
+                    .is_some_and(|t| self.pending.contains_key(&t) || self.observations.contains_key(&t));
                 if !known {
                     // A response nobody waits for (a cancelled observation): reject it.
                     if confirmable {
@@ -366,12 +336,7 @@ impl MessageLayer {
     /// Retransmits due confirmable messages, fails requests that ran out of time, forgets
     /// old message IDs.
     pub fn handle_timeout(&mut self, now: Instant) {
-        let due: Vec<u16> = self
-            .outgoing
-            .iter()
-            .filter(|(_, o)| o.next_at <= now)
-            .map(|(id, _)| *id)
-            .collect();
+        let due: Vec<u16> = self.outgoing.iter().filter(|(_, o)| o.next_at <= now).map(|(id, _)| *id).collect();
         for message_id in due {
             let Some(out) = self.outgoing.get_mut(&message_id) else {
                 continue;
@@ -390,12 +355,8 @@ impl MessageLayer {
             self.stats.retransmissions += 1;
             self.transmits.push_back(out.datagram.clone());
         }
-        let expired: Vec<Token> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.deadline <= now && !p.answered)
-            .map(|(t, _)| *t)
-            .collect();
+        let expired: Vec<Token> =
+            self.pending.iter().filter(|(_, p)| p.deadline <= now && !p.answered).map(|(t, _)| *t).collect();
         for token in expired {
             self.outgoing.retain(|_, o| o.token != Some(token));
             self.fail(token, RequestFailure::Timeout);
@@ -424,12 +385,7 @@ impl MessageLayer {
     /// When `handle_timeout` has work.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let retransmit = self.outgoing.values().map(|o| o.next_at).min();
-        let deadline = self
-            .pending
-            .values()
-            .filter(|p| !p.answered)
-            .map(|p| p.deadline)
-            .min();
+        let deadline = self.pending.values().filter(|p| !p.answered).map(|p| p.deadline).min();
         let forget = self.seen_order.front().map(|(at, _)| *at);
         [retransmit, deadline, forget].into_iter().flatten().min()
     }
@@ -440,26 +396,11 @@ impl MessageLayer {
         id
     }
 
-    fn send_confirmable(
-        &mut self,
-        now: Instant,
-        message_id: u16,
-        datagram: Vec<u8>,
-        token: Option<Token>,
-    ) {
+    fn send_confirmable(&mut self, now: Instant, message_id: u16, datagram: Vec<u8>, token: Option<Token>) {
         let factor = 1.0 + self.rng.gen::<f64>() * (self.config.ack_random_factor - 1.0).max(0.0);
         let timeout = self.config.ack_timeout.mul_f64(factor);
         self.transmits.push_back(datagram.clone());
-        self.outgoing.insert(
-            message_id,
-            Outgoing {
-                datagram,
-                token,
-                retransmits: 0,
-                timeout,
-                next_at: now + timeout,
-            },
-        );
+        self.outgoing.insert(message_id, Outgoing { datagram, token, retransmits: 0, timeout, next_at: now + timeout });
     }
 
     fn is_duplicate(&mut self, now: Instant, message_id: u16) -> bool {
@@ -471,13 +412,7 @@ impl MessageLayer {
             return true;
         }
         let expires = now + self.config.exchange_lifetime;
-        self.seen.insert(
-            message_id,
-            Seen {
-                expires,
-                response: None,
-            },
-        );
+        self.seen.insert(message_id, Seen { expires, response: None });
         self.seen_order.push_back((expires, message_id));
         false
     }
@@ -499,8 +434,7 @@ impl MessageLayer {
             return;
         };
         if self.observations.contains_key(&token) {
-            self.events
-                .push_back(CoapEvent::Notification { token, response });
+            self.events.push_back(CoapEvent::Notification { token, response });
             return;
         }
         let Some(pending) = self.pending.remove(&token) else {
@@ -513,26 +447,22 @@ impl MessageLayer {
         if observing {
             self.observations.insert(token, ());
         }
-        self.events
-            .push_back(CoapEvent::Response { token, response });
+        self.events.push_back(CoapEvent::Response { token, response });
     }
 
     fn fail(&mut self, token: Token, reason: RequestFailure) {
         if self.pending.remove(&token).is_some() {
-            self.events
-                .push_back(CoapEvent::RequestFailed { token, reason });
+            self.events.push_back(CoapEvent::RequestFailed { token, reason });
         }
     }
 
     fn ack(&mut self, message_id: u16) {
-        self.transmits
-            .push_back(empty(MessageType::Acknowledgement, message_id));
+        self.transmits.push_back(empty(MessageType::Acknowledgement, message_id));
     }
 
     fn reset(&mut self, message_id: u16) {
         self.stats.resets_sent += 1;
-        self.transmits
-            .push_back(empty(MessageType::Reset, message_id));
+        self.transmits.push_back(empty(MessageType::Reset, message_id));
     }
 }
 
@@ -548,10 +478,7 @@ fn empty(kind: MessageType, message_id: u16) -> Vec<u8> {
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::disallowed_methods,
-    reason = "tests pick their starting instant"
-)]
+#[allow(clippy::disallowed_methods, reason = "tests pick their starting instant")]
 mod tests {
     use super::*;
     use coap_lite::{RequestType, ResponseType};
@@ -584,10 +511,8 @@ mod tests {
     #[test]
     fn a_piggybacked_response_completes_a_request() {
         let now = Instant::now();
-        let (mut client, mut server) = (
-            MessageLayer::new(CoapConfig::default(), 1),
-            MessageLayer::new(CoapConfig::default(), 2),
-        );
+        let (mut client, mut server) =
+            (MessageLayer::new(CoapConfig::default(), 1), MessageLayer::new(CoapConfig::default(), 2));
         let token = client.request(now, get("/3/0/0"), true, false).unwrap();
         server.handle_datagram(now, &client.poll_transmit().unwrap());
         assert_eq!(answer_all(now, &mut server, b"tether"), 1);
@@ -601,11 +526,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(client.pending_requests(), 0);
-        assert_eq!(
-            client.poll_timeout(),
-            None,
-            "nothing left to retransmit, wait for or forget"
-        );
+        assert_eq!(client.poll_timeout(), None, "nothing left to retransmit, wait for or forget");
     }
 
     #[test]
@@ -616,18 +537,11 @@ mod tests {
         let first = client.poll_transmit().unwrap();
         let mut at = client.poll_timeout().unwrap();
         let initial = at - now;
-        assert!(
-            initial >= Duration::from_secs(2) && initial <= Duration::from_secs(3),
-            "{initial:?}"
-        );
+        assert!(initial >= Duration::from_secs(2) && initial <= Duration::from_secs(3), "{initial:?}");
         let mut gaps = vec![initial];
         for _ in 0..4 {
             client.handle_timeout(at);
-            assert_eq!(
-                client.poll_transmit().as_deref(),
-                Some(&first[..]),
-                "the same message again"
-            );
+            assert_eq!(client.poll_transmit().as_deref(), Some(&first[..]), "the same message again");
             let next = client.poll_timeout().unwrap();
             gaps.push(next - at);
             at = next;
@@ -637,23 +551,15 @@ mod tests {
         }
         client.handle_timeout(at);
         assert!(client.poll_transmit().is_none(), "MAX_RETRANSMIT reached");
-        assert_eq!(
-            client.poll_event(),
-            Some(CoapEvent::RequestFailed {
-                token,
-                reason: RequestFailure::Timeout
-            })
-        );
+        assert_eq!(client.poll_event(), Some(CoapEvent::RequestFailed { token, reason: RequestFailure::Timeout }));
         assert_eq!(client.stats().retransmissions, 4);
     }
 
     #[test]
     fn a_duplicated_request_is_handled_once_and_answered_again() {
         let now = Instant::now();
-        let (mut client, mut server) = (
-            MessageLayer::new(CoapConfig::default(), 4),
-            MessageLayer::new(CoapConfig::default(), 5),
-        );
+        let (mut client, mut server) =
+            (MessageLayer::new(CoapConfig::default(), 4), MessageLayer::new(CoapConfig::default(), 5));
         client.request(now, get("/3/0/4"), true, false).unwrap();
         let request = client.poll_transmit().unwrap();
         server.handle_datagram(now, &request);
@@ -661,56 +567,33 @@ mod tests {
         let response = server.poll_transmit().unwrap();
         // The ACK was lost; the client repeats the request.
         server.handle_datagram(now + Duration::from_secs(2), &request);
-        assert!(
-            server.poll_event().is_none(),
-            "not delivered twice (an Execute must not run twice)"
-        );
-        assert_eq!(
-            server.poll_transmit(),
-            Some(response),
-            "the cached response goes out again"
-        );
+        assert!(server.poll_event().is_none(), "not delivered twice (an Execute must not run twice)");
+        assert_eq!(server.poll_transmit(), Some(response), "the cached response goes out again");
         assert_eq!(server.stats().duplicates, 1);
         // Forgotten after EXCHANGE_LIFETIME.
         server.handle_timeout(now + Duration::from_secs(248));
         server.handle_datagram(now + Duration::from_secs(248), &request);
-        assert!(matches!(
-            server.poll_event(),
-            Some(CoapEvent::Request { .. })
-        ));
+        assert!(matches!(server.poll_event(), Some(CoapEvent::Request { .. })));
     }
 
     #[test]
     fn a_separate_response_is_acknowledged_and_delivered() {
         let now = Instant::now();
-        let (mut client, mut server) = (
-            MessageLayer::new(CoapConfig::default(), 6),
-            MessageLayer::new(CoapConfig::default(), 7),
-        );
+        let (mut client, mut server) =
+            (MessageLayer::new(CoapConfig::default(), 6), MessageLayer::new(CoapConfig::default(), 7));
         let token = client.request(now, get("/3/0/0"), true, false).unwrap();
         let request = Packet::from_bytes(&client.poll_transmit().unwrap()).unwrap();
         // The peer acknowledges at once (empty ACK) and answers later in a CON of its own.
-        client.handle_datagram(
-            now,
-            &empty(MessageType::Acknowledgement, request.header.message_id),
-        );
+        client.handle_datagram(now, &empty(MessageType::Acknowledgement, request.header.message_id));
         client.handle_timeout(now + Duration::from_secs(5));
-        assert!(
-            client.poll_transmit().is_none(),
-            "acknowledged: no retransmission"
-        );
+        assert!(client.poll_transmit().is_none(), "acknowledged: no retransmission");
         let mut separate = content(b"later");
         separate.header.set_type(MessageType::Confirmable);
         separate.header.message_id = 999;
         separate.set_token(request.get_token().to_vec());
         client.handle_datagram(now + Duration::from_secs(6), &separate.to_bytes().unwrap());
-        assert_eq!(
-            client.poll_transmit(),
-            Some(empty(MessageType::Acknowledgement, 999))
-        );
-        assert!(
-            matches!(client.poll_event(), Some(CoapEvent::Response { token: t, .. }) if t == token)
-        );
+        assert_eq!(client.poll_transmit(), Some(empty(MessageType::Acknowledgement, 999)));
+        assert!(matches!(client.poll_event(), Some(CoapEvent::Response { token: t, .. }) if t == token));
         let _ = &mut server;
     }
 
@@ -730,37 +613,20 @@ mod tests {
             n.set_token(request.get_token().to_vec());
             n.to_bytes().unwrap()
         };
-        let first = notify(
-            1,
-            request.header.message_id,
-            MessageType::Acknowledgement,
-            b"90",
-        );
+        let first = notify(1, request.header.message_id, MessageType::Acknowledgement, b"90");
         client.handle_datagram(now, &first);
-        assert!(
-            matches!(client.poll_event(), Some(CoapEvent::Response { token: t, .. }) if t == token)
-        );
+        assert!(matches!(client.poll_event(), Some(CoapEvent::Response { token: t, .. }) if t == token));
         assert_eq!(client.observations(), 1);
         client.handle_datagram(now, &notify(2, 500, MessageType::Confirmable, b"89"));
-        assert_eq!(
-            client.poll_transmit(),
-            Some(empty(MessageType::Acknowledgement, 500))
-        );
+        assert_eq!(client.poll_transmit(), Some(empty(MessageType::Acknowledgement, 500)));
         assert!(
             matches!(client.poll_event(), Some(CoapEvent::Notification { token: t, response }) if t == token && response.payload == b"89")
         );
         client.handle_datagram(now, &notify(3, 501, MessageType::NonConfirmable, b"88"));
-        assert!(matches!(
-            client.poll_event(),
-            Some(CoapEvent::Notification { .. })
-        ));
+        assert!(matches!(client.poll_event(), Some(CoapEvent::Notification { .. })));
         client.cancel(token);
         client.handle_datagram(now, &notify(4, 502, MessageType::Confirmable, b"87"));
-        assert_eq!(
-            client.poll_transmit(),
-            Some(empty(MessageType::Reset, 502)),
-            "a cancelled observation is reset"
-        );
+        assert_eq!(client.poll_transmit(), Some(empty(MessageType::Reset, 502)), "a cancelled observation is reset");
         assert!(client.poll_event().is_none());
     }
 
@@ -771,13 +637,7 @@ mod tests {
         let token = client.request(now, get("/x"), true, false).unwrap();
         let request = Packet::from_bytes(&client.poll_transmit().unwrap()).unwrap();
         client.handle_datagram(now, &empty(MessageType::Reset, request.header.message_id));
-        assert_eq!(
-            client.poll_event(),
-            Some(CoapEvent::RequestFailed {
-                token,
-                reason: RequestFailure::Reset
-            })
-        );
+        assert_eq!(client.poll_event(), Some(CoapEvent::RequestFailed { token, reason: RequestFailure::Reset }));
         client.handle_datagram(now, &empty(MessageType::Confirmable, 77));
         assert_eq!(client.poll_transmit(), Some(empty(MessageType::Reset, 77)));
     }

@@ -154,9 +154,7 @@ pub struct Registry {
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Registry")
-            .field("registrations", &self.by_endpoint.len())
-            .finish_non_exhaustive()
+        f.debug_struct("Registry").field("registrations", &self.by_endpoint.len()).finish_non_exhaustive()
     }
 }
 
@@ -214,12 +212,8 @@ impl Registry {
             _ => return response(ResponseType::BadRequest),
         };
         match (method, path.as_slice()) {
-            (RequestType::Post, [rd]) if rd == "rd" => {
-                self.register(now, peer, identity, authorizer, request)
-            }
-            (RequestType::Post, [rd, id]) if rd == "rd" => {
-                self.update(now, peer, identity, id, request)
-            }
+            (RequestType::Post, [rd]) if rd == "rd" => self.register(now, peer, identity, authorizer, request),
+            (RequestType::Post, [rd, id]) if rd == "rd" => self.update(now, peer, identity, id, request),
             (RequestType::Delete, [rd, id]) if rd == "rd" => self.deregister(identity, id),
             (_, [rd, ..]) if rd == "rd" => response(ResponseType::MethodNotAllowed),
             _ => response(ResponseType::NotFound),
@@ -238,10 +232,7 @@ impl Registry {
             Ok(q) => q,
             Err(()) => return response(ResponseType::BadRequest),
         };
-        let Some(endpoint) = query
-            .endpoint
-            .filter(|e| !e.is_empty() && e.len() <= MAX_ENDPOINT_LEN)
-        else {
+        let Some(endpoint) = query.endpoint.filter(|e| !e.is_empty() && e.len() <= MAX_ENDPOINT_LEN) else {
             return response(ResponseType::BadRequest);
         };
         let Ok(body) = std::str::from_utf8(&request.payload) else {
@@ -275,24 +266,14 @@ impl Registry {
             last_update: now,
         };
         self.insert(registration.clone());
-        self.events.push_back(RegistryEvent::Registered {
-            registration,
-            replaced,
-        });
+        self.events.push_back(RegistryEvent::Registered { registration, replaced });
         let mut created = response(ResponseType::Created);
         created.add_option(CoapOption::LocationPath, b"rd".to_vec());
         created.add_option(CoapOption::LocationPath, id.into_bytes());
         created
     }
 
-    fn update(
-        &mut self,
-        now: Instant,
-        peer: SocketAddr,
-        identity: &str,
-        id: &str,
-        request: &Packet,
-    ) -> Packet {
+    fn update(&mut self, now: Instant, peer: SocketAddr, identity: &str, id: &str, request: &Packet) -> Packet {
         let Some(endpoint) = self.by_id.get(id).cloned() else {
             return response(ResponseType::NotFound);
         };
@@ -302,10 +283,7 @@ impl Registry {
         let links = if request.payload.is_empty() {
             None
         } else {
-            match std::str::from_utf8(&request.payload)
-                .ok()
-                .map(link_format::parse)
-            {
+            match std::str::from_utf8(&request.payload).ok().map(link_format::parse) {
                 Some(Ok(links)) => Some(links),
                 _ => return response(ResponseType::BadRequest),
             }
@@ -316,8 +294,7 @@ impl Registry {
         if registration.identity != identity {
             return response(ResponseType::BadRequest);
         }
-        self.expiries
-            .remove(&(registration.expires_at(), endpoint.clone()));
+        self.expiries.remove(&(registration.expires_at(), endpoint.clone()));
         let moved_from = (registration.peer != peer).then_some(registration.peer);
         registration.peer = peer;
         registration.last_update = now;
@@ -330,13 +307,9 @@ impl Registry {
         if let Some(links) = links {
             registration.links = links;
         }
-        self.expiries
-            .insert((registration.expires_at(), endpoint.clone()));
+        self.expiries.insert((registration.expires_at(), endpoint.clone()));
         self.by_endpoint.insert(endpoint, registration.clone());
-        self.events.push_back(RegistryEvent::Updated {
-            registration,
-            moved_from,
-        });
+        self.events.push_back(RegistryEvent::Updated { registration, moved_from });
         response(ResponseType::Changed)
     }
 
@@ -344,18 +317,21 @@ impl Registry {
         let Some(endpoint) = self.by_id.get(id).cloned() else {
             return response(ResponseType::NotFound);
         };
-        if self
-            .by_endpoint
-            .get(&endpoint)
-            .is_some_and(|r| r.identity != identity)
-        {
+        if self.by_endpoint.get(&endpoint).is_some_and(|r| r.identity != identity) {
             return response(ResponseType::BadRequest);
         }
         if let Some(registration) = self.remove(&endpoint) {
-            self.events
-                .push_back(RegistryEvent::Deregistered { registration });
+            self.events.push_back(RegistryEvent::Deregistered { registration });
         }
         response(ResponseType::Deleted)
+    }
+
+    /// Drops a registration that could not be made durable (its acknowledgement is withheld).
+    pub fn discard(&mut self, endpoint: &str, id: &str) -> Option<Registration> {
+        if self.by_endpoint.get(endpoint).is_some_and(|r| r.id == id) {
+            return self.remove(endpoint);
+        }
+        None
     }
 
     /// Removes registrations whose lifetime ran out.
@@ -365,8 +341,7 @@ impl Registry {
                 break;
             }
             if let Some(registration) = self.remove(&endpoint) {
-                self.events
-                    .push_back(RegistryEvent::Expired { registration });
+                self.events.push_back(RegistryEvent::Expired { registration });
             }
         }
     }
@@ -383,9 +358,8 @@ impl Registry {
 
     fn new_id(&mut self) -> String {
         loop {
-            let id: String = (0..10)
-                .map(|_| char::from(b"abcdefghijkmnpqrstuvwxyz23456789"[self.rng.gen_range(0..32)]))
-                .collect();
+            let id: String =
+                (0..10).map(|_| char::from(b"abcdefghijkmnpqrstuvwxyz23456789"[self.rng.gen_range(0..32)])).collect();
             if !self.by_id.contains_key(&id) {
                 return id;
             }
@@ -393,19 +367,15 @@ impl Registry {
     }
 
     fn insert(&mut self, registration: Registration) {
-        self.expiries
-            .insert((registration.expires_at(), registration.endpoint.clone()));
-        self.by_id
-            .insert(registration.id.clone(), registration.endpoint.clone());
-        self.by_endpoint
-            .insert(registration.endpoint.clone(), registration);
+        self.expiries.insert((registration.expires_at(), registration.endpoint.clone()));
+        self.by_id.insert(registration.id.clone(), registration.endpoint.clone());
+        self.by_endpoint.insert(registration.endpoint.clone(), registration);
     }
 
     fn remove(&mut self, endpoint: &str) -> Option<Registration> {
         let registration = self.by_endpoint.remove(endpoint)?;
         self.by_id.remove(&registration.id);
-        self.expiries
-            .remove(&(registration.expires_at(), registration.endpoint.clone()));
+        self.expiries.remove(&(registration.expires_at(), registration.endpoint.clone()));
         Some(registration)
     }
 }
@@ -414,12 +384,7 @@ impl Registry {
 pub fn uri_path(request: &Packet) -> Vec<String> {
     request
         .get_option(CoapOption::UriPath)
-        .map(|segments| {
-            segments
-                .iter()
-                .map(|s| String::from_utf8_lossy(s).into_owned())
-                .collect()
-        })
+        .map(|segments| segments.iter().map(|s| String::from_utf8_lossy(s).into_owned()).collect())
         .unwrap_or_default()
 }
 
@@ -441,11 +406,7 @@ struct Query {
 impl Query {
     fn parse(request: &Packet) -> Result<Self, ()> {
         let mut query = Query::default();
-        for item in request
-            .get_option(CoapOption::UriQuery)
-            .into_iter()
-            .flatten()
-        {
+        for item in request.get_option(CoapOption::UriQuery).into_iter().flatten() {
             let item = std::str::from_utf8(item).map_err(|_| ())?;
             let (key, value) = item.split_once('=').unwrap_or((item, ""));
             match key {
@@ -468,10 +429,7 @@ impl Query {
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::disallowed_methods,
-    reason = "tests pick their starting instant"
-)]
+#[allow(clippy::disallowed_methods, reason = "tests pick their starting instant")]
 mod tests {
     use super::*;
 
@@ -480,10 +438,7 @@ mod tests {
     }
 
     fn auth() -> HashMap<String, String> {
-        [("id-a", "ep-a"), ("id-b", "ep-b")]
-            .into_iter()
-            .map(|(i, e)| (i.to_string(), e.to_string()))
-            .collect()
+        [("id-a", "ep-a"), ("id-b", "ep-b")].into_iter().map(|(i, e)| (i.to_string(), e.to_string())).collect()
     }
 
     fn request(method: RequestType, path: &[&str], query: &[&str], body: &str) -> Packet {
@@ -499,14 +454,7 @@ mod tests {
         p
     }
 
-    fn register(
-        reg: &mut Registry,
-        now: Instant,
-        identity: &str,
-        ep: &str,
-        lt: u64,
-        port: u16,
-    ) -> Packet {
+    fn register(reg: &mut Registry, now: Instant, identity: &str, ep: &str, lt: u64, port: u16) -> Packet {
         let lt = format!("lt={lt}");
         let ep = format!("ep={ep}");
         let body = r#"</>;rt="oma.lwm2m";ct=11543,</1/0>,</3/0>"#;
@@ -515,12 +463,7 @@ mod tests {
             peer(port),
             identity,
             &auth(),
-            &request(
-                RequestType::Post,
-                &["rd"],
-                &[&ep, &lt, "lwm2m=1.1", "b=U"],
-                body,
-            ),
+            &request(RequestType::Post, &["rd"], &[&ep, &lt, "lwm2m=1.1", "b=U"], body),
         )
     }
 
@@ -555,77 +498,40 @@ mod tests {
             (Duration::from_secs(300), "1.1", Binding::Udp, Some(11543))
         );
         assert_eq!(r.links.len(), 3);
-        assert!(matches!(
-            reg.poll_event(),
-            Some(RegistryEvent::Registered { replaced: None, .. })
-        ));
+        assert!(matches!(reg.poll_event(), Some(RegistryEvent::Registered { replaced: None, .. })));
 
         let update = request(RequestType::Post, &["rd", &id], &["lt=600"], "");
         assert_eq!(
-            code(&reg.handle_request(
-                now + Duration::from_secs(10),
-                peer(5001),
-                "id-a",
-                &auth(),
-                &update
-            )),
+            code(&reg.handle_request(now + Duration::from_secs(10), peer(5001), "id-a", &auth(), &update)),
             ResponseType::Changed
         );
         assert_eq!(reg.get("ep-a").unwrap().lifetime, Duration::from_secs(600));
         assert!(
             matches!(reg.poll_event(), Some(RegistryEvent::Updated { moved_from: Some(p), .. }) if p == peer(5000))
         );
-        assert_eq!(
-            reg.get("ep-a").unwrap().peer,
-            peer(5001),
-            "the update moved the registration (NAT rebinding)"
-        );
+        assert_eq!(reg.get("ep-a").unwrap().peer, peer(5001), "the update moved the registration (NAT rebinding)");
 
         let delete = request(RequestType::Delete, &["rd", &id], &[], "");
-        assert_eq!(
-            code(&reg.handle_request(now, peer(5001), "id-a", &auth(), &delete)),
-            ResponseType::Deleted
-        );
-        assert!(matches!(
-            reg.poll_event(),
-            Some(RegistryEvent::Deregistered { .. })
-        ));
+        assert_eq!(code(&reg.handle_request(now, peer(5001), "id-a", &auth(), &delete)), ResponseType::Deleted);
+        assert!(matches!(reg.poll_event(), Some(RegistryEvent::Deregistered { .. })));
         assert!(reg.is_empty());
-        assert_eq!(
-            code(&reg.handle_request(now, peer(5001), "id-a", &auth(), &delete)),
-            ResponseType::NotFound
-        );
+        assert_eq!(code(&reg.handle_request(now, peer(5001), "id-a", &auth(), &delete)), ResponseType::NotFound);
     }
 
     #[test]
     fn an_identity_can_only_act_for_its_own_endpoint() {
         let now = Instant::now();
         let mut reg = Registry::new(2);
-        assert_eq!(
-            code(&register(&mut reg, now, "id-a", "ep-b", 300, 5000)),
-            ResponseType::Forbidden
-        );
-        assert_eq!(
-            code(&register(&mut reg, now, "stranger", "ep-a", 300, 5000)),
-            ResponseType::Forbidden
-        );
+        assert_eq!(code(&register(&mut reg, now, "id-a", "ep-b", 300, 5000)), ResponseType::Forbidden);
+        assert_eq!(code(&register(&mut reg, now, "stranger", "ep-a", 300, 5000)), ResponseType::Forbidden);
         let id = location(&register(&mut reg, now, "id-a", "ep-a", 300, 5000));
         let update = request(RequestType::Post, &["rd", &id], &[], "");
-        assert_eq!(
-            code(&reg.handle_request(now, peer(6000), "id-b", &auth(), &update)),
-            ResponseType::BadRequest
-        );
+        assert_eq!(code(&reg.handle_request(now, peer(6000), "id-b", &auth(), &update)), ResponseType::BadRequest);
         let delete = request(RequestType::Delete, &["rd", &id], &[], "");
-        assert_eq!(
-            code(&reg.handle_request(now, peer(6000), "id-b", &auth(), &delete)),
-            ResponseType::BadRequest
-        );
+        assert_eq!(code(&reg.handle_request(now, peer(6000), "id-b", &auth(), &delete)), ResponseType::BadRequest);
         assert!(reg.get("ep-a").is_some(), "untouched");
         let unknown = request(RequestType::Post, &["rd", "nope"], &[], "");
-        assert_eq!(
-            code(&reg.handle_request(now, peer(6000), "id-a", &auth(), &unknown)),
-            ResponseType::NotFound
-        );
+        assert_eq!(code(&reg.handle_request(now, peer(6000), "id-a", &auth(), &unknown)), ResponseType::NotFound);
     }
 
     #[test]
@@ -637,18 +543,9 @@ mod tests {
         while reg.poll_event().is_some() {}
         assert_eq!(reg.poll_timeout(), Some(now + Duration::from_secs(60)));
         let update = request(RequestType::Post, &["rd", &id], &[], "");
-        reg.handle_request(
-            now + Duration::from_secs(50),
-            peer(5000),
-            "id-a",
-            &auth(),
-            &update,
-        );
+        reg.handle_request(now + Duration::from_secs(50), peer(5000), "id-a", &auth(), &update);
         reg.handle_timeout(now + Duration::from_secs(100));
-        assert!(matches!(
-            reg.poll_event(),
-            Some(RegistryEvent::Updated { .. })
-        ));
+        assert!(matches!(reg.poll_event(), Some(RegistryEvent::Updated { .. })));
         assert!(
             matches!(reg.poll_event(), Some(RegistryEvent::Expired { registration }) if registration.endpoint == "ep-b")
         );
@@ -673,10 +570,7 @@ mod tests {
         );
         assert_eq!(reg.len(), 1);
         let stale = request(RequestType::Post, &["rd", &first], &[], "");
-        assert_eq!(
-            code(&reg.handle_request(now, peer(5002), "id-a", &auth(), &stale)),
-            ResponseType::NotFound
-        );
+        assert_eq!(code(&reg.handle_request(now, peer(5002), "id-a", &auth(), &stale)), ResponseType::NotFound);
     }
 
     #[test]
@@ -700,10 +594,7 @@ mod tests {
         }
         let mut invalid_utf8 = request(RequestType::Post, &["rd"], &["ep=ep-a"], "");
         invalid_utf8.payload = vec![0xff, 0xfe];
-        assert_eq!(
-            code(&reg.handle_request(now, peer(1), "id-a", &auth(), &invalid_utf8)),
-            ResponseType::BadRequest
-        );
+        assert_eq!(code(&reg.handle_request(now, peer(1), "id-a", &auth(), &invalid_utf8)), ResponseType::BadRequest);
         assert!(reg.is_empty());
     }
 }

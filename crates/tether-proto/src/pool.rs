@@ -31,11 +31,7 @@ pub struct PoolConfig {
 
 impl Default for PoolConfig {
     fn default() -> Self {
-        Self {
-            idle_timeout: Duration::from_secs(300),
-            check_interval: Duration::from_secs(60),
-            capacity: 10_000,
-        }
+        Self { idle_timeout: Duration::from_secs(300), check_interval: Duration::from_secs(60), capacity: 10_000 }
     }
 }
 
@@ -302,9 +298,7 @@ impl PoolState {
 
     /// The entry whose authenticated identity (or endpoint name) is `identity`.
     pub fn by_identity(&self, identity: &str) -> Option<&PoolEntry> {
-        self.by_identity
-            .get(identity)
-            .and_then(|peer| self.entries.get(peer))
+        self.by_identity.get(identity).and_then(|peer| self.entries.get(peer))
     }
 
     /// Every entry.
@@ -314,27 +308,12 @@ impl PoolState {
 
     /// Enters a handshake we start to `peer`, which must have no entry. Evicts the least
     /// recently active established session if the pool is full.
-    pub fn begin_connect(
-        &mut self,
-        now: Instant,
-        peer: SocketAddr,
-    ) -> Result<Generation, PoolFull> {
-        debug_assert!(
-            !self.entries.contains_key(&peer),
-            "begin_connect for a pooled peer"
-        );
+    pub fn begin_connect(&mut self, now: Instant, peer: SocketAddr) -> Result<Generation, PoolFull> {
+        debug_assert!(!self.entries.contains_key(&peer), "begin_connect for a pooled peer");
         self.make_room()?;
         let generation = self.next_generation();
-        self.entries.insert(
-            peer,
-            self.new_entry(
-                now,
-                peer,
-                generation,
-                SessionRole::Connected,
-                EntryState::Connecting,
-            ),
-        );
+        self.entries
+            .insert(peer, self.new_entry(now, peer, generation, SessionRole::Connected, EntryState::Connecting));
         Ok(generation)
     }
 
@@ -348,11 +327,7 @@ impl PoolState {
         generation: Generation,
         identity: Option<String>,
     ) -> bool {
-        let Some(entry) = self
-            .entries
-            .get_mut(&peer)
-            .filter(|e| e.generation == generation)
-        else {
+        let Some(entry) = self.entries.get_mut(&peer).filter(|e| e.generation == generation) else {
             return false;
         };
         entry.state = EntryState::Established;
@@ -383,13 +358,7 @@ impl PoolState {
             self.make_room()?;
         }
         let generation = self.next_generation();
-        let mut entry = self.new_entry(
-            now,
-            peer,
-            generation,
-            SessionRole::Accepted,
-            EntryState::Established,
-        );
+        let mut entry = self.new_entry(now, peer, generation, SessionRole::Accepted, EntryState::Established);
         if let Some(id) = identity {
             self.by_identity.insert(id.clone(), peer);
             entry.identity = Some(id);
@@ -400,17 +369,8 @@ impl PoolState {
     }
 
     /// Binds an identity (an LwM2M endpoint name, say) to a pooled session for lookups.
-    pub fn set_identity(
-        &mut self,
-        peer: SocketAddr,
-        generation: Generation,
-        identity: String,
-    ) -> bool {
-        let Some(entry) = self
-            .entries
-            .get_mut(&peer)
-            .filter(|e| e.generation == generation)
-        else {
+    pub fn set_identity(&mut self, peer: SocketAddr, generation: Generation, identity: String) -> bool {
+        let Some(entry) = self.entries.get_mut(&peer).filter(|e| e.generation == generation) else {
             return false;
         };
         if let Some(old) = entry.identity.replace(identity.clone()) {
@@ -423,18 +383,8 @@ impl PoolState {
     }
 
     /// Accounts traffic to a session and marks it active. False if `generation` is stale.
-    pub fn record(
-        &mut self,
-        now: Instant,
-        peer: SocketAddr,
-        generation: Generation,
-        traffic: Traffic,
-    ) -> bool {
-        let Some(entry) = self
-            .entries
-            .get_mut(&peer)
-            .filter(|e| e.generation == generation)
-        else {
+    pub fn record(&mut self, now: Instant, peer: SocketAddr, generation: Generation, traffic: Traffic) -> bool {
+        let Some(entry) = self.entries.get_mut(&peer).filter(|e| e.generation == generation) else {
             return false;
         };
         entry.bytes_in += traffic.bytes_in;
@@ -468,17 +418,12 @@ impl PoolState {
         let Some(cutoff) = now.checked_sub(self.config.idle_timeout) else {
             return;
         };
-        let idle: Vec<(Generation, SocketAddr)> = self
-            .lru
-            .iter()
-            .take_while(|(last, _, _)| *last <= cutoff)
-            .map(|(_, g, p)| (*g, *p))
-            .collect();
+        let idle: Vec<(Generation, SocketAddr)> =
+            self.lru.iter().take_while(|(last, _, _)| *last <= cutoff).map(|(_, g, p)| (*g, *p)).collect();
         for (generation, peer) in idle {
             self.remove_entry(peer, generation);
             self.expired_total += 1;
-            self.events
-                .push_back(PoolEvent::Expired { peer, generation });
+            self.events.push_back(PoolEvent::Expired { peer, generation });
         }
     }
 
@@ -512,11 +457,7 @@ impl PoolState {
             })
             .collect();
         per_session.sort_by(|a, b| a.idle.cmp(&b.idle).then(a.peer.cmp(&b.peer)));
-        let established = self
-            .entries
-            .values()
-            .filter(|e| e.state == EntryState::Established)
-            .count();
+        let established = self.entries.values().filter(|e| e.state == EntryState::Established).count();
         PoolStats {
             sessions: self.entries.len(),
             established,
@@ -568,8 +509,7 @@ impl PoolState {
             };
             self.remove_entry(peer, generation);
             self.evicted_total += 1;
-            self.events
-                .push_back(PoolEvent::Evicted { peer, generation });
+            self.events.push_back(PoolEvent::Evicted { peer, generation });
         }
         Ok(())
     }
@@ -590,10 +530,7 @@ impl PoolState {
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::disallowed_methods,
-    reason = "tests pick their starting instant"
-)]
+#[allow(clippy::disallowed_methods, reason = "tests pick their starting instant")]
 mod tests {
     use super::*;
 
@@ -614,14 +551,8 @@ mod tests {
         let t0 = Instant::now();
         let mut p = pool(10, t0);
         let g1 = p.begin_connect(t0, peer(1)).unwrap();
-        assert!(
-            p.remove(peer(1), g1).is_some(),
-            "closed during the handshake"
-        );
-        assert!(
-            !p.established(t0, peer(1), g1, None),
-            "late result is refused"
-        );
+        assert!(p.remove(peer(1), g1).is_some(), "closed during the handshake");
+        assert!(!p.established(t0, peer(1), g1, None), "late result is refused");
         assert!(p.get(peer(1)).is_none());
     }
 
@@ -634,10 +565,7 @@ mod tests {
         assert!(p.remove(peer(1), g1).is_some());
         let g2 = p.begin_connect(t0, peer(1)).unwrap();
         assert!(p.established(t0, peer(1), g2, Some("dev".into())));
-        assert!(
-            p.remove(peer(1), g1).is_none(),
-            "the old session's close event arrives late"
-        );
+        assert!(p.remove(peer(1), g1).is_none(), "the old session's close event arrives late");
         assert_eq!(p.get(peer(1)).unwrap().generation, g2);
         assert_eq!(p.by_identity("dev").unwrap().generation, g2);
         assert!(p.remove(peer(1), g2).is_some());
@@ -651,45 +579,22 @@ mod tests {
         let mut p = pool(10, t0);
         let (g1, _) = p.insert_accepted(t0, peer(1), None).unwrap();
         let (g2, _) = p.insert_accepted(t0, peer(2), None).unwrap();
-        p.record(
-            t0 + Duration::from_secs(200),
-            peer(2),
-            g2,
-            Traffic {
-                bytes_in: 10,
-                ..Traffic::default()
-            },
-        );
+        p.record(t0 + Duration::from_secs(200), peer(2), g2, Traffic { bytes_in: 10, ..Traffic::default() });
         // Checks at 60, 120, ... 300: peer 1 idle since 0 expires at the 300 s check.
         for minute in 1..=4 {
             let at = t0 + Duration::from_secs(60 * minute);
             assert_eq!(p.poll_timeout(), Some(at));
             p.handle_timeout(at);
-            assert!(
-                p.poll_event().is_none(),
-                "nothing idle long enough at {minute} min"
-            );
+            assert!(p.poll_event().is_none(), "nothing idle long enough at {minute} min");
         }
         p.handle_timeout(t0 + Duration::from_secs(300));
-        assert_eq!(
-            p.poll_event(),
-            Some(PoolEvent::Expired {
-                peer: peer(1),
-                generation: g1
-            })
-        );
+        assert_eq!(p.poll_event(), Some(PoolEvent::Expired { peer: peer(1), generation: g1 }));
         assert!(p.poll_event().is_none());
         // Peer 2's traffic at 200 s keeps it until the 540 s check (first after 500 s).
         p.handle_timeout(t0 + Duration::from_secs(480));
         assert!(p.poll_event().is_none());
         p.handle_timeout(t0 + Duration::from_secs(540));
-        assert_eq!(
-            p.poll_event(),
-            Some(PoolEvent::Expired {
-                peer: peer(2),
-                generation: g2
-            })
-        );
+        assert_eq!(p.poll_event(), Some(PoolEvent::Expired { peer: peer(2), generation: g2 }));
         assert_eq!(p.stats(t0).expired_total, 2);
         assert!(p.is_empty());
     }
@@ -700,28 +605,12 @@ mod tests {
         let mut p = pool(3, t0);
         let mut gens = Vec::new();
         for i in 0..3 {
-            gens.push(
-                p.insert_accepted(t0 + Duration::from_secs(i), peer(i as u16), None)
-                    .unwrap()
-                    .0,
-            );
+            gens.push(p.insert_accepted(t0 + Duration::from_secs(i), peer(i as u16), None).unwrap().0);
         }
         // Peer 0 is active again; peer 1 is now the least recent.
-        p.record(
-            t0 + Duration::from_secs(10),
-            peer(0),
-            gens[0],
-            Traffic::default(),
-        );
-        p.insert_accepted(t0 + Duration::from_secs(11), peer(9), None)
-            .unwrap();
-        assert_eq!(
-            p.poll_event(),
-            Some(PoolEvent::Evicted {
-                peer: peer(1),
-                generation: gens[1]
-            })
-        );
+        p.record(t0 + Duration::from_secs(10), peer(0), gens[0], Traffic::default());
+        p.insert_accepted(t0 + Duration::from_secs(11), peer(9), None).unwrap();
+        assert_eq!(p.poll_event(), Some(PoolEvent::Evicted { peer: peer(1), generation: gens[1] }));
         assert_eq!(p.len(), 3);
         assert!(p.get(peer(1)).is_none());
         // Handshakes in progress are never evicted; a pool full of them refuses.
@@ -738,27 +627,12 @@ mod tests {
         let g = p.begin_connect(t0, peer(1)).unwrap();
         p.insert_accepted(t0, peer(2), Some("ep-2".into())).unwrap();
         let s = p.stats(t0);
-        assert_eq!(
-            (s.sessions, s.established, s.connecting, s.handshakes_total),
-            (2, 1, 1, 2)
-        );
+        assert_eq!((s.sessions, s.established, s.connecting, s.handshakes_total), (2, 1, 1, 2));
         p.established(t0, peer(1), g, Some("ep-1".into()));
-        p.record(
-            t0 + Duration::from_secs(5),
-            peer(1),
-            g,
-            Traffic {
-                bytes_in: 7,
-                bytes_out: 9,
-                requests: 2,
-            },
-        );
+        p.record(t0 + Duration::from_secs(5), peer(1), g, Traffic { bytes_in: 7, bytes_out: 9, requests: 2 });
         let s = p.stats(t0 + Duration::from_secs(6));
         let e = s.per_session.iter().find(|e| e.peer == peer(1)).unwrap();
-        assert_eq!(
-            (e.bytes_in, e.bytes_out, e.requests, e.handshakes),
-            (7, 9, 2, 1)
-        );
+        assert_eq!((e.bytes_in, e.bytes_out, e.requests, e.handshakes), (7, 9, 2, 1));
         assert_eq!(e.idle, Duration::from_secs(1));
         assert_eq!(e.age, Duration::from_secs(6));
         assert_eq!(s.per_session[0].peer, peer(1), "most recently active first");
@@ -773,10 +647,7 @@ mod tests {
         assert!(none.is_none());
         let (g2, replaced) = p.insert_accepted(t0, peer(1), Some("dev".into())).unwrap();
         assert_eq!(replaced, Some(g1));
-        assert!(
-            p.remove(peer(1), g1).is_none(),
-            "the replaced session's close is stale"
-        );
+        assert!(p.remove(peer(1), g1).is_none(), "the replaced session's close is stale");
         assert_eq!(p.by_identity("dev").unwrap().generation, g2);
     }
 }

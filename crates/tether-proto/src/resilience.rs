@@ -40,12 +40,7 @@ pub struct BackoffConfig {
 
 impl Default for BackoffConfig {
     fn default() -> Self {
-        Self {
-            initial: Duration::from_secs(1),
-            cap: Duration::from_secs(30),
-            max_attempts: 3,
-            jitter: Jitter::None,
-        }
+        Self { initial: Duration::from_secs(1), cap: Duration::from_secs(30), max_attempts: 3, jitter: Jitter::None }
     }
 }
 
@@ -72,19 +67,13 @@ impl BackoffConfig {
     /// Checks the settings.
     pub fn validate(&self) -> Result<(), ResilienceConfigError> {
         if self.max_attempts == 0 {
-            return Err(ResilienceConfigError(
-                "max_attempts must be at least 1 (zero attempts would never try)",
-            ));
+            return Err(ResilienceConfigError("max_attempts must be at least 1 (zero attempts would never try)"));
         }
         if self.initial.is_zero() {
-            return Err(ResilienceConfigError(
-                "backoff initial delay must be positive",
-            ));
+            return Err(ResilienceConfigError("backoff initial delay must be positive"));
         }
         if self.cap < self.initial {
-            return Err(ResilienceConfigError(
-                "backoff cap must not be below the initial delay",
-            ));
+            return Err(ResilienceConfigError("backoff cap must not be below the initial delay"));
         }
         Ok(())
     }
@@ -110,11 +99,7 @@ impl Backoff {
     pub fn new(config: BackoffConfig, seed: u64) -> Result<Self, ResilienceConfigError> {
         config.validate()?;
         let previous = config.initial;
-        Ok(Self {
-            config,
-            rng: ChaCha8Rng::seed_from_u64(seed),
-            previous,
-        })
+        Ok(Self { config, rng: ChaCha8Rng::seed_from_u64(seed), previous })
     }
 
     /// The settings.
@@ -144,11 +129,7 @@ impl Backoff {
             Jitter::Full => base.mul_f64(self.rng.gen::<f64>()),
             Jitter::Equal => base / 2 + (base / 2).mul_f64(self.rng.gen::<f64>()),
             Jitter::Decorrelated => {
-                let high = self
-                    .previous
-                    .saturating_mul(3)
-                    .min(self.config.cap)
-                    .max(self.config.initial);
+                let high = self.previous.saturating_mul(3).min(self.config.cap).max(self.config.initial);
                 let span = high - self.config.initial;
                 (self.config.initial + span.mul_f64(self.rng.gen::<f64>())).min(self.config.cap)
             }
@@ -165,9 +146,7 @@ impl Backoff {
 
 /// `min(initial × 2^(attempt−1), cap)` without overflow.
 pub fn exponential(initial: Duration, cap: Duration, attempt: u32) -> Duration {
-    let factor = 1u32
-        .checked_shl(attempt.saturating_sub(1))
-        .unwrap_or(u32::MAX);
+    let factor = 1u32.checked_shl(attempt.saturating_sub(1)).unwrap_or(u32::MAX);
     initial.saturating_mul(factor).min(cap)
 }
 
@@ -201,21 +180,14 @@ impl Default for BreakerConfig {
 impl BreakerConfig {
     /// Checks the settings.
     pub fn validate(&self) -> Result<(), ResilienceConfigError> {
-        if self.failure_threshold == 0 || self.half_open_probes == 0 || self.success_threshold == 0
-        {
-            return Err(ResilienceConfigError(
-                "breaker thresholds and probe count must be at least 1",
-            ));
+        if self.failure_threshold == 0 || self.half_open_probes == 0 || self.success_threshold == 0 {
+            return Err(ResilienceConfigError("breaker thresholds and probe count must be at least 1"));
         }
         if self.success_threshold > self.half_open_probes {
-            return Err(ResilienceConfigError(
-                "success_threshold cannot exceed half_open_probes",
-            ));
+            return Err(ResilienceConfigError("success_threshold cannot exceed half_open_probes"));
         }
         if self.window.is_zero() || self.open_timeout.is_zero() {
-            return Err(ResilienceConfigError(
-                "breaker window and open_timeout must be positive",
-            ));
+            return Err(ResilienceConfigError("breaker window and open_timeout must be positive"));
         }
         Ok(())
     }
@@ -342,16 +314,11 @@ impl CircuitBreaker {
             CircuitState::Closed => Ok(self.permit()),
             CircuitState::Open => Err(CircuitOpen {
                 state: CircuitState::Open,
-                retry_after: (self.opened_at + self.config.open_timeout)
-                    .saturating_duration_since(now),
+                retry_after: (self.opened_at + self.config.open_timeout).saturating_duration_since(now),
             }),
             CircuitState::HalfOpen => {
                 if self.probes.len() >= self.config.half_open_probes as usize {
-                    let first_free = self
-                        .probes
-                        .values()
-                        .min()
-                        .map_or(now, |at| *at + self.config.open_timeout);
+                    let first_free = self.probes.values().min().map_or(now, |at| *at + self.config.open_timeout);
                     return Err(CircuitOpen {
                         state: CircuitState::HalfOpen,
                         retry_after: first_free.saturating_duration_since(now),
@@ -378,9 +345,7 @@ impl CircuitBreaker {
                     self.transition(now, CircuitState::Open);
                 }
             }
-            (CircuitState::HalfOpen, Outcome::Failure) if was_probe => {
-                self.transition(now, CircuitState::Open)
-            }
+            (CircuitState::HalfOpen, Outcome::Failure) if was_probe => self.transition(now, CircuitState::Open),
             (CircuitState::HalfOpen, Outcome::Success) if was_probe => {
                 self.probe_successes += 1;
                 if self.probe_successes >= self.config.success_threshold {
@@ -403,13 +368,8 @@ impl CircuitBreaker {
 
     /// When `handle_timeout` has something to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let reopen =
-            (self.state == CircuitState::Open).then(|| self.opened_at + self.config.open_timeout);
-        let probe = self
-            .probes
-            .values()
-            .min()
-            .map(|at| *at + self.config.open_timeout);
+        let reopen = (self.state == CircuitState::Open).then(|| self.opened_at + self.config.open_timeout);
+        let probe = self.probes.values().min().map(|at| *at + self.config.open_timeout);
         [reopen, probe].into_iter().flatten().min()
     }
 
@@ -420,18 +380,11 @@ impl CircuitBreaker {
 
     fn permit(&mut self) -> Permit {
         self.next_permit += 1;
-        Permit {
-            id: self.next_permit,
-            epoch: self.epoch,
-        }
+        Permit { id: self.next_permit, epoch: self.epoch }
     }
 
     fn forget_old_failures(&mut self, now: Instant) {
-        while self
-            .failures
-            .front()
-            .is_some_and(|at| now.saturating_duration_since(*at) >= self.config.window)
-        {
+        while self.failures.front().is_some_and(|at| now.saturating_duration_since(*at) >= self.config.window) {
             self.failures.pop_front();
         }
     }
@@ -451,10 +404,7 @@ impl CircuitBreaker {
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::disallowed_methods,
-    reason = "tests pick their starting instant"
-)]
+#[allow(clippy::disallowed_methods, reason = "tests pick their starting instant")]
 mod tests {
     use super::*;
 
@@ -466,24 +416,9 @@ mod tests {
     fn backoff_tables_match_the_formula() {
         let b = Backoff::new(BackoffConfig::default().max_attempts(9), 0).unwrap();
         let table: Vec<_> = (1..=9).map(|n| secs(b.base_delay(n))).collect();
-        assert_eq!(
-            table,
-            [
-                Some(1),
-                Some(2),
-                Some(4),
-                Some(8),
-                Some(16),
-                Some(30),
-                Some(30),
-                Some(30),
-                None
-            ]
-        );
+        assert_eq!(table, [Some(1), Some(2), Some(4), Some(8), Some(16), Some(30), Some(30), Some(30), None]);
         let b = Backoff::new(
-            BackoffConfig::default()
-                .delays(Duration::from_secs(2), Duration::from_secs(30))
-                .max_attempts(6),
+            BackoffConfig::default().delays(Duration::from_secs(2), Duration::from_secs(30)).max_attempts(6),
             0,
         )
         .unwrap();
@@ -505,11 +440,7 @@ mod tests {
     fn huge_attempt_numbers_saturate() {
         let b = Backoff::new(BackoffConfig::default().max_attempts(u32::MAX), 0).unwrap();
         for n in [31, 32, 33, 63, 64, 65, 1000, u32::MAX - 1] {
-            assert_eq!(
-                b.base_delay(n),
-                Some(Duration::from_secs(30)),
-                "attempt {n}"
-            );
+            assert_eq!(b.base_delay(n), Some(Duration::from_secs(30)), "attempt {n}");
         }
         let huge = Duration::from_secs(u64::MAX / 2);
         assert_eq!(exponential(huge, Duration::MAX, 64), Duration::MAX);
@@ -565,20 +496,9 @@ mod tests {
     fn full_jitter_spreads_a_fleet() {
         let none = busiest_second(Jitter::None);
         let full = busiest_second(Jitter::Full);
-        println!(
-            "busiest second of reconnections: no jitter {:.1}%, full jitter {:.1}%",
-            none * 100.0,
-            full * 100.0
-        );
-        assert_eq!(
-            none, 1.0,
-            "without jitter every client retries in the same second"
-        );
-        assert!(
-            full < 0.15,
-            "busiest second holds {:.1}% of the fleet",
-            full * 100.0
-        );
+        println!("busiest second of reconnections: no jitter {:.1}%, full jitter {:.1}%", none * 100.0, full * 100.0);
+        assert_eq!(none, 1.0, "without jitter every client retries in the same second");
+        assert!(full < 0.15, "busiest second holds {:.1}% of the fleet", full * 100.0);
     }
 
     fn breaker(now: Instant) -> CircuitBreaker {
@@ -599,29 +519,15 @@ mod tests {
             fail(&mut b, t0 + Duration::from_secs(i * 10));
         }
         fail(&mut b, t0 + Duration::from_secs(60));
-        assert_eq!(
-            b.state(),
-            CircuitState::Closed,
-            "the first failure left the window"
-        );
+        assert_eq!(b.state(), CircuitState::Closed, "the first failure left the window");
         fail(&mut b, t0 + Duration::from_secs(61));
         assert_eq!(b.state(), CircuitState::Open, "five within 60 s");
         assert_eq!(
             b.poll_event(),
-            Some(Transition {
-                from: CircuitState::Closed,
-                to: CircuitState::Open,
-                at: t0 + Duration::from_secs(61)
-            })
+            Some(Transition { from: CircuitState::Closed, to: CircuitState::Open, at: t0 + Duration::from_secs(61) })
         );
         let err = b.acquire(t0 + Duration::from_secs(71)).unwrap_err();
-        assert_eq!(
-            err,
-            CircuitOpen {
-                state: CircuitState::Open,
-                retry_after: Duration::from_secs(20)
-            }
-        );
+        assert_eq!(err, CircuitOpen { state: CircuitState::Open, retry_after: Duration::from_secs(20) });
     }
 
     #[test]
@@ -664,13 +570,8 @@ mod tests {
         assert_eq!(b.state(), CircuitState::HalfOpen);
         b.record(t, p, Outcome::Failure);
         assert_eq!(b.state(), CircuitState::Open);
-        assert_eq!(
-            b.acquire(t).unwrap_err().retry_after,
-            Duration::from_secs(30)
-        );
-        let changes: Vec<_> = std::iter::from_fn(|| b.poll_event())
-            .map(|t| (t.from, t.to))
-            .collect();
+        assert_eq!(b.acquire(t).unwrap_err().retry_after, Duration::from_secs(30));
+        let changes: Vec<_> = std::iter::from_fn(|| b.poll_event()).map(|t| (t.from, t.to)).collect();
         assert_eq!(
             changes,
             [
@@ -695,10 +596,7 @@ mod tests {
         assert!(b.acquire(t).is_err());
         assert_eq!(b.poll_timeout(), Some(t + Duration::from_secs(30)));
         b.handle_timeout(t + Duration::from_secs(30));
-        assert!(
-            b.acquire(t + Duration::from_secs(30)).is_ok(),
-            "expired probes freed their slots"
-        );
+        assert!(b.acquire(t + Duration::from_secs(30)).is_ok(), "expired probes freed their slots");
     }
 
     #[test]

@@ -1,9 +1,6 @@
 //! The many-peer endpoint: cookies, routing, re-handshake, hostile input, limits.
 
-#![allow(
-    clippy::disallowed_methods,
-    reason = "tests pick their starting instant and drive real sockets"
-)]
+#![allow(clippy::disallowed_methods, reason = "tests pick their starting instant and drive real sockets")]
 
 mod support;
 
@@ -14,17 +11,11 @@ use rand::{Rng, SeedableRng};
 use support::endpoint::{addr, exchange};
 use support::*;
 use tether_proto::dtls::{
-    record, CloseReason, DropReason, Endpoint, EndpointConfig, EndpointEvent, Event, PeerIdentity,
-    Session,
+    record, CloseReason, DropReason, Endpoint, EndpointConfig, EndpointEvent, Event, PeerIdentity, Session,
 };
 
 fn endpoint(now: Instant) -> Endpoint {
-    Endpoint::new(
-        psk_server(fast_session()),
-        EndpointConfig::new([7; 32]),
-        now,
-    )
-    .unwrap()
+    Endpoint::new(psk_server(fast_session()), EndpointConfig::new([7; 32]), now).unwrap()
 }
 
 fn connect(now: Instant, ep: &mut Endpoint, at: SocketAddr) -> (Session, Vec<EndpointEvent>) {
@@ -63,14 +54,7 @@ fn a_client_connects_through_the_cookie_exchange_and_talks() {
     assert_eq!(ep.established(at), Some(handle));
     client.send(now, b"hello").unwrap();
     let (events, _) = exchange(now, &mut ep, &mut client, at);
-    assert_eq!(
-        events,
-        vec![EndpointEvent::Data {
-            handle,
-            peer: at,
-            data: b"hello".to_vec()
-        }]
-    );
+    assert_eq!(events, vec![EndpointEvent::Data { handle, peer: at, data: b"hello".to_vec() }]);
     ep.send(now, handle, b"world").unwrap();
     let (_, client_events) = exchange(now, &mut ep, &mut client, at);
     assert_eq!(client_events, vec![Event::Data(b"world".to_vec())]);
@@ -96,14 +80,7 @@ fn a_rebooted_device_on_the_same_address_replaces_its_session() {
     while ep.poll_transmit().is_some() {}
     old_client.send(now, b"still here").unwrap();
     let (events, _) = exchange(now, &mut ep, &mut old_client, at);
-    assert_eq!(
-        events,
-        vec![EndpointEvent::Data {
-            handle: old,
-            peer: at,
-            data: b"still here".to_vec()
-        }]
-    );
+    assert_eq!(events, vec![EndpointEvent::Data { handle: old, peer: at, data: b"still here".to_vec() }]);
 
     // The device reboots: a new client from the same address and port.
     let (mut new_client, events) = connect(now, &mut ep, at);
@@ -127,14 +104,7 @@ fn a_rebooted_device_on_the_same_address_replaces_its_session() {
     assert_eq!(ep.stats().sessions_replaced, 1);
     new_client.send(now, b"after reboot").unwrap();
     let (events, _) = exchange(now, &mut ep, &mut new_client, at);
-    assert_eq!(
-        events,
-        vec![EndpointEvent::Data {
-            handle: new,
-            peer: at,
-            data: b"after reboot".to_vec()
-        }]
-    );
+    assert_eq!(events, vec![EndpointEvent::Data { handle: new, peer: at, data: b"after reboot".to_vec() }]);
 }
 
 #[test]
@@ -153,25 +123,14 @@ fn the_old_session_keeps_working_until_the_new_handshake_completes() {
     while ep.poll_transmit().is_some() {}
     old_client.send(now, b"old traffic").unwrap();
     let (events, _) = exchange(now, &mut ep, &mut old_client, at);
-    assert_eq!(
-        events,
-        vec![EndpointEvent::Data {
-            handle: old,
-            peer: at,
-            data: b"old traffic".to_vec()
-        }]
-    );
+    assert_eq!(events, vec![EndpointEvent::Data { handle: old, peer: at, data: b"old traffic".to_vec() }]);
     // The stalled handshake hits its deadline: the old session is untouched.
     ep.handle_timeout(now + Duration::from_secs(11));
     let events: Vec<_> = std::iter::from_fn(|| ep.poll_event()).collect();
     assert!(
         matches!(
             &events[..],
-            [EndpointEvent::Closed {
-                was_established: false,
-                reason: CloseReason::HandshakeTimeout,
-                ..
-            }]
+            [EndpointEvent::Closed { was_established: false, reason: CloseReason::HandshakeTimeout, .. }]
         ),
         "{events:?}"
     );
@@ -209,14 +168,7 @@ fn hostile_datagrams_never_close_a_legitimate_session() {
     client.send(now, b"record to replay").unwrap();
     let genuine = client.poll_transmit().unwrap().contents;
     ep.handle(now, at, &genuine);
-    assert_eq!(
-        ep.poll_event(),
-        Some(EndpointEvent::Data {
-            handle,
-            peer: at,
-            data: b"record to replay".to_vec()
-        })
-    );
+    assert_eq!(ep.poll_event(), Some(EndpointEvent::Data { handle, peer: at, data: b"record to replay".to_vec() }));
 
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
     let mut hostile: Vec<Vec<u8>> = Vec::new();
@@ -249,14 +201,7 @@ fn hostile_datagrams_never_close_a_legitimate_session() {
     assert!(ep.session(handle).unwrap().is_established());
     client.send(now, b"still fine").unwrap();
     let (events, _) = exchange(now, &mut ep, &mut client, at);
-    assert_eq!(
-        events,
-        vec![EndpointEvent::Data {
-            handle,
-            peer: at,
-            data: b"still fine".to_vec()
-        }]
-    );
+    assert_eq!(events, vec![EndpointEvent::Data { handle, peer: at, data: b"still fine".to_vec() }]);
     // The same garbage from unknown addresses creates nothing.
     for (i, datagram) in hostile.iter().enumerate() {
         ep.handle(now, addr(100 + i as u32), datagram);
@@ -299,9 +244,7 @@ fn hostile_datagrams_mid_handshake_do_not_break_it() {
 #[test]
 fn handshake_and_session_limits_hold() {
     let now = Instant::now();
-    let config = EndpointConfig::new([7; 32])
-        .max_handshakes(2)
-        .max_sessions(3);
+    let config = EndpointConfig::new([7; 32]).max_handshakes(2).max_sessions(3);
     let mut ep = Endpoint::new(psk_server(fast_session()), config, now).unwrap();
     // Three handshakes reach the cookie stage; the third is refused.
     let mut clients = Vec::new();
@@ -317,12 +260,7 @@ fn handshake_and_session_limits_hold() {
     assert_eq!(ep.handshakes_in_progress(), 2);
     assert_eq!(ep.stats().dropped(DropReason::HandshakeLimit), 1);
     // Fill up to the session limit; the fourth established session is refused.
-    let mut ep = Endpoint::new(
-        psk_server(fast_session()),
-        EndpointConfig::new([7; 32]).max_sessions(3),
-        now,
-    )
-    .unwrap();
+    let mut ep = Endpoint::new(psk_server(fast_session()), EndpointConfig::new([7; 32]).max_sessions(3), now).unwrap();
     for i in 0..3 {
         connect(now, &mut ep, addr(20 + i));
     }
@@ -347,37 +285,22 @@ fn resumption_through_the_endpoint() {
     let mut again = Session::client_resuming(&cctx, now, &saved).unwrap();
     let (events, _) = exchange(now, &mut ep, &mut again, addr(41));
     assert!(again.is_resumed());
-    assert!(events
-        .iter()
-        .any(|e| matches!(e, EndpointEvent::Connected { resumed: true, .. })));
+    assert!(events.iter().any(|e| matches!(e, EndpointEvent::Connected { resumed: true, .. })));
 }
 
 #[test]
 fn close_all_sends_close_notify_and_reports_each_session_once() {
     let now = Instant::now();
     let mut ep = endpoint(now);
-    let mut clients: Vec<_> = (0..3)
-        .map(|i| (addr(50 + i), connect(now, &mut ep, addr(50 + i)).0))
-        .collect();
+    let mut clients: Vec<_> = (0..3).map(|i| (addr(50 + i), connect(now, &mut ep, addr(50 + i)).0)).collect();
     ep.close_all(now);
     let closed: Vec<_> = std::iter::from_fn(|| ep.poll_event())
-        .filter(|e| {
-            matches!(
-                e,
-                EndpointEvent::Closed {
-                    reason: CloseReason::Local,
-                    ..
-                }
-            )
-        })
+        .filter(|e| matches!(e, EndpointEvent::Closed { reason: CloseReason::Local, .. }))
         .collect();
     assert_eq!(closed.len(), 3);
     assert_eq!(ep.session_count(), 0);
     while let Some(t) = ep.poll_transmit() {
-        let (_, client) = clients
-            .iter_mut()
-            .find(|(a, _)| *a == t.destination)
-            .unwrap();
+        let (_, client) = clients.iter_mut().find(|(a, _)| *a == t.destination).unwrap();
         client.handle_datagram(now, &t.contents);
     }
     for (_, client) in &clients {
@@ -416,11 +339,7 @@ fn handshake_with_stale_hello(pick_stale: usize) -> (Session, Endpoint, Vec<Endp
 #[test]
 fn a_reordered_first_client_hello_does_not_restart_the_handshake() {
     let (client, ep, events) = handshake_with_stale_hello(0);
-    assert!(
-        client.is_established(),
-        "{:?} {events:?}",
-        client.close_reason()
-    );
+    assert!(client.is_established(), "{:?} {events:?}", client.close_reason());
     assert_eq!(ep.stats().sessions_created, 1);
     assert_eq!(ep.stats().dropped(DropReason::StaleClientHello), 1);
 }

@@ -1,10 +1,7 @@
 //! 100,000 ClientHellos without cookies from distinct spoofed addresses: no session, no
 //! retained allocation, and a legitimate client completes its handshake meanwhile.
 
-#![allow(
-    clippy::disallowed_methods,
-    reason = "tests pick their starting instant and drive real sockets"
-)]
+#![allow(clippy::disallowed_methods, reason = "tests pick their starting instant and drive real sockets")]
 
 mod support;
 
@@ -43,18 +40,9 @@ const FLOOD: u32 = 100_000;
 #[test]
 fn a_cookieless_flood_creates_no_state_and_a_legitimate_client_gets_through() {
     let now = Instant::now();
-    let mut ep = Endpoint::new(
-        psk_server(fast_session()),
-        EndpointConfig::new([9; 32]),
-        now,
-    )
-    .unwrap();
+    let mut ep = Endpoint::new(psk_server(fast_session()), EndpointConfig::new([9; 32]), now).unwrap();
     // A genuine ClientHello to replay from spoofed sources.
-    let hello = Session::client(&psk_client(fast_session()), now)
-        .unwrap()
-        .poll_transmit()
-        .unwrap()
-        .contents;
+    let hello = Session::client(&psk_client(fast_session()), now).unwrap().poll_transmit().unwrap().contents;
     let legit_addr = addr(FLOOD + 1);
     let mut legit = Session::client(&psk_client(fast_session()), now).unwrap();
 
@@ -81,10 +69,7 @@ fn a_cookieless_flood_creates_no_state_and_a_legitimate_client_gets_through() {
             }
         }
     }
-    assert!(
-        legit.is_established(),
-        "the legitimate client completed its handshake during the flood"
-    );
+    assert!(legit.is_established(), "the legitimate client completed its handshake during the flood");
     let stats = ep.stats();
     assert_eq!(stats.sessions_created, 1, "only the legitimate client");
     assert_eq!(ep.session_count(), 1);
@@ -99,10 +84,7 @@ fn a_cookieless_flood_creates_no_state_and_a_legitimate_client_gets_through() {
     // session costs 33-45 KiB, 100,000 of anything would cost megabytes.
     let heap_retained = c_heap_in_use() - heap_before;
     println!("flood: malloc heap grew by {heap_retained} bytes");
-    assert!(
-        heap_retained < 256 * 1024,
-        "malloc heap grew by {heap_retained} bytes"
-    );
+    assert!(heap_retained < 256 * 1024, "malloc heap grew by {heap_retained} bytes");
 }
 
 /// Bytes in use on the malloc heap (glibc `mallinfo2`), Rust's and OpenSSL's alike.

@@ -1,10 +1,7 @@
 //! Interoperability with the real `openssl s_client` and `openssl s_server` processes over
 //! UDP on 127.0.0.1, for both PSK suites.
 
-#![allow(
-    clippy::disallowed_methods,
-    reason = "tests pick their starting instant and drive real sockets"
-)]
+#![allow(clippy::disallowed_methods, reason = "tests pick their starting instant and drive real sockets")]
 
 mod support;
 
@@ -16,9 +13,7 @@ use std::time::{Duration, Instant};
 
 use support::udp::{drive_session, local, serve_echo, KillOnDrop, Lines};
 use support::*;
-use tether_proto::dtls::{
-    CipherSuite, Endpoint, EndpointConfig, EndpointEvent, Event, PeerIdentity, Session,
-};
+use tether_proto::dtls::{CipherSuite, Endpoint, EndpointConfig, EndpointEvent, Event, PeerIdentity, Session};
 
 const SUITES: [CipherSuite; 2] = [CipherSuite::PskAes128Ccm8, CipherSuite::PskAes128GcmSha256];
 
@@ -27,41 +22,16 @@ fn openssl_s_client_connects_to_our_endpoint_and_gets_its_echo() {
     for suite in SUITES {
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
         let port = local(&socket).port();
-        let endpoint = Endpoint::new(
-            psk_server(fast_session()),
-            EndpointConfig::new([3; 32]),
-            Instant::now(),
-        )
-        .unwrap();
+        let endpoint = Endpoint::new(psk_server(fast_session()), EndpointConfig::new([3; 32]), Instant::now()).unwrap();
         let (events_tx, events) = mpsc::channel();
         let (stop, stop_rx) = mpsc::channel();
-        let server = std::thread::spawn(move || {
-            serve_echo(
-                socket,
-                endpoint,
-                Duration::from_secs(20),
-                events_tx,
-                stop_rx,
-            )
-        });
+        let server =
+            std::thread::spawn(move || serve_echo(socket, endpoint, Duration::from_secs(20), events_tx, stop_rx));
 
         let mut child = KillOnDrop(
             Command::new("openssl")
-                .args([
-                    "s_client",
-                    "-dtls1_2",
-                    "-quiet",
-                    "-psk_identity",
-                    IDENTITY,
-                    "-psk",
-                    KEY_HEX,
-                ])
-                .args([
-                    "-cipher",
-                    suite.openssl_name(),
-                    "-connect",
-                    &format!("127.0.0.1:{port}"),
-                ])
+                .args(["s_client", "-dtls1_2", "-quiet", "-psk_identity", IDENTITY, "-psk", KEY_HEX])
+                .args(["-cipher", suite.openssl_name(), "-connect", &format!("127.0.0.1:{port}")])
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
@@ -72,9 +42,7 @@ fn openssl_s_client_connects_to_our_endpoint_and_gets_its_echo() {
         let _stderr = Lines::new(child.0.stderr.take().unwrap());
 
         // Wait for the handshake on our side before typing.
-        let connected = events
-            .recv_timeout(Duration::from_secs(10))
-            .expect("s_client connects");
+        let connected = events.recv_timeout(Duration::from_secs(10)).expect("s_client connects");
         assert!(
             matches!(&connected, EndpointEvent::Connected { identity: Some(PeerIdentity::Psk(id)), .. } if id == IDENTITY.as_bytes()),
             "{suite:?}: {connected:?}"
@@ -95,15 +63,7 @@ fn our_client_connects_to_openssl_s_server() {
     for suite in SUITES {
         let mut child = KillOnDrop(
             Command::new("openssl")
-                .args([
-                    "s_server",
-                    "-dtls1_2",
-                    "-nocert",
-                    "-psk",
-                    KEY_HEX,
-                    "-accept",
-                    "127.0.0.1:0",
-                ])
+                .args(["s_server", "-dtls1_2", "-nocert", "-psk", KEY_HEX, "-accept", "127.0.0.1:0"])
                 .args(["-cipher", "PSK-AES128-CCM8:PSK-AES128-GCM-SHA256"])
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
@@ -113,31 +73,21 @@ fn our_client_connects_to_openssl_s_server() {
         );
         let stdout = Lines::new(child.0.stdout.take().unwrap());
         let _stderr = Lines::new(child.0.stderr.take().unwrap());
-        let accept = stdout
-            .wait(Duration::from_secs(10), |l| l.starts_with("ACCEPT"))
-            .expect("s_server starts");
+        let accept = stdout.wait(Duration::from_secs(10), |l| l.starts_with("ACCEPT")).expect("s_server starts");
         let addr = accept.trim_start_matches("ACCEPT").trim().to_string();
 
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
         socket.connect(&addr).unwrap();
         let mut session = Session::client(&psk_client(only(suite)), Instant::now()).unwrap();
-        let connected = drive_session(&socket, &mut session, Duration::from_secs(10), |_, e| {
-            matches!(e, Event::Connected { .. })
-        });
+        let connected =
+            drive_session(&socket, &mut session, Duration::from_secs(10), |_, e| matches!(e, Event::Connected { .. }));
         assert!(connected, "{suite:?}: {:?}", session.close_reason());
         assert_eq!(session.cipher_suite(), Some(suite));
 
         let line = format!("ping from tether over {}", suite.openssl_name());
-        session
-            .send(Instant::now(), format!("{line}\n").as_bytes())
-            .unwrap();
-        drive_session(&socket, &mut session, Duration::from_millis(50), |_, _| {
-            false
-        });
-        assert!(
-            stdout.wait(Duration::from_secs(10), |l| l == line).is_ok(),
-            "{suite:?}: s_server did not print it"
-        );
+        session.send(Instant::now(), format!("{line}\n").as_bytes()).unwrap();
+        drive_session(&socket, &mut session, Duration::from_millis(50), |_, _| false);
+        assert!(stdout.wait(Duration::from_secs(10), |l| l == line).is_ok(), "{suite:?}: s_server did not print it");
 
         writeln!(child.0.stdin.as_mut().unwrap(), "pong from s_server").unwrap();
         let mut got = Vec::new();
@@ -147,10 +97,6 @@ fn our_client_connects_to_openssl_s_server() {
             }
             got.ends_with(b"\n")
         });
-        assert_eq!(
-            String::from_utf8_lossy(&got),
-            "pong from s_server\n",
-            "{suite:?}"
-        );
+        assert_eq!(String::from_utf8_lossy(&got), "pong from s_server\n", "{suite:?}");
     }
 }

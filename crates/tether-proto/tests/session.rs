@@ -1,18 +1,13 @@
 //! Session-level behaviour: suites, authentication failures, MTU, close, resumption.
 
-#![allow(
-    clippy::disallowed_methods,
-    reason = "tests pick their starting instant and drive real sockets"
-)]
+#![allow(clippy::disallowed_methods, reason = "tests pick their starting instant and drive real sockets")]
 
 mod support;
 
 use std::time::{Duration, Instant};
 
 use support::*;
-use tether_proto::dtls::{
-    record, CipherSuite, ClientAuth, CloseReason, Event, PeerIdentity, SendError, Session,
-};
+use tether_proto::dtls::{record, CipherSuite, ClientAuth, CloseReason, Event, PeerIdentity, SendError, Session};
 
 fn handshake(now: Instant, client: &mut Session, server: &mut Session) -> (Vec<Event>, Vec<Event>) {
     pump(now, client, server)
@@ -29,10 +24,7 @@ fn psk_suites_handshake_and_carry_data_both_ways() {
         assert!(connected(&ce) && connected(&se), "{suite:?}: {ce:?} {se:?}");
         assert_eq!(client.cipher_suite(), Some(suite));
         assert_eq!(server.cipher_suite(), Some(suite));
-        assert_eq!(
-            server.peer_identity(),
-            Some(&PeerIdentity::Psk(IDENTITY.into()))
-        );
+        assert_eq!(server.peer_identity(), Some(&PeerIdentity::Psk(IDENTITY.into())));
         client.send(now, b"ping").unwrap();
         server.send(now, b"pong").unwrap();
         let (ce, se) = pump(now, &mut client, &mut server);
@@ -44,10 +36,7 @@ fn psk_suites_handshake_and_carry_data_both_ways() {
 #[test]
 fn ecdhe_ecdsa_suites_handshake_with_mutual_authentication() {
     let pki = pki();
-    for suite in [
-        CipherSuite::EcdheEcdsaAes128Ccm8,
-        CipherSuite::EcdheEcdsaAes128GcmSha256,
-    ] {
+    for suite in [CipherSuite::EcdheEcdsaAes128Ccm8, CipherSuite::EcdheEcdsaAes128GcmSha256] {
         let now = Instant::now();
         let auth = ClientAuth::Required(vec![pki.ca.certificate.clone()]);
         let sctx = x509_server(&pki, auth, only(suite));
@@ -57,9 +46,7 @@ fn ecdhe_ecdsa_suites_handshake_with_mutual_authentication() {
         let (ce, se) = handshake(now, &mut client, &mut server);
         assert!(connected(&ce) && connected(&se), "{suite:?}: {ce:?} {se:?}");
         assert_eq!(client.cipher_suite(), Some(suite));
-        let cn = |s: &str| PeerIdentity::Certificate {
-            common_name: s.into(),
-        };
+        let cn = |s: &str| PeerIdentity::Certificate { common_name: s.into() };
         assert_eq!(server.peer_identity(), Some(&cn("device-1")));
         assert_eq!(client.peer_identity(), Some(&cn("server.test")));
         client.send(now, b"ping").unwrap();
@@ -88,16 +75,8 @@ fn unknown_psk_identity_is_named_on_both_sides() {
     let mut client = Session::client(&cctx, now).unwrap();
     let mut server = Session::server(&sctx, now).unwrap();
     let (ce, se) = handshake(now, &mut client, &mut server);
-    assert_eq!(
-        closed_reason(&se),
-        Some(CloseReason::UnknownPskIdentity),
-        "{se:?}"
-    );
-    assert_eq!(
-        closed_reason(&ce),
-        Some(CloseReason::UnknownPskIdentity),
-        "{ce:?}"
-    );
+    assert_eq!(closed_reason(&se), Some(CloseReason::UnknownPskIdentity), "{se:?}");
+    assert_eq!(closed_reason(&ce), Some(CloseReason::UnknownPskIdentity), "{ce:?}");
 }
 
 #[test]
@@ -105,21 +84,14 @@ fn wrong_psk_key_is_named_on_both_sides() {
     let now = Instant::now();
     let sctx = psk_server(fast_session());
     let cctx = tether_proto::dtls::DtlsContext::client(
-        tether_proto::dtls::ClientConfig::psk(
-            IDENTITY,
-            tether_proto::dtls::PskKey::from_hex("0102030405").unwrap(),
-        )
-        .session(fast_session()),
+        tether_proto::dtls::ClientConfig::psk(IDENTITY, tether_proto::dtls::PskKey::from_hex("0102030405").unwrap())
+            .session(fast_session()),
     )
     .unwrap();
     let mut client = Session::client(&cctx, now).unwrap();
     let mut server = Session::server(&sctx, now).unwrap();
     let (ce, se) = handshake(now, &mut client, &mut server);
-    assert_eq!(
-        closed_reason(&se),
-        Some(CloseReason::KeyMismatch),
-        "server: {se:?}"
-    );
+    assert_eq!(closed_reason(&se), Some(CloseReason::KeyMismatch), "server: {se:?}");
     assert!(
         matches!(closed_reason(&ce), Some(CloseReason::AlertReceived(a)) if a.name() == "decrypt_error"),
         "client: {ce:?}"
@@ -132,12 +104,10 @@ fn untrusted_and_expired_server_certificates_are_named() {
     let now = Instant::now();
     // Untrusted: the client trusts another CA only.
     let validity = tether_proto::dtls::pki::Validity::days_around(unix_now(), 30);
-    let rogue =
-        tether_proto::dtls::pki::CertificateAuthority::generate("rogue ca", validity).unwrap();
+    let rogue = tether_proto::dtls::pki::CertificateAuthority::generate("rogue ca", validity).unwrap();
     let sctx = x509_server(&pki, ClientAuth::None, fast_session());
     let cctx = tether_proto::dtls::DtlsContext::client(
-        tether_proto::dtls::ClientConfig::x509(vec![rogue.certificate.clone()])
-            .session(fast_session()),
+        tether_proto::dtls::ClientConfig::x509(vec![rogue.certificate.clone()]).session(fast_session()),
     )
     .unwrap();
     let mut client = Session::client(&cctx, now).unwrap();
@@ -147,22 +117,16 @@ fn untrusted_and_expired_server_certificates_are_named() {
         matches!(closed_reason(&ce), Some(CloseReason::CertificateRejected(ref why)) if why.contains("local issuer")),
         "{ce:?}"
     );
-    assert!(
-        matches!(closed_reason(&se), Some(CloseReason::AlertReceived(a)) if a.name() == "unknown_ca"),
-        "{se:?}"
-    );
+    assert!(matches!(closed_reason(&se), Some(CloseReason::AlertReceived(a)) if a.name() == "unknown_ca"), "{se:?}");
 
     // Expired: issued by the trusted CA, but its validity ended yesterday.
     let mut pki = pki;
-    let expired = tether_proto::dtls::pki::Validity {
-        not_before: unix_now() - 10 * 86_400,
-        not_after: unix_now() - 86_400,
-    };
+    let expired =
+        tether_proto::dtls::pki::Validity { not_before: unix_now() - 10 * 86_400, not_after: unix_now() - 86_400 };
     let old = pki.ca.issue("server.test", expired).unwrap();
-    let sctx = tether_proto::dtls::DtlsContext::server(
-        tether_proto::dtls::ServerConfig::x509(old).session(fast_session()),
-    )
-    .unwrap();
+    let sctx =
+        tether_proto::dtls::DtlsContext::server(tether_proto::dtls::ServerConfig::x509(old).session(fast_session()))
+            .unwrap();
     let cctx = x509_client(&pki, false, fast_session());
     let mut client = Session::client(&cctx, now).unwrap();
     let mut server = Session::server(&sctx, now).unwrap();
@@ -181,24 +145,13 @@ fn untrusted_and_expired_server_certificates_are_named() {
 fn missing_client_certificate_under_mutual_authentication_is_named() {
     let pki = pki();
     let now = Instant::now();
-    let sctx = x509_server(
-        &pki,
-        ClientAuth::Required(vec![pki.ca.certificate.clone()]),
-        fast_session(),
-    );
+    let sctx = x509_server(&pki, ClientAuth::Required(vec![pki.ca.certificate.clone()]), fast_session());
     let cctx = x509_client(&pki, false, fast_session());
     let mut client = Session::client(&cctx, now).unwrap();
     let mut server = Session::server(&sctx, now).unwrap();
     let (ce, se) = handshake(now, &mut client, &mut server);
-    assert_eq!(
-        closed_reason(&se),
-        Some(CloseReason::NoPeerCertificate),
-        "{se:?}"
-    );
-    assert!(
-        matches!(closed_reason(&ce), Some(CloseReason::AlertReceived(_))),
-        "{ce:?}"
-    );
+    assert_eq!(closed_reason(&se), Some(CloseReason::NoPeerCertificate), "{se:?}");
+    assert!(matches!(closed_reason(&ce), Some(CloseReason::AlertReceived(_))), "{ce:?}");
 }
 
 #[test]
@@ -206,11 +159,7 @@ fn mtu_bounds_handshake_datagrams_and_payloads() {
     let pki = pki();
     let now = Instant::now();
     let session = fast_session().mtu(400);
-    let sctx = x509_server(
-        &pki,
-        ClientAuth::Required(vec![pki.ca.certificate.clone()]),
-        session.clone(),
-    );
+    let sctx = x509_server(&pki, ClientAuth::Required(vec![pki.ca.certificate.clone()]), session.clone());
     let cctx = x509_client(&pki, true, session);
     let mut client = Session::client(&cctx, now).unwrap();
     let mut server = Session::server(&sctx, now).unwrap();
@@ -226,20 +175,11 @@ fn mtu_bounds_handshake_datagrams_and_payloads() {
         }
     }
     assert!(client.is_established() && server.is_established());
-    assert!(
-        largest <= 400,
-        "a handshake datagram of {largest} bytes exceeds the 400-byte mtu"
-    );
+    assert!(largest <= 400, "a handshake datagram of {largest} bytes exceeds the 400-byte mtu");
     let max = client.max_payload();
     assert!(max > 300 && max < 400, "max_payload {max}");
-    assert_eq!(
-        client.send(now, &vec![0u8; max + 1]),
-        Err(SendError::TooLarge { len: max + 1, max })
-    );
-    assert!(
-        client.poll_transmit().is_none(),
-        "nothing is sent for a refused payload"
-    );
+    assert_eq!(client.send(now, &vec![0u8; max + 1]), Err(SendError::TooLarge { len: max + 1, max }));
+    assert!(client.poll_transmit().is_none(), "nothing is sent for a refused payload");
     client.send(now, &vec![7u8; max]).unwrap();
     let t = client.poll_transmit().unwrap();
     assert!(t.contents.len() <= 400);
@@ -257,10 +197,7 @@ fn close_notify_closes_the_peer_at_once() {
     let (ce, se) = pump(now, &mut client, &mut server);
     assert_eq!(closed_reason(&ce), Some(CloseReason::Local));
     assert_eq!(closed_reason(&se), Some(CloseReason::PeerClosed));
-    assert_eq!(
-        client.send(now, b"x"),
-        Err(SendError::Closed(CloseReason::Local))
-    );
+    assert_eq!(client.send(now, b"x"), Err(SendError::Closed(CloseReason::Local)));
     assert!(server.poll_timeout().is_none());
 }
 
@@ -310,12 +247,7 @@ fn the_handshake_deadline_follows_the_callers_clock() {
     assert!(at <= now + Duration::from_secs(5));
     client.handle_timeout(now + Duration::from_secs(5));
     assert_eq!(client.close_reason(), Some(&CloseReason::HandshakeTimeout));
-    assert_eq!(
-        client.poll_event(),
-        Some(Event::Closed {
-            reason: CloseReason::HandshakeTimeout
-        })
-    );
+    assert_eq!(client.poll_event(), Some(Event::Closed { reason: CloseReason::HandshakeTimeout }));
     assert!(client.poll_timeout().is_none());
 }
 
@@ -334,10 +266,7 @@ fn one_expired_timer_produces_exactly_one_retransmitted_flight() {
     while let Some(t) = server.poll_transmit() {
         flight.extend(record::handshake_messages(&t.contents));
     }
-    assert!(
-        flight.len() >= 4,
-        "ServerHello..ServerHelloDone: {flight:?}"
-    );
+    assert!(flight.len() >= 4, "ServerHello..ServerHelloDone: {flight:?}");
     // The flight is lost. Let OpenSSL's wall-clock timer run out.
     let wait = server.retransmit_timer_remaining().unwrap();
     std::thread::sleep(wait + Duration::from_millis(20));
@@ -349,10 +278,7 @@ fn one_expired_timer_produces_exactly_one_retransmitted_flight() {
     }
     assert_eq!(again, flight, "exactly the lost flight, once");
     server.handle_timeout(later);
-    assert!(
-        server.poll_transmit().is_none(),
-        "a repeated handle_timeout re-sends nothing"
-    );
+    assert!(server.poll_transmit().is_none(), "a repeated handle_timeout re-sends nothing");
     assert_eq!(server.stats().retransmissions, 1);
     let _ = client;
 }
@@ -362,8 +288,7 @@ fn extended_master_secret_is_used_when_offered_and_not_required() {
     let now = Instant::now();
     let sctx = psk_server(fast_session());
     for offer in [true, false] {
-        let mut config =
-            tether_proto::dtls::ClientConfig::psk(IDENTITY, psk()).session(fast_session());
+        let mut config = tether_proto::dtls::ClientConfig::psk(IDENTITY, psk()).session(fast_session());
         config.offer_extended_master_secret = offer;
         let cctx = tether_proto::dtls::DtlsContext::client(config).unwrap();
         let mut client = Session::client(&cctx, now).unwrap();
@@ -395,25 +320,17 @@ fn no_psk_identity_hint_is_sent_by_default() {
         }
     }
     assert!(client.is_established());
-    assert!(
-        server_types.contains(&Some(2)) && server_types.contains(&Some(14)),
-        "{server_types:?}"
-    );
-    assert!(
-        !server_types.contains(&Some(12)),
-        "a ServerKeyExchange carried an identity hint: {server_types:?}"
-    );
+    assert!(server_types.contains(&Some(2)) && server_types.contains(&Some(14)), "{server_types:?}");
+    assert!(!server_types.contains(&Some(12)), "a ServerKeyExchange carried an identity hint: {server_types:?}");
 }
 
 #[test]
 fn the_server_session_cache_is_bounded() {
     let now = Instant::now();
     let sctx = tether_proto::dtls::DtlsContext::server(
-        tether_proto::dtls::ServerConfig::psk(
-            tether_proto::dtls::StaticPskStore::new().with(IDENTITY, psk()),
-        )
-        .session(fast_session())
-        .session_cache_size(1),
+        tether_proto::dtls::ServerConfig::psk(tether_proto::dtls::StaticPskStore::new().with(IDENTITY, psk()))
+            .session(fast_session())
+            .session_cache_size(1),
     )
     .unwrap();
     let cctx = psk_client(fast_session());
@@ -433,10 +350,7 @@ fn the_server_session_cache_is_bounded() {
         client.is_resumed()
     };
     assert!(resumes(&saved[1]));
-    assert!(
-        !resumes(&saved[0]),
-        "an evicted cache entry falls back to a full handshake"
-    );
+    assert!(!resumes(&saved[0]), "an evicted cache entry falls back to a full handshake");
 }
 
 #[test]
@@ -444,11 +358,7 @@ fn dtls_1_0_is_refused() {
     // A DTLS 1.0 ClientHello: take ours and lower client_version to 0xfeff.
     let now = Instant::now();
     let cctx = psk_client(fast_session());
-    let mut hello = Session::client(&cctx, now)
-        .unwrap()
-        .poll_transmit()
-        .unwrap()
-        .contents;
+    let mut hello = Session::client(&cctx, now).unwrap().poll_transmit().unwrap().contents;
     hello[13 + 12] = 0xfe;
     hello[13 + 12 + 1] = 0xff;
     let mut server = Session::server(&psk_server(fast_session()), now).unwrap();
@@ -474,10 +384,7 @@ fn hostile_datagrams_against(suite: CipherSuite) {
     let (cctx, sctx) = if suite.is_psk() {
         (psk_client(only(suite)), psk_server(only(suite)))
     } else {
-        (
-            x509_client(&pki, false, only(suite)),
-            x509_server(&pki, ClientAuth::None, only(suite)),
-        )
+        (x509_client(&pki, false, only(suite)), x509_server(&pki, ClientAuth::None, only(suite)))
     };
     let mut client = Session::client(&cctx, now).unwrap();
     let mut server = Session::server(&sctx, now).unwrap();
@@ -521,16 +428,17 @@ fn hostile_datagrams_against(suite: CipherSuite) {
         client.handle_datagram(now, d);
         if !server.is_established() || !client.is_established() {
             let head: Vec<u8> = d.iter().take(16).copied().collect();
-            panic!("{suite:?}: datagram {i} (len {}, head {head:02x?}) closed: server {:?} client {:?}", d.len(), server.close_reason(), client.close_reason());
+            panic!(
+                "{suite:?}: datagram {i} (len {}, head {head:02x?}) closed: server {:?} client {:?}",
+                d.len(),
+                server.close_reason(),
+                client.close_reason()
+            );
         }
     }
     for session in [&mut client, &mut server] {
         assert!(session.is_established(), "{:?}", session.close_reason());
-        assert_eq!(
-            session.poll_event(),
-            None,
-            "hostile input surfaced an event"
-        );
+        assert_eq!(session.poll_event(), None, "hostile input surfaced an event");
     }
     server.send(now, b"still here").unwrap();
     let (ce, _) = pump(now, &mut client, &mut server);

@@ -85,15 +85,8 @@ pub struct ServerNode {
 
 impl ServerNode {
     /// An echo server for `context`.
-    pub fn new(
-        context: Arc<DtlsContext>,
-        config: EndpointConfig,
-        now: Instant,
-    ) -> Result<Self, ConfigError> {
-        Ok(Self {
-            endpoint: Endpoint::new(context, config, now)?,
-            events: Vec::new(),
-        })
+    pub fn new(context: Arc<DtlsContext>, config: EndpointConfig, now: Instant) -> Result<Self, ConfigError> {
+        Ok(Self { endpoint: Endpoint::new(context, config, now)?, events: Vec::new() })
     }
 
     fn after_input(&mut self, now: Instant) {
@@ -108,10 +101,7 @@ impl ServerNode {
 
 /// A client or a server.
 #[derive(Debug)]
-#[allow(
-    clippy::large_enum_variant,
-    reason = "nodes live in one Vec; boxing buys nothing"
-)]
+#[allow(clippy::large_enum_variant, reason = "nodes live in one Vec; boxing buys nothing")]
 pub enum DtlsNode {
     /// A client.
     Client(ClientNode),
@@ -169,10 +159,7 @@ impl Node for DtlsNode {
     fn poll_transmit(&mut self) -> Option<(SocketAddr, Vec<u8>)> {
         match self {
             Self::Client(c) => c.session.poll_transmit().map(|t| (c.server, t.contents)),
-            Self::Server(s) => s
-                .endpoint
-                .poll_transmit()
-                .map(|t| (t.destination, t.contents)),
+            Self::Server(s) => s.endpoint.poll_transmit().map(|t| (t.destination, t.contents)),
         }
     }
 

@@ -21,8 +21,5 @@ pub use network::{Clock, Network, NetworkStats, Node, NodeId};
 
 /// The seed from `TETHER_SIM_SEED` if set, else `default`.
 pub fn seed_from_env(default: u64) -> u64 {
-    std::env::var("TETHER_SIM_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
+    std::env::var("TETHER_SIM_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
 }

@@ -31,12 +31,7 @@ impl Loss {
         let leave_bad = 1.0 / mean_burst.max(1.0);
         // Stationary share of the bad state = enter / (enter + leave) = average.
         let enter_bad = average * leave_bad / (1.0 - average).max(f64::EPSILON);
-        Loss::Bursty {
-            enter_bad,
-            leave_bad,
-            loss_good: 0.0,
-            loss_bad: 1.0,
-        }
+        Loss::Bursty { enter_bad, leave_bad, loss_good: 0.0, loss_bad: 1.0 }
     }
 
     /// A short label for tables.
@@ -44,18 +39,9 @@ impl Loss {
         match self {
             Loss::None => "0%".into(),
             Loss::Random(p) => format!("{:.0}%", p * 100.0),
-            Loss::Bursty {
-                enter_bad,
-                leave_bad,
-                loss_bad,
-                ..
-            } => {
+            Loss::Bursty { enter_bad, leave_bad, loss_bad, .. } => {
                 let share = enter_bad / (enter_bad + leave_bad) * loss_bad;
-                format!(
-                    "bursty ~{:.0}% (bursts of ~{:.0})",
-                    share * 100.0,
-                    1.0 / leave_bad
-                )
+                format!("bursty ~{:.0}% (bursts of ~{:.0})", share * 100.0, 1.0 / leave_bad)
             }
         }
     }
@@ -133,10 +119,7 @@ pub(crate) struct Link {
 pub(crate) enum Fate {
     Lost,
     TooBig,
-    Delivered {
-        delays: Vec<Duration>,
-        reordered: bool,
-    },
+    Delivered { delays: Vec<Duration>, reordered: bool },
 }
 
 impl Link {
@@ -151,12 +134,7 @@ impl Link {
         let lost = match self.config.loss {
             Loss::None => false,
             Loss::Random(p) => rng.gen_bool(p.clamp(0.0, 1.0)),
-            Loss::Bursty {
-                enter_bad,
-                leave_bad,
-                loss_good,
-                loss_bad,
-            } => {
+            Loss::Bursty { enter_bad, leave_bad, loss_good, loss_bad } => {
                 let flip = if self.bad { leave_bad } else { enter_bad };
                 if rng.gen_bool(flip.clamp(0.0, 1.0)) {
                     self.bad = !self.bad;
@@ -167,11 +145,7 @@ impl Link {
         if lost {
             return Fate::Lost;
         }
-        let copies = if rng.gen_bool(self.config.duplicate.clamp(0.0, 1.0)) {
-            2
-        } else {
-            1
-        };
+        let copies = if rng.gen_bool(self.config.duplicate.clamp(0.0, 1.0)) { 2 } else { 1 };
         let mut reordered = false;
         let delays = (0..copies)
             .map(|_| {

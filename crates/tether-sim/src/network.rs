@@ -246,10 +246,7 @@ impl<N: Node> Network<N> {
                 continue;
             };
             let default = &self.default_link;
-            let link = self
-                .links
-                .entry((from, to))
-                .or_insert_with(|| Link::new(default.clone()));
+            let link = self.links.entry((from, to)).or_insert_with(|| Link::new(default.clone()));
             match link.fate(datagram.len(), &mut self.rng) {
                 Fate::Lost => self.stats.lost += 1,
                 Fate::TooBig => self.stats.too_big += 1,
@@ -260,14 +257,7 @@ impl<N: Node> Network<N> {
                         let seq = self.next_seq;
                         self.next_seq += 1;
                         self.queue.push(Reverse((self.now + delay, seq)));
-                        self.in_flight.insert(
-                            seq,
-                            InFlight {
-                                to: to_id,
-                                from,
-                                datagram: datagram.clone(),
-                            },
-                        );
+                        self.in_flight.insert(seq, InFlight { to: to_id, from, datagram: datagram.clone() });
                     }
                 }
             }

@@ -6,8 +6,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tether_proto::dtls::pki::{CertificateAuthority, Validity};
 use tether_proto::dtls::{
-    CipherSuite, ClientAuth, ClientConfig, CloseReason, DtlsContext, EndpointConfig, PskKey,
-    ServerConfig, SessionConfig, StaticPskStore,
+    CipherSuite, ClientAuth, ClientConfig, CloseReason, DtlsContext, EndpointConfig, PskKey, ServerConfig,
+    SessionConfig, StaticPskStore,
 };
 use tether_sim::dtls::{ClientNode, DtlsNode, ServerNode};
 use tether_sim::{seed_from_env, Clock, LinkConfig, Loss, Network, NodeId};
@@ -19,10 +19,7 @@ fn server_addr() -> SocketAddr {
 }
 
 fn client_addr(i: usize) -> SocketAddr {
-    SocketAddr::from((
-        [127, 0, (i / 250) as u8 + 1, (i % 250) as u8 + 1],
-        40_000 + (i % 1000) as u16,
-    ))
+    SocketAddr::from(([127, 0, (i / 250) as u8 + 1, (i % 250) as u8 + 1], 40_000 + (i % 1000) as u16))
 }
 
 fn psk() -> PskKey {
@@ -30,9 +27,7 @@ fn psk() -> PskKey {
 }
 
 fn session(initial_rto: Duration) -> SessionConfig {
-    SessionConfig::default()
-        .retransmit(initial_rto, initial_rto * 8)
-        .handshake_timeout(Duration::from_secs(10))
+    SessionConfig::default().retransmit(initial_rto, initial_rto * 8).handshake_timeout(Duration::from_secs(10))
 }
 
 struct Contexts {
@@ -46,14 +41,10 @@ fn contexts(suite: CipherSuite, session: SessionConfig) -> Contexts {
         let store = StaticPskStore::new().with("identity", psk());
         return Contexts {
             server: DtlsContext::server(ServerConfig::psk(store).session(session.clone())).unwrap(),
-            client: DtlsContext::client(ClientConfig::psk("identity", psk()).session(session))
-                .unwrap(),
+            client: DtlsContext::client(ClientConfig::psk("identity", psk()).session(session)).unwrap(),
         };
     }
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
     let validity = Validity::days_around(now, 30);
     let mut ca = CertificateAuthority::generate("sim ca", validity).unwrap();
     let server_cert = ca.issue("server.test", validity).unwrap();
@@ -65,10 +56,7 @@ fn contexts(suite: CipherSuite, session: SessionConfig) -> Contexts {
         .certificate(client_cert)
         .server_name("server.test")
         .session(session);
-    Contexts {
-        server: DtlsContext::server(server).unwrap(),
-        client: DtlsContext::client(client).unwrap(),
-    }
+    Contexts { server: DtlsContext::server(server).unwrap(), client: DtlsContext::client(client).unwrap() }
 }
 
 #[test]
@@ -76,20 +64,15 @@ fn every_suite_handshakes_and_echoes_over_the_simulator() {
     for suite in CipherSuite::ALL {
         let seed = seed_from_env(1);
         let ctx = contexts(suite, session(Duration::from_millis(50)));
-        let mut net: Network<DtlsNode> =
-            Network::new(seed, Clock::FollowWallClock, LinkConfig::default());
+        let mut net: Network<DtlsNode> = Network::new(seed, Clock::FollowWallClock, LinkConfig::default());
         let now = net.now();
         let server = ServerNode::new(ctx.server, EndpointConfig::new([1; 32]), now).unwrap();
         net.add(server_addr(), DtlsNode::Server(server));
         let payload = format!("hello over {suite:?}").into_bytes();
-        let client =
-            ClientNode::new(&ctx.client, server_addr(), now, Some(payload.clone())).unwrap();
+        let client = ClientNode::new(&ctx.client, server_addr(), now, Some(payload.clone())).unwrap();
         let id = net.add(client_addr(0), DtlsNode::Client(client));
-        let done = net.run_until(Duration::from_secs(5), |net| {
-            net.node(id)
-                .client()
-                .is_some_and(|c| !c.received.is_empty())
-        });
+        let done =
+            net.run_until(Duration::from_secs(5), |net| net.node(id).client().is_some_and(|c| !c.received.is_empty()));
         let client = net.node(id).client().unwrap();
         assert!(done, "{suite:?}: {:?}", client.closed);
         assert_eq!(client.received, vec![payload], "{suite:?}");
@@ -115,27 +98,15 @@ fn percentile(sorted: &[Duration], p: f64) -> Option<Duration> {
 fn two_hundred_handshakes_per_loss_level_complete_or_time_out() {
     const PER_PROFILE: usize = 200;
     let seed = seed_from_env(2026);
-    let profiles: Vec<Profile> = [
-        Loss::None,
-        Loss::Random(0.05),
-        Loss::Random(0.20),
-        Loss::Random(0.50),
-        Loss::bursty(0.20, 4.0),
-    ]
-    .into_iter()
-    .map(|loss| Profile {
-        label: loss.label(),
-        link: LinkConfig::default().loss(loss),
-    })
-    .collect();
+    let profiles: Vec<Profile> =
+        [Loss::None, Loss::Random(0.05), Loss::Random(0.20), Loss::Random(0.50), Loss::bursty(0.20, 4.0)]
+            .into_iter()
+            .map(|loss| Profile { label: loss.label(), link: LinkConfig::default().loss(loss) })
+            .collect();
 
-    let ctx = contexts(
-        CipherSuite::PskAes128Ccm8,
-        session(Duration::from_millis(30)),
-    );
+    let ctx = contexts(CipherSuite::PskAes128Ccm8, session(Duration::from_millis(30)));
     let deadline = ctx.client.session_config().handshake_timeout;
-    let mut net: Network<DtlsNode> =
-        Network::new(seed, Clock::FollowWallClock, LinkConfig::default());
+    let mut net: Network<DtlsNode> = Network::new(seed, Clock::FollowWallClock, LinkConfig::default());
     let start = net.now();
     let server = ServerNode::new(ctx.server, EndpointConfig::new([2; 32]), start).unwrap();
     let server_id = net.add(server_addr(), DtlsNode::Server(server));
@@ -152,13 +123,9 @@ fn two_hundred_handshakes_per_loss_level_complete_or_time_out() {
     }
     let all: Vec<NodeId> = clients.iter().flatten().copied().collect();
     let settled = net.run_until(deadline + Duration::from_secs(1), |net| {
-        all.iter()
-            .all(|id| net.node(*id).client().is_some_and(ClientNode::is_settled))
+        all.iter().all(|id| net.node(*id).client().is_some_and(ClientNode::is_settled))
     });
-    assert!(
-        settled,
-        "a handshake neither completed nor failed by its deadline (a hang)"
-    );
+    assert!(settled, "a handshake neither completed nor failed by its deadline (a hang)");
 
     let mut table = format!(
         "DTLS PSK-AES128-CCM8 handshakes over tether-sim (seed {seed}, {PER_PROFILE} concurrent per level, \
@@ -176,10 +143,7 @@ fn two_hundred_handshakes_per_loss_level_complete_or_time_out() {
                 (None, Some(reason)) => {
                     failed += 1;
                     assert!(
-                        matches!(
-                            reason,
-                            CloseReason::HandshakeTimeout | CloseReason::RetransmissionLimit
-                        ),
+                        matches!(reason, CloseReason::HandshakeTimeout | CloseReason::RetransmissionLimit),
                         "{}: failed for a reason other than a timeout: {reason}",
                         profile.label
                     );
@@ -191,11 +155,7 @@ fn two_hundred_handshakes_per_loss_level_complete_or_time_out() {
             }
         }
         times.sort();
-        let fmt = |d: Option<Duration>| {
-            d.map_or("-".to_string(), |d| {
-                format!("{:.0} ms", d.as_secs_f64() * 1e3)
-            })
-        };
+        let fmt = |d: Option<Duration>| d.map_or("-".to_string(), |d| format!("{:.0} ms", d.as_secs_f64() * 1e3));
         table += &format!(
             "{:<26} {:>6} {:>9.1}% {:>8} {:>12} {:>12}\n",
             profile.label,
@@ -215,12 +175,7 @@ fn two_hundred_handshakes_per_loss_level_complete_or_time_out() {
     // The server sheds the half-open handshakes of clients that gave up, by its own deadline.
     net.run_for(deadline + Duration::from_secs(1));
     let endpoint = &net.node(server_id).server().unwrap().endpoint;
-    assert_eq!(
-        endpoint.handshakes_in_progress(),
-        0,
-        "{:?}",
-        endpoint.stats()
-    );
+    assert_eq!(endpoint.handshakes_in_progress(), 0, "{:?}", endpoint.stats());
 }
 
 #[test]
@@ -247,12 +202,8 @@ fn certificate_handshakes_survive_duplication_reordering_and_a_small_mtu() {
             net.add(client_addr(i), DtlsNode::Client(client))
         })
         .collect();
-    let settled = |net: &Network<DtlsNode>, id: &NodeId| {
-        net.node(*id).client().is_some_and(ClientNode::is_settled)
-    };
-    assert!(net.run_until(Duration::from_secs(11), |net| ids
-        .iter()
-        .all(|id| settled(net, id))));
+    let settled = |net: &Network<DtlsNode>, id: &NodeId| net.node(*id).client().is_some_and(ClientNode::is_settled);
+    assert!(net.run_until(Duration::from_secs(11), |net| ids.iter().all(|id| settled(net, id))));
     // Echoes ride on application data, which DTLS does not retransmit; let the last ones in.
     net.run_for(Duration::from_millis(300));
     let stats = net.stats();
@@ -261,11 +212,7 @@ fn certificate_handshakes_survive_duplication_reordering_and_a_small_mtu() {
     let mut completed = 0;
     let server_events = &net.nodes().find_map(|(_, n)| n.server()).unwrap().events;
     for e in server_events {
-        if let tether_proto::dtls::EndpointEvent::Closed {
-            was_established: false,
-            ..
-        } = e
-        {
+        if let tether_proto::dtls::EndpointEvent::Closed { was_established: false, .. } = e {
             eprintln!("server: {e:?}");
         }
     }
@@ -278,19 +225,13 @@ fn certificate_handshakes_survive_duplication_reordering_and_a_small_mtu() {
             }
         } else {
             assert!(
-                matches!(
-                    c.closed,
-                    Some(CloseReason::HandshakeTimeout | CloseReason::RetransmissionLimit)
-                ),
+                matches!(c.closed, Some(CloseReason::HandshakeTimeout | CloseReason::RetransmissionLimit)),
                 "client {i}: {:?}",
                 c.closed
             );
         }
     }
-    assert!(
-        completed >= CLIENTS * 9 / 10,
-        "only {completed}/{CLIENTS} completed at 5% loss: {stats:?}"
-    );
+    assert!(completed >= CLIENTS * 9 / 10, "only {completed}/{CLIENTS} completed at 5% loss: {stats:?}");
 }
 
 /// Writes a report under target/reports/, which `.ci/run` prints after the tests.

@@ -13,16 +13,11 @@ struct Probe {
 
 impl Probe {
     fn sink() -> Self {
-        Self {
-            arrivals: Vec::new(),
-        }
+        Self { arrivals: Vec::new() }
     }
 
     fn numbers(&self) -> Vec<u32> {
-        self.arrivals
-            .iter()
-            .map(|(_, _, d)| u32::from_be_bytes(d[..4].try_into().unwrap()))
-            .collect()
+        self.arrivals.iter().map(|(_, _, d)| u32::from_be_bytes(d[..4].try_into().unwrap())).collect()
     }
 }
 
@@ -173,30 +168,19 @@ fn random_loss_matches_its_rate() {
 
 #[test]
 fn bursty_loss_matches_its_average_and_comes_in_bursts() {
-    let (net, sink) = burst_run(
-        3,
-        LinkConfig::default().loss(Loss::bursty(0.2, 4.0)),
-        20_000,
-        10,
-    );
+    let (net, sink) = burst_run(3, LinkConfig::default().loss(Loss::bursty(0.2, 4.0)), 20_000, 10);
     let got = probe(&net, sink).numbers();
     let loss = 1.0 - got.len() as f64 / 20_000.0;
     assert!((loss - 0.2).abs() < 0.04, "loss {loss}");
     // Mean length of runs of consecutive losses.
-    let gaps: Vec<u32> = got
-        .windows(2)
-        .map(|w| w[1] - w[0] - 1)
-        .filter(|g| *g > 0)
-        .collect();
+    let gaps: Vec<u32> = got.windows(2).map(|w| w[1] - w[0] - 1).filter(|g| *g > 0).collect();
     let mean_burst = gaps.iter().sum::<u32>() as f64 / gaps.len() as f64;
     assert!((3.0..5.5).contains(&mean_burst), "mean burst {mean_burst}");
 }
 
 #[test]
 fn duplication_and_reordering_happen_at_their_rates() {
-    let link = LinkConfig::default()
-        .chaos(0.1, 0.2)
-        .latency(Duration::from_millis(10), Duration::ZERO);
+    let link = LinkConfig::default().chaos(0.1, 0.2).latency(Duration::from_millis(10), Duration::ZERO);
     // Spread the sends so that a held-back datagram can be overtaken.
     let (a, b): (SocketAddr, SocketAddr) = (A.parse().unwrap(), B.parse().unwrap());
     let mut net: Network<Either> = Network::new(4, Clock::Virtual, LinkConfig::default());
@@ -220,10 +204,7 @@ fn duplication_and_reordering_happen_at_their_rates() {
     assert!((dup - 0.1).abs() < 0.03, "duplicated {dup}");
     assert!(reordered > 0.1, "reordered {reordered}");
     let numbers = probe(&net, sink).numbers();
-    assert!(
-        numbers.windows(2).any(|w| w[1] < w[0]),
-        "something arrived out of order"
-    );
+    assert!(numbers.windows(2).any(|w| w[1] < w[0]), "something arrived out of order");
     assert_eq!(numbers.len() as u64, stats.delivered);
 }
 
@@ -247,11 +228,7 @@ fn the_same_seed_replays_the_same_run() {
     let order = |seed| {
         let (net, sink) = burst_run(seed, link(), 500, 10);
         let start = net.now() - net.elapsed();
-        probe(&net, sink)
-            .arrivals
-            .iter()
-            .map(|(t, _, d)| (*t - start, d.clone()))
-            .collect::<Vec<_>>()
+        probe(&net, sink).arrivals.iter().map(|(t, _, d)| (*t - start, d.clone())).collect::<Vec<_>>()
     };
     assert_eq!(order(42), order(42));
     assert_ne!(order(42), order(43));

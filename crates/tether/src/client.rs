@@ -68,9 +68,7 @@ pub enum ConnectError {
 impl ConnectError {
     fn from_close(peer: SocketAddr, reason: CloseReason) -> Self {
         match reason {
-            CloseReason::HandshakeTimeout | CloseReason::RetransmissionLimit => {
-                Self::Timeout { peer }
-            }
+            CloseReason::HandshakeTimeout | CloseReason::RetransmissionLimit => Self::Timeout { peer },
             CloseReason::UnknownPskIdentity
             | CloseReason::KeyMismatch
             | CloseReason::CertificateRejected(_)
@@ -128,10 +126,7 @@ pub struct DtlsClient {
 
 impl DtlsClient {
     /// Connects to `peer` from a fresh UDP socket.
-    pub async fn connect(
-        peer: SocketAddr,
-        context: &Arc<DtlsContext>,
-    ) -> Result<Self, ConnectError> {
+    pub async fn connect(peer: SocketAddr, context: &Arc<DtlsContext>) -> Result<Self, ConnectError> {
         Self::connect_resuming(peer, context, None).await
     }
 
@@ -147,13 +142,8 @@ impl DtlsClient {
             IpAddr::V6(ip) if ip.is_loopback() => SocketAddr::from((Ipv6Addr::LOCALHOST, 0)),
             IpAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
         };
-        let socket = Socket::bind_udp(local, None)
-            .await
-            .map_err(|e| ConnectError::Io(Arc::new(e)))?;
-        socket
-            .connect(peer)
-            .await
-            .map_err(|e| ConnectError::Io(Arc::new(e)))?;
+        let socket = Socket::bind_udp(local, None).await.map_err(|e| ConnectError::Io(Arc::new(e)))?;
+        socket.connect(peer).await.map_err(|e| ConnectError::Io(Arc::new(e)))?;
         Self::connect_on(socket, peer, context, saved).await
     }
 
@@ -186,17 +176,8 @@ impl DtlsClient {
             counters: Arc::clone(&counters),
         };
         tokio::spawn(driver.run(command_rx));
-        let connected = connected_rx
-            .await
-            .unwrap_or(Err(ConnectError::Cancelled { peer }))?;
-        Ok(Self {
-            peer,
-            commands,
-            data: tokio::sync::Mutex::new(data),
-            closed,
-            connected,
-            counters,
-        })
+        let connected = connected_rx.await.unwrap_or(Err(ConnectError::Cancelled { peer }))?;
+        Ok(Self { peer, commands, data: tokio::sync::Mutex::new(data), closed, connected, counters })
     }
 
     /// The server's address.
@@ -226,20 +207,10 @@ impl DtlsClient {
         }
         let max = self.connected.max_payload;
         if data.len() > max {
-            return Err(SendError::TooLarge {
-                len: data.len(),
-                max,
-            });
+            return Err(SendError::TooLarge { len: data.len(), max });
         }
-        if self
-            .commands
-            .send(Command::Send(data.to_vec()))
-            .await
-            .is_err()
-        {
-            return Err(SendError::Closed(
-                self.close_reason().unwrap_or(CloseReason::Local),
-            ));
+        if self.commands.send(Command::Send(data.to_vec())).await.is_err() {
+            return Err(SendError::Closed(self.close_reason().unwrap_or(CloseReason::Local)));
         }
         Ok(())
     }
@@ -370,9 +341,7 @@ impl Driver {
                     }
                 }
                 Event::Data(data) => {
-                    self.counters
-                        .bytes_in
-                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    self.counters.bytes_in.fetch_add(data.len() as u64, Ordering::Relaxed);
                     if self.data.try_send(data).is_err() {
                         self.counters.dropped.fetch_add(1, Ordering::Relaxed);
                     }

@@ -28,16 +28,16 @@ mod pool;
 mod resilient;
 mod server;
 mod socket;
+pub mod store;
 
 pub use client::{handshake_timeout, ClientCounters, ConnectError, Connected, DtlsClient};
 pub use pool::{send_request, Dialer, PooledSession, RequestError, SessionPool};
 pub use resilient::{
-    retry, ClientEvent, Connection, DisconnectReason, DtlsTransport, ResilientClient,
-    ResilientConfig, ResilientError, RetryError, TcpConnection, TcpTransport, Transport,
-    TransportError,
+    retry, ClientEvent, Connection, DisconnectReason, DtlsTransport, ResilientClient, ResilientConfig, ResilientError,
+    RetryError, TcpConnection, TcpTransport, Transport, TransportError,
 };
 pub use server::{
-    identity_name, os_seed, Accepted, DepartReason, Departed, DtlsServer, DtlsServerConfig,
-    ServerError, ServerSendError, ServerStats,
+    identity_name, os_seed, Accepted, DepartReason, Departed, DtlsServer, DtlsServerConfig, ServerError,
+    ServerSendError, ServerStats,
 };
 pub use socket::{MemoryNetwork, MemorySocket, Socket, SERVER_RECV_BUFFER};

@@ -18,6 +18,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use crate::client::sleep_until;
 use crate::clock;
 use crate::server::{identity_name, DtlsServer, ServerSendError};
+use crate::store::RegistrationStore;
 
 /// Settings of an [`Lwm2mServer`].
 #[derive(Debug, Clone)]
@@ -30,10 +31,7 @@ pub struct Lwm2mServerConfig {
 
 impl Default for Lwm2mServerConfig {
     fn default() -> Self {
-        Self {
-            coap: CoapConfig::default(),
-            seed: rand::random(),
-        }
+        Self { coap: CoapConfig::default(), seed: rand::random() }
     }
 }
 
@@ -73,11 +71,7 @@ pub enum Lwm2mError {
 }
 
 enum Command {
-    Request {
-        endpoint: String,
-        request: Packet,
-        reply: oneshot::Sender<Result<DeviceResponse, Lwm2mError>>,
-    },
+    Request { endpoint: String, request: Packet, reply: oneshot::Sender<Result<DeviceResponse, Lwm2mError>> },
     Registrations(oneshot::Sender<Vec<Registration>>),
     Restore(Vec<Registration>),
 }
@@ -93,17 +87,28 @@ pub struct Lwm2mServer {
 impl Lwm2mServer {
     /// Starts serving the registration interface on `dtls`, authorizing endpoint names with
     /// `authorizer`. The server's `accept`, `recv` and `departed` queues belong to it from now.
+    /// With a `store`, registrations are loaded from it now and written to it before they
+    /// are acknowledged.
     pub fn start(
         dtls: Arc<DtlsServer>,
         authorizer: Arc<dyn EndpointAuthorizer>,
+        store: Option<Arc<RegistrationStore>>,
         config: Lwm2mServerConfig,
-    ) -> Self {
+    ) -> Result<Self, crate::store::StoreError> {
         let (commands, command_rx) = mpsc::channel(1024);
         let (events, _) = broadcast::channel(4096);
+        let mut registry = Registry::new(config.seed);
+        if let Some(store) = &store {
+            for registration in store.load(clock::now())? {
+                registry.restore(registration);
+            }
+        }
         let actor = Actor {
             dtls: Arc::clone(&dtls),
             authorizer,
-            registry: Registry::new(config.seed),
+            store,
+            unapplied: Vec::new(),
+            registry,
             config: config.coap,
             seed: config.seed,
             sessions: HashMap::new(),
@@ -111,11 +116,7 @@ impl Lwm2mServer {
             events: events.clone(),
         };
         tokio::spawn(actor.run(command_rx));
-        Self {
-            commands,
-            events,
-            dtls,
-        }
+        Ok(Self { commands, events, dtls })
     }
 
     /// The DTLS server underneath (pool statistics, shutdown).
@@ -131,12 +132,7 @@ impl Lwm2mServer {
     /// Every registration.
     pub async fn registrations(&self) -> Vec<Registration> {
         let (tx, rx) = oneshot::channel();
-        if self
-            .commands
-            .send(Command::Registrations(tx))
-            .await
-            .is_err()
-        {
+        if self.commands.send(Command::Registrations(tx)).await.is_err() {
             return Vec::new();
         }
         rx.await.unwrap_or_default()
@@ -149,8 +145,7 @@ impl Lwm2mServer {
 
     /// Read (`GET`) `path` (`/3/0/0`) on `endpoint`.
     pub async fn read(&self, endpoint: &str, path: &str) -> Result<DeviceResponse, Lwm2mError> {
-        self.request(endpoint, build(RequestType::Get, path, None, Vec::new()))
-            .await
+        self.request(endpoint, build(RequestType::Get, path, None, Vec::new())).await
     }
 
     /// Write (`PUT`) `payload` in `content_format` to `path`.
@@ -161,60 +156,26 @@ impl Lwm2mServer {
         content_format: u16,
         payload: Vec<u8>,
     ) -> Result<DeviceResponse, Lwm2mError> {
-        self.request(
-            endpoint,
-            build(RequestType::Put, path, Some(content_format), payload),
-        )
-        .await
+        self.request(endpoint, build(RequestType::Put, path, Some(content_format), payload)).await
     }
 
     /// Execute (`POST`) `path` with optional arguments.
-    pub async fn execute(
-        &self,
-        endpoint: &str,
-        path: &str,
-        arguments: &str,
-    ) -> Result<DeviceResponse, Lwm2mError> {
+    pub async fn execute(&self, endpoint: &str, path: &str, arguments: &str) -> Result<DeviceResponse, Lwm2mError> {
         let content_format = (!arguments.is_empty()).then_some(0);
-        self.request(
-            endpoint,
-            build(
-                RequestType::Post,
-                path,
-                content_format,
-                arguments.as_bytes().to_vec(),
-            ),
-        )
-        .await
+        self.request(endpoint, build(RequestType::Post, path, content_format, arguments.as_bytes().to_vec())).await
     }
 
     /// Any request to `endpoint` over its session.
-    pub async fn request(
-        &self,
-        endpoint: &str,
-        request: Packet,
-    ) -> Result<DeviceResponse, Lwm2mError> {
+    pub async fn request(&self, endpoint: &str, request: Packet) -> Result<DeviceResponse, Lwm2mError> {
         let (reply, answer) = oneshot::channel();
-        let command = Command::Request {
-            endpoint: endpoint.to_string(),
-            request,
-            reply,
-        };
-        self.commands
-            .send(command)
-            .await
-            .map_err(|_| Lwm2mError::ShutDown)?;
+        let command = Command::Request { endpoint: endpoint.to_string(), request, reply };
+        self.commands.send(command).await.map_err(|_| Lwm2mError::ShutDown)?;
         answer.await.unwrap_or(Err(Lwm2mError::ShutDown))
     }
 }
 
 /// A request with `path`'s segments as Uri-Path options.
-pub fn build(
-    method: RequestType,
-    path: &str,
-    content_format: Option<u16>,
-    payload: Vec<u8>,
-) -> Packet {
+pub fn build(method: RequestType, path: &str, content_format: Option<u16>, payload: Vec<u8>) -> Packet {
     let mut packet = Packet::new();
     packet.header.code = MessageClass::Request(method);
     for segment in path.split('/').filter(|s| !s.is_empty()) {
@@ -250,6 +211,9 @@ type Reply = oneshot::Sender<Result<DeviceResponse, Lwm2mError>>;
 struct Actor {
     dtls: Arc<DtlsServer>,
     authorizer: Arc<dyn EndpointAuthorizer>,
+    store: Option<Arc<RegistrationStore>>,
+    /// Registry events written to the store but not yet acted on.
+    unapplied: Vec<RegistryEvent>,
     registry: Registry,
     config: CoapConfig,
     seed: u64,
@@ -309,15 +273,8 @@ impl Actor {
     }
 
     fn next_deadline(&self) -> Option<std::time::Instant> {
-        let layers = self
-            .sessions
-            .values()
-            .filter_map(|s| s.layer.poll_timeout())
-            .min();
-        [self.registry.poll_timeout(), layers]
-            .into_iter()
-            .flatten()
-            .min()
+        let layers = self.sessions.values().filter_map(|s| s.layer.poll_timeout()).min();
+        [self.registry.poll_timeout(), layers].into_iter().flatten().min()
     }
 
     async fn command(&mut self, command: Command) {
@@ -330,11 +287,7 @@ impl Actor {
                     self.registry.restore(registration);
                 }
             }
-            Command::Request {
-                endpoint,
-                request,
-                reply,
-            } => {
+            Command::Request { endpoint, request, reply } => {
                 let Some(peer) = self.registry.get(&endpoint).map(|r| r.peer) else {
                     let _ = reply.send(Err(Lwm2mError::NotRegistered(endpoint)));
                     return;
@@ -404,34 +357,56 @@ impl Actor {
         }
     }
 
-    async fn apply_registry_events(&mut self) {
+    /// Writes the registry's new events to the store. False if a write failed: the
+    /// registrations it concerned are discarded and must not be acknowledged.
+    async fn persist(&mut self) -> bool {
+        let mut durable = true;
         while let Some(event) = self.registry.poll_event() {
+            let Some(store) = self.store.clone() else {
+                self.unapplied.push(event);
+                continue;
+            };
+            let now = clock::now();
+            let write = event.clone();
+            let written = tokio::task::spawn_blocking(move || match &write {
+                RegistryEvent::Registered { registration, .. } | RegistryEvent::Updated { registration, .. } => {
+                    store.save(registration, now)
+                }
+                RegistryEvent::Deregistered { registration } | RegistryEvent::Expired { registration } => {
+                    store.remove(&registration.endpoint, &registration.id)
+                }
+                _ => Ok(()),
+            })
+            .await;
+            match written {
+                Ok(Ok(())) => self.unapplied.push(event),
+                failed => {
+                    tracing::error!(?failed, "registration store write failed; withholding acknowledgement");
+                    durable = false;
+                    if let RegistryEvent::Registered { registration, .. } = &event {
+                        self.registry.discard(&registration.endpoint, &registration.id);
+                    }
+                }
+            }
+        }
+        durable
+    }
+
+    async fn apply_registry_events(&mut self) {
+        self.persist().await;
+        for event in std::mem::take(&mut self.unapplied) {
             match &event {
-                RegistryEvent::Registered {
-                    registration,
-                    replaced,
-                } => {
-                    self.dtls
-                        .set_identity(registration.peer, registration.endpoint.clone())
-                        .await;
-                    if let Some(old) = replaced
-                        .as_ref()
-                        .filter(|old| old.peer != registration.peer)
-                    {
+                RegistryEvent::Registered { registration, replaced } => {
+                    self.dtls.set_identity(registration.peer, registration.endpoint.clone()).await;
+                    if let Some(old) = replaced.as_ref().filter(|old| old.peer != registration.peer) {
                         // Re-registered from a new address: the old session is dead weight.
                         self.dtls.close(old.peer).await;
                     }
                 }
-                RegistryEvent::Updated {
-                    registration,
-                    moved_from: Some(_),
-                } => {
-                    self.dtls
-                        .set_identity(registration.peer, registration.endpoint.clone())
-                        .await;
+                RegistryEvent::Updated { registration, moved_from: Some(_) } => {
+                    self.dtls.set_identity(registration.peer, registration.endpoint.clone()).await;
                 }
-                RegistryEvent::Deregistered { registration }
-                | RegistryEvent::Expired { registration } => {
+                RegistryEvent::Deregistered { registration } | RegistryEvent::Expired { registration } => {
                     self.dtls.close(registration.peer).await;
                 }
                 _ => {}
@@ -441,12 +416,7 @@ impl Actor {
     }
 
     fn fail_pending(&mut self, peer: SocketAddr) {
-        let keys: Vec<_> = self
-            .pending
-            .keys()
-            .filter(|(p, _)| *p == peer)
-            .copied()
-            .collect();
+        let keys: Vec<_> = self.pending.keys().filter(|(p, _)| *p == peer).copied().collect();
         for key in keys {
             if let Some(reply) = self.pending.remove(&key) {
                 let _ = reply.send(Err(Lwm2mError::SessionClosed));
@@ -460,14 +430,8 @@ fn device_response(response: Packet) -> DeviceResponse {
         MessageClass::Response(code) => code,
         _ => ResponseType::UnKnown,
     };
-    let content_format = response
-        .get_first_option(CoapOption::ContentFormat)
-        .and_then(|v| decode_uint(v));
-    DeviceResponse {
-        code,
-        content_format,
-        payload: response.payload,
-    }
+    let content_format = response.get_first_option(CoapOption::ContentFormat).and_then(|v| decode_uint(v));
+    DeviceResponse { code, content_format, payload: response.payload }
 }
 
 /// How long a device may take to answer one request, by default.

@@ -19,12 +19,7 @@ pub fn render(pool: &PoolStats, endpoint: Option<&EndpointStats>) -> String {
         }
     };
     let plain = |v: f64| vec![(String::new(), v)];
-    metric(
-        "tether_pool_sessions",
-        "gauge",
-        "Sessions in the pool.",
-        &plain(pool.sessions as f64),
-    );
+    metric("tether_pool_sessions", "gauge", "Sessions in the pool.", &plain(pool.sessions as f64));
     metric(
         "tether_pool_sessions_by_state",
         "gauge",
@@ -34,12 +29,7 @@ pub fn render(pool: &PoolStats, endpoint: Option<&EndpointStats>) -> String {
             ("{state=\"connecting\"}".into(), pool.connecting as f64),
         ],
     );
-    metric(
-        "tether_pool_capacity",
-        "gauge",
-        "Most sessions the pool holds.",
-        &plain(pool.capacity as f64),
-    );
+    metric("tether_pool_capacity", "gauge", "Most sessions the pool holds.", &plain(pool.capacity as f64));
     metric(
         "tether_pool_handshakes_total",
         "counter",
@@ -52,36 +42,20 @@ pub fn render(pool: &PoolStats, endpoint: Option<&EndpointStats>) -> String {
         "Requests sent over pooled sessions.",
         &plain(pool.requests_total as f64),
     );
-    metric(
-        "tether_pool_expired_total",
-        "counter",
-        "Sessions closed for idleness.",
-        &plain(pool.expired_total as f64),
-    );
-    metric(
-        "tether_pool_evicted_total",
-        "counter",
-        "Sessions evicted at capacity.",
-        &plain(pool.evicted_total as f64),
-    );
+    metric("tether_pool_expired_total", "counter", "Sessions closed for idleness.", &plain(pool.expired_total as f64));
+    metric("tether_pool_evicted_total", "counter", "Sessions evicted at capacity.", &plain(pool.evicted_total as f64));
     metric(
         "tether_pool_closed_total",
         "counter",
         "Sessions removed for other reasons.",
         &plain(pool.closed_total as f64),
     );
-    let (bytes_in, bytes_out) = pool
-        .per_session
-        .iter()
-        .fold((0, 0), |(i, o), s| (i + s.bytes_in, o + s.bytes_out));
+    let (bytes_in, bytes_out) = pool.per_session.iter().fold((0, 0), |(i, o), s| (i + s.bytes_in, o + s.bytes_out));
     metric(
         "tether_pool_bytes",
         "gauge",
         "Application bytes carried by the sessions now pooled.",
-        &[
-            ("{direction=\"in\"}".into(), bytes_in as f64),
-            ("{direction=\"out\"}".into(), bytes_out as f64),
-        ],
+        &[("{direction=\"in\"}".into(), bytes_in as f64), ("{direction=\"out\"}".into(), bytes_out as f64)],
     );
     if let Some(e) = endpoint {
         metric(
@@ -114,16 +88,9 @@ pub fn render(pool: &PoolStats, endpoint: Option<&EndpointStats>) -> String {
             "Sessions replaced by a re-handshake from the same address.",
             &plain(e.sessions_replaced as f64),
         );
-        let drops: Vec<(String, f64)> = DropReason::ALL
-            .iter()
-            .map(|r| (format!("{{reason=\"{}\"}}", r.name()), e.dropped(*r) as f64))
-            .collect();
-        metric(
-            "tether_dtls_datagrams_dropped_total",
-            "counter",
-            "Datagrams dropped, by reason.",
-            &drops,
-        );
+        let drops: Vec<(String, f64)> =
+            DropReason::ALL.iter().map(|r| (format!("{{reason=\"{}\"}}", r.name()), e.dropped(*r) as f64)).collect();
+        metric("tether_dtls_datagrams_dropped_total", "counter", "Datagrams dropped, by reason.", &drops);
     }
     out
 }

@@ -28,14 +28,8 @@ pub enum Dialer {
 type SharedConnect = Shared<BoxFuture<'static, Result<Arc<DtlsClient>, ConnectError>>>;
 
 enum Connection {
-    Connecting {
-        generation: Generation,
-        handshake: SharedConnect,
-    },
-    Ready {
-        generation: Generation,
-        client: Arc<DtlsClient>,
-    },
+    Connecting { generation: Generation, handshake: SharedConnect },
+    Ready { generation: Generation, client: Arc<DtlsClient> },
 }
 
 struct Shared_ {
@@ -79,10 +73,7 @@ pub enum PooledSession {
 
 impl std::fmt::Debug for PooledSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PooledSession")
-            .field("peer", &self.peer())
-            .field("role", &self.role())
-            .finish()
+        f.debug_struct("PooledSession").field("peer", &self.peer()).field("role", &self.role()).finish()
     }
 }
 
@@ -105,21 +96,10 @@ impl PooledSession {
     /// Sends one request (a datagram of application data), counted in the pool's statistics.
     pub async fn send(&self, data: &[u8]) -> Result<(), ServerSendError> {
         match self {
-            Self::Connected {
-                pool,
-                peer,
-                generation,
-                client,
-            } => {
+            Self::Connected { pool, peer, generation, client } => {
                 client.send(data).await.map_err(ServerSendError::Send)?;
-                let traffic = Traffic {
-                    bytes_out: data.len() as u64,
-                    requests: 1,
-                    ..Traffic::default()
-                };
-                pool.lock()
-                    .state
-                    .record(clock::now(), *peer, *generation, traffic);
+                let traffic = Traffic { bytes_out: data.len() as u64, requests: 1, ..Traffic::default() };
+                pool.lock().state.record(clock::now(), *peer, *generation, traffic);
                 Ok(())
             }
             Self::Accepted { server, peer } => server.send_to(*peer, data).await,
@@ -130,20 +110,10 @@ impl PooledSession {
     /// `recv`); `None` once closed.
     pub async fn recv(&self) -> Option<Vec<u8>> {
         match self {
-            Self::Connected {
-                pool,
-                peer,
-                generation,
-                client,
-            } => {
+            Self::Connected { pool, peer, generation, client } => {
                 let data = client.recv().await?;
-                let traffic = Traffic {
-                    bytes_in: data.len() as u64,
-                    ..Traffic::default()
-                };
-                pool.lock()
-                    .state
-                    .record(clock::now(), *peer, *generation, traffic);
+                let traffic = Traffic { bytes_in: data.len() as u64, ..Traffic::default() };
+                pool.lock().state.record(clock::now(), *peer, *generation, traffic);
                 Some(data)
             }
             Self::Accepted { .. } => None,
@@ -178,9 +148,7 @@ pub struct SessionPool {
 
 impl std::fmt::Debug for SessionPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SessionPool")
-            .field("sessions", &self.lock().state.len())
-            .finish_non_exhaustive()
+        f.debug_struct("SessionPool").field("sessions", &self.lock().state.len()).finish_non_exhaustive()
     }
 }
 
@@ -200,11 +168,7 @@ impl SessionPool {
             context,
             dialer,
             server,
-            shared: Mutex::new(Shared_ {
-                state,
-                connections: HashMap::new(),
-                resumable: HashMap::new(),
-            }),
+            shared: Mutex::new(Shared_ { state, connections: HashMap::new(), resumable: HashMap::new() }),
             wake: Arc::clone(&wake),
             closed_tx,
         });
@@ -244,10 +208,7 @@ impl SessionPool {
             .per_session
             .iter()
             .any(|s| s.peer == peer)
-            .then(|| PooledSession::Accepted {
-                server: Arc::clone(server),
-                peer,
-            })
+            .then(|| PooledSession::Accepted { server: Arc::clone(server), peer })
     }
 
     /// The pooled session of `peer`, connecting if there is none. Concurrent callers share
@@ -268,24 +229,16 @@ impl SessionPool {
                     return self.ready(peer).ok_or(ConnectError::Cancelled { peer });
                 }
                 None => {
-                    let generation = shared
-                        .state
-                        .begin_connect(clock::now(), peer)
-                        .map_err(|_| ConnectError::PoolFull)?;
+                    let generation =
+                        shared.state.begin_connect(clock::now(), peer).map_err(|_| ConnectError::PoolFull)?;
                     let saved = shared.resumable.remove(&peer);
                     let dial = dial(Arc::clone(&self.inner), context, peer, generation, saved);
                     let task = tokio::spawn(dial);
                     let handshake =
-                        async move { task.await.unwrap_or(Err(ConnectError::Cancelled { peer })) }
-                            .boxed()
-                            .shared();
-                    shared.connections.insert(
-                        peer,
-                        Connection::Connecting {
-                            generation,
-                            handshake: handshake.clone(),
-                        },
-                    );
+                        async move { task.await.unwrap_or(Err(ConnectError::Cancelled { peer })) }.boxed().shared();
+                    shared
+                        .connections
+                        .insert(peer, Connection::Connecting { generation, handshake: handshake.clone() });
                     handshake
                 }
             }
@@ -293,18 +246,10 @@ impl SessionPool {
         self.inner.wake.notify_one();
         let client = handshake.await?;
         let generation = match self.lock().connections.get(&peer) {
-            Some(Connection::Ready {
-                generation,
-                client: c,
-            }) if Arc::ptr_eq(c, &client) => *generation,
+            Some(Connection::Ready { generation, client: c }) if Arc::ptr_eq(c, &client) => *generation,
             _ => return Err(ConnectError::Cancelled { peer }),
         };
-        Ok(PooledSession::Connected {
-            pool: self.clone(),
-            peer,
-            generation,
-            client,
-        })
+        Ok(PooledSession::Connected { pool: self.clone(), peer, generation, client })
     }
 
     /// The peer whose session carries `identity`.
@@ -377,8 +322,7 @@ fn merge(into: &mut PoolStats, other: PoolStats) {
     into.closed_total += other.closed_total;
     into.capacity += other.capacity;
     into.per_session.extend(other.per_session);
-    into.per_session
-        .sort_by(|a, b| a.idle.cmp(&b.idle).then(a.peer.cmp(&b.peer)));
+    into.per_session.sort_by(|a, b| a.idle.cmp(&b.idle).then(a.peer.cmp(&b.peer)));
 }
 
 /// One handshake of the pool. Runs as its own task, so callers that give up waiting do not
@@ -417,18 +361,9 @@ async fn dial(
             Ok(client) => {
                 let client = Arc::new(client);
                 let identity = client.connection().identity.as_ref().map(identity_name);
-                let kept = current
-                    && shared
-                        .state
-                        .established(clock::now(), peer, generation, identity);
+                let kept = current && shared.state.established(clock::now(), peer, generation, identity);
                 if kept {
-                    shared.connections.insert(
-                        peer,
-                        Connection::Ready {
-                            generation,
-                            client: Arc::clone(&client),
-                        },
-                    );
+                    shared.connections.insert(peer, Connection::Ready { generation, client: Arc::clone(&client) });
                 }
                 (kept, client)
             }
@@ -486,14 +421,14 @@ async fn maintain(
             shared.state.handle_timeout(clock::now());
             while let Some(event) = shared.state.poll_event() {
                 let (peer, generation) = match event {
-                    PoolEvent::Expired { peer, generation }
-                    | PoolEvent::Evicted { peer, generation } => (peer, generation),
+                    PoolEvent::Expired { peer, generation } | PoolEvent::Evicted { peer, generation } => {
+                        (peer, generation)
+                    }
                     _ => continue,
                 };
                 let owned = matches!(shared.connections.get(&peer), Some(Connection::Ready { generation: g, .. }) if *g == generation);
                 if owned {
-                    if let Some(Connection::Ready { client, .. }) = shared.connections.remove(&peer)
-                    {
+                    if let Some(Connection::Ready { client, .. }) = shared.connections.remove(&peer) {
                         if let Some(saved) = client.connection().saved_session.clone() {
                             shared.resumable.insert(peer, saved);
                         }
@@ -503,12 +438,8 @@ async fn maintain(
             }
             let limit = shared.state.config().capacity;
             if shared.resumable.len() > limit {
-                let extra: Vec<SocketAddr> = shared
-                    .resumable
-                    .keys()
-                    .take(shared.resumable.len() - limit)
-                    .copied()
-                    .collect();
+                let extra: Vec<SocketAddr> =
+                    shared.resumable.keys().take(shared.resumable.len() - limit).copied().collect();
                 for peer in extra {
                     shared.resumable.remove(&peer);
                 }
@@ -521,11 +452,7 @@ async fn maintain(
 }
 
 /// Sends a request to `peer` through the pool: connect if needed, then send.
-pub async fn send_request(
-    pool: &SessionPool,
-    peer: SocketAddr,
-    data: &[u8],
-) -> Result<(), RequestError> {
+pub async fn send_request(pool: &SessionPool, peer: SocketAddr, data: &[u8]) -> Result<(), RequestError> {
     let session = pool.get_or_connect(peer).await?;
     session.send(data).await?;
     Ok(())

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use tether_proto::dtls::{DtlsContext, SendError};
 use tether_proto::resilience::{
-    Backoff, BackoffConfig, BreakerConfig, CircuitBreaker, CircuitOpen, CircuitState, Outcome,
-    Permit, ResilienceConfigError,
+    Backoff, BackoffConfig, BreakerConfig, CircuitBreaker, CircuitOpen, CircuitState, Outcome, Permit,
+    ResilienceConfigError,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
@@ -314,9 +314,7 @@ pub struct ResilientClient<T: Transport> {
 
 impl<T: Transport> std::fmt::Debug for ResilientClient<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResilientClient")
-            .field("connected", &self.is_connected())
-            .finish_non_exhaustive()
+        f.debug_struct("ResilientClient").field("connected", &self.is_connected()).finish_non_exhaustive()
     }
 }
 
@@ -333,12 +331,7 @@ impl<T: Transport> ResilientClient<T> {
             transport,
             attempt_timeout: config.attempt_timeout,
             max_attempts: config.backoff.max_attempts,
-            state: Arc::new(Mutex::new(State {
-                connection: None,
-                next_generation: 1,
-                breaker,
-                backoff,
-            })),
+            state: Arc::new(Mutex::new(State { connection: None, next_generation: 1, breaker, backoff })),
             events,
             connecting: tokio::sync::Mutex::new(()),
         })
@@ -365,10 +358,7 @@ impl<T: Transport> ResilientClient<T> {
 
     /// The open connection (the reference's `get_client`).
     pub fn connection(&self) -> Option<Arc<T::Connection>> {
-        lock(&self.state)
-            .connection
-            .as_ref()
-            .map(|(_, c)| Arc::clone(c))
+        lock(&self.state).connection.as_ref().map(|(_, c)| Arc::clone(c))
     }
 
     /// Connects, retrying with backoff; returns once really connected, or after
@@ -445,8 +435,7 @@ impl<T: Transport> ResilientClient<T> {
                     }
                     Err(err) => {
                         permit.finish(Outcome::Failure);
-                        self.tear_down(&connection, DisconnectReason::SendFailed(err.to_string()))
-                            .await;
+                        self.tear_down(&connection, DisconnectReason::SendFailed(err.to_string())).await;
                         last = Some(err);
                     }
                 },
@@ -471,17 +460,12 @@ impl<T: Transport> ResilientClient<T> {
     /// Closes the connection, if any.
     pub async fn disconnect(&self) {
         if let Some(connection) = self.connection() {
-            self.tear_down(&connection, DisconnectReason::Requested)
-                .await;
+            self.tear_down(&connection, DisconnectReason::Requested).await;
         }
     }
 
     /// One connection attempt with its own deadline. The caller holds the breaker permit.
-    async fn connect_once(
-        &self,
-        attempt: u32,
-        delay: Duration,
-    ) -> Result<Arc<T::Connection>, TransportError> {
+    async fn connect_once(&self, attempt: u32, delay: Duration) -> Result<Arc<T::Connection>, TransportError> {
         let _ = self.events.send(ClientEvent::Connecting { attempt, delay });
         match tokio::time::timeout(self.attempt_timeout, self.transport.connect()).await {
             Ok(Ok(connection)) => Ok(self.install(connection)),
@@ -495,11 +479,7 @@ impl<T: Transport> ResilientClient<T> {
         let result = state.breaker.acquire(clock::now());
         self.emit_transitions(&mut state);
         let permit = result?;
-        Ok(PermitGuard {
-            state: Arc::clone(&self.state),
-            events: self.events.clone(),
-            permit: Some(permit),
-        })
+        Ok(PermitGuard { state: Arc::clone(&self.state), events: self.events.clone(), permit: Some(permit) })
     }
 
     fn install(&self, connection: T::Connection) -> Arc<T::Connection> {
@@ -527,9 +507,7 @@ impl<T: Transport> ResilientClient<T> {
                 current
             };
             if lost {
-                let _ = events.send(ClientEvent::Disconnected {
-                    reason: DisconnectReason::Lost(reason),
-                });
+                let _ = events.send(ClientEvent::Disconnected { reason: DisconnectReason::Lost(reason) });
             }
         });
         connection
@@ -557,10 +535,7 @@ impl<T: Transport> ResilientClient<T> {
 
 fn emit_transitions<C>(events: &broadcast::Sender<ClientEvent>, state: &mut State<C>) {
     while let Some(t) = state.breaker.poll_event() {
-        let _ = events.send(ClientEvent::CircuitChanged {
-            from: t.from,
-            to: t.to,
-        });
+        let _ = events.send(ClientEvent::CircuitChanged { from: t.from, to: t.to });
     }
 }
 
@@ -600,10 +575,7 @@ impl<C> Drop for PermitGuard<C> {
 /// Runs `operation` up to `backoff.max_attempts()` times, sleeping the backoff's delay
 /// between failed attempts and not after the last. Dropping the returned future cancels it,
 /// sleep included. `operation` gets the 1-based attempt number.
-pub async fn retry<F, Fut, T, E: std::fmt::Display>(
-    backoff: &mut Backoff,
-    mut operation: F,
-) -> Result<T, RetryError<E>>
+pub async fn retry<F, Fut, T, E: std::fmt::Display>(backoff: &mut Backoff, mut operation: F) -> Result<T, RetryError<E>>
 where
     F: FnMut(u32) -> Fut,
     Fut: Future<Output = Result<T, E>>,
@@ -615,12 +587,7 @@ where
             Ok(value) => return Ok(value),
             Err(last) => match backoff.delay(attempt) {
                 Some(delay) => tokio::time::sleep(delay).await,
-                None => {
-                    return Err(RetryError {
-                        attempts: attempt,
-                        last,
-                    })
-                }
+                None => return Err(RetryError { attempts: attempt, last }),
             },
         }
         attempt += 1;

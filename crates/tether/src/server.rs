@@ -7,12 +7,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tether_proto::dtls::{
-    CloseReason, ConfigError, DtlsContext, Endpoint, EndpointConfig, EndpointEvent, EndpointStats,
-    PeerIdentity, SendError, SessionHandle,
+    CloseReason, ConfigError, DtlsContext, Endpoint, EndpointConfig, EndpointEvent, EndpointStats, PeerIdentity,
+    SendError, SessionHandle,
 };
-use tether_proto::pool::{
-    Generation, PoolConfig, PoolConfigError, PoolEvent, PoolState, PoolStats, Traffic,
-};
+use tether_proto::pool::{Generation, PoolConfig, PoolConfigError, PoolEvent, PoolState, PoolStats, Traffic};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
 use crate::client::sleep_until;
@@ -154,11 +152,7 @@ pub struct ServerStats {
 }
 
 enum Command {
-    SendTo(
-        SocketAddr,
-        Vec<u8>,
-        oneshot::Sender<Result<(), ServerSendError>>,
-    ),
+    SendTo(SocketAddr, Vec<u8>, oneshot::Sender<Result<(), ServerSendError>>),
     Close(SocketAddr, oneshot::Sender<bool>),
     SetIdentity(SocketAddr, String, oneshot::Sender<bool>),
     Lookup(String, oneshot::Sender<Option<SocketAddr>>),
@@ -193,15 +187,10 @@ impl DtlsServer {
     }
 
     /// Serves on `socket` (UDP or in-memory).
-    pub fn serve(
-        socket: Socket,
-        context: Arc<DtlsContext>,
-        config: DtlsServerConfig,
-    ) -> Result<Self, ServerError> {
-        let local_addr = socket.local_addr().map_err(|source| ServerError::Bind {
-            addr: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
-            source,
-        })?;
+    pub fn serve(socket: Socket, context: Arc<DtlsContext>, config: DtlsServerConfig) -> Result<Self, ServerError> {
+        let local_addr = socket
+            .local_addr()
+            .map_err(|source| ServerError::Bind { addr: std::net::SocketAddr::from(([0, 0, 0, 0], 0)), source })?;
         let now = clock::now();
         let endpoint = Endpoint::new(context, config.endpoint.clone(), now)?;
         let pool = PoolState::new(config.pool.clone(), now)?;
@@ -253,8 +242,7 @@ impl DtlsServer {
     /// Sends application data to `peer` on its established session.
     pub async fn send_to(&self, peer: SocketAddr, data: &[u8]) -> Result<(), ServerSendError> {
         let (tx, rx) = oneshot::channel();
-        self.command(Command::SendTo(peer, data.to_vec(), tx))
-            .await?;
+        self.command(Command::SendTo(peer, data.to_vec(), tx)).await?;
         rx.await.unwrap_or(Err(ServerSendError::ShutDown))
     }
 
@@ -267,19 +255,14 @@ impl DtlsServer {
     /// Binds an identity (an LwM2M endpoint name) to `peer`'s session for lookups.
     pub async fn set_identity(&self, peer: SocketAddr, identity: impl Into<String>) -> bool {
         let (tx, rx) = oneshot::channel();
-        self.command(Command::SetIdentity(peer, identity.into(), tx))
-            .await
-            .is_ok()
-            && rx.await.unwrap_or(false)
+        self.command(Command::SetIdentity(peer, identity.into(), tx)).await.is_ok() && rx.await.unwrap_or(false)
     }
 
     /// The peer whose session carries `identity` (PSK identity, certificate CN, or a name
     /// bound with [`set_identity`](Self::set_identity)).
     pub async fn peer_of(&self, identity: &str) -> Option<SocketAddr> {
         let (tx, rx) = oneshot::channel();
-        self.command(Command::Lookup(identity.to_string(), tx))
-            .await
-            .ok()?;
+        self.command(Command::Lookup(identity.to_string(), tx)).await.ok()?;
         rx.await.ok().flatten()
     }
 
@@ -299,10 +282,7 @@ impl DtlsServer {
     }
 
     async fn command(&self, command: Command) -> Result<(), ServerSendError> {
-        self.commands
-            .send(command)
-            .await
-            .map_err(|_| ServerSendError::ShutDown)
+        self.commands.send(command).await.map_err(|_| ServerSendError::ShutDown)
     }
 }
 
@@ -335,10 +315,7 @@ impl Actor {
                 let _ = done.send(());
                 return;
             }
-            let deadline = [self.endpoint.poll_timeout(), self.pool.poll_timeout()]
-                .into_iter()
-                .flatten()
-                .min();
+            let deadline = [self.endpoint.poll_timeout(), self.pool.poll_timeout()].into_iter().flatten().min();
             tokio::select! {
                 received = self.socket.recv_from(&mut buf) => {
                     let Ok((n, from)) = received else { continue };
@@ -377,22 +354,11 @@ impl Actor {
             Command::SendTo(peer, data, reply) => {
                 let result = match self.endpoint.established(peer) {
                     None => Err(ServerSendError::NoSession(peer)),
-                    Some(handle) => self
-                        .endpoint
-                        .send(now, handle, &data)
-                        .map_err(ServerSendError::from),
+                    Some(handle) => self.endpoint.send(now, handle, &data).map_err(ServerSendError::from),
                 };
                 if result.is_ok() {
-                    if let Some(generation) = self
-                        .endpoint
-                        .established(peer)
-                        .and_then(|h| self.generations.get(&h))
-                    {
-                        let traffic = Traffic {
-                            bytes_out: data.len() as u64,
-                            requests: 1,
-                            ..Traffic::default()
-                        };
+                    if let Some(generation) = self.endpoint.established(peer).and_then(|h| self.generations.get(&h)) {
+                        let traffic = Traffic { bytes_out: data.len() as u64, requests: 1, ..Traffic::default() };
                         self.pool.record(now, peer, *generation, traffic);
                     }
                 }
@@ -433,13 +399,7 @@ impl Actor {
         let now = clock::now();
         while let Some(event) = self.endpoint.poll_event() {
             match event {
-                EndpointEvent::Connected {
-                    handle,
-                    peer,
-                    identity,
-                    resumed,
-                    ..
-                } => {
+                EndpointEvent::Connected { handle, peer, identity, resumed, .. } => {
                     let name = identity.as_ref().map(identity_name);
                     match self.pool.insert_accepted(now, peer, name) {
                         Ok((generation, replaced)) => {
@@ -448,12 +408,7 @@ impl Actor {
                             }
                             self.generations.insert(handle, generation);
                             self.handles.insert(generation, handle);
-                            let accepted = Accepted {
-                                peer,
-                                identity,
-                                resumed,
-                                generation,
-                            };
+                            let accepted = Accepted { peer, identity, resumed, generation };
                             if self.accepted.try_send(accepted).is_err() {
                                 self.events_dropped += 1;
                             }
@@ -463,22 +418,14 @@ impl Actor {
                 }
                 EndpointEvent::Data { handle, peer, data } => {
                     if let Some(generation) = self.generations.get(&handle) {
-                        let traffic = Traffic {
-                            bytes_in: data.len() as u64,
-                            ..Traffic::default()
-                        };
+                        let traffic = Traffic { bytes_in: data.len() as u64, ..Traffic::default() };
                         self.pool.record(now, peer, *generation, traffic);
                     }
                     if self.received.try_send((peer, data)).is_err() {
                         self.events_dropped += 1;
                     }
                 }
-                EndpointEvent::Closed {
-                    handle,
-                    peer,
-                    reason,
-                    ..
-                } => {
+                EndpointEvent::Closed { handle, peer, reason, .. } => {
                     let Some(generation) = self.generations.remove(&handle) else {
                         continue;
                     };
@@ -492,12 +439,8 @@ impl Actor {
         }
         while let Some(event) = self.pool.poll_event() {
             let (peer, generation, reason) = match event {
-                PoolEvent::Expired { peer, generation } => {
-                    (peer, generation, DepartReason::Expired)
-                }
-                PoolEvent::Evicted { peer, generation } => {
-                    (peer, generation, DepartReason::Evicted)
-                }
+                PoolEvent::Expired { peer, generation } => (peer, generation, DepartReason::Expired),
+                PoolEvent::Evicted { peer, generation } => (peer, generation, DepartReason::Evicted),
                 _ => continue,
             };
             if let Some(handle) = self.handles.get(&generation) {
@@ -508,15 +451,7 @@ impl Actor {
     }
 
     fn depart(&mut self, peer: SocketAddr, generation: Generation, reason: DepartReason) {
-        if self
-            .departed
-            .try_send(Departed {
-                peer,
-                generation,
-                reason,
-            })
-            .is_err()
-        {
+        if self.departed.try_send(Departed { peer, generation, reason }).is_err() {
             self.events_dropped += 1;
         }
     }

@@ -27,17 +27,12 @@ impl Socket {
     /// less: see `net.core.rmem_max`).
     pub async fn bind_udp(addr: SocketAddr, recv_buffer: Option<usize>) -> io::Result<Self> {
         let domain = socket2::Domain::for_address(addr);
-        let socket =
-            socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+        let socket = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
         if let Some(size) = recv_buffer {
             socket.set_recv_buffer_size(size)?;
             let granted = socket.recv_buffer_size()?;
             if granted < size {
-                tracing::warn!(
-                    requested = size,
-                    granted,
-                    "udp receive buffer capped by net.core.rmem_max"
-                );
+                tracing::warn!(requested = size, granted, "udp receive buffer capped by net.core.rmem_max");
             }
         }
         socket.set_nonblocking(true)?;
@@ -143,11 +138,7 @@ impl MemoryNetwork {
         }
         let (tx, rx) = mpsc::unbounded_channel();
         inner.sockets.insert(addr, tx);
-        Ok(Socket::Memory(MemorySocket {
-            addr,
-            network: self.clone(),
-            inbox: tokio::sync::Mutex::new(rx),
-        }))
+        Ok(Socket::Memory(MemorySocket { addr, network: self.clone(), inbox: tokio::sync::Mutex::new(rx) }))
     }
 
     /// Takes `addr` off the network (true) or back on (false): while down, everything it
@@ -163,10 +154,7 @@ impl MemoryNetwork {
 
     /// Datagrams delivered so far.
     pub fn delivered(&self) -> u64 {
-        self.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .delivered
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).delivered
     }
 }
 
@@ -198,13 +186,8 @@ impl MemorySocket {
     }
 
     fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
-        let mut inbox = self
-            .inbox
-            .try_lock()
-            .map_err(|_| io::Error::from(io::ErrorKind::WouldBlock))?;
-        let (from, datagram) = inbox
-            .try_recv()
-            .map_err(|_| io::Error::from(io::ErrorKind::WouldBlock))?;
+        let mut inbox = self.inbox.try_lock().map_err(|_| io::Error::from(io::ErrorKind::WouldBlock))?;
+        let (from, datagram) = inbox.try_recv().map_err(|_| io::Error::from(io::ErrorKind::WouldBlock))?;
         Ok(copy_out(buf, from, &datagram))
     }
 }

@@ -1,6 +1,9 @@
 //! The LwM2M server over real DTLS on 127.0.0.1, with a minimal scripted device.
 
+#[path = "support/device.rs"]
+mod device;
 mod support;
+use device::device;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,113 +14,33 @@ use tether::lwm2m::{build, Lwm2mServer, Lwm2mServerConfig};
 use tether::{DtlsClient, DtlsServer};
 use tether_coap::coap_lite::{CoapOption, MessageClass, Packet, RequestType, ResponseType};
 use tether_coap::message::{CoapConfig, CoapEvent, MessageLayer};
-use tether_coap::registration::{response, RegistryEvent};
+use tether_coap::registration::RegistryEvent;
 use tether_proto::dtls::{ClientConfig, DtlsContext, ServerConfig, StaticPskStore};
 use tether_proto::pool::PoolConfig;
 use tokio::sync::mpsc;
 
-/// A scripted device: registers as `endpoint`, then answers every GET with `value`.
-/// Reports the registration response code and location on `registered`.
-async fn device(
-    client: DtlsClient,
-    endpoint: &'static str,
-    value: &'static str,
-    registered: mpsc::Sender<(ResponseType, Vec<String>)>,
-) {
-    let mut layer = MessageLayer::new(CoapConfig::default(), 99);
-    let mut register = build(
-        RequestType::Post,
-        "/rd",
-        Some(40),
-        br#"</>;rt="oma.lwm2m";ct=11543,</1/0>,</3/0>"#.to_vec(),
-    );
-    register.add_option(CoapOption::UriQuery, format!("ep={endpoint}").into_bytes());
-    register.add_option(CoapOption::UriQuery, b"lt=300".to_vec());
-    register.add_option(CoapOption::UriQuery, b"lwm2m=1.1".to_vec());
-    layer
-        .request(std::time::Instant::now(), register, true, false)
-        .unwrap();
-    loop {
-        while let Some(event) = layer.poll_event() {
-            match event {
-                CoapEvent::Response { response, .. } => {
-                    let MessageClass::Response(code) = response.header.code else {
-                        continue;
-                    };
-                    let location = response
-                        .get_option(CoapOption::LocationPath)
-                        .map(|l| {
-                            l.iter()
-                                .map(|s| String::from_utf8_lossy(s).into_owned())
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    let _ = registered.send((code, location)).await;
-                }
-                CoapEvent::Request { id, request } => {
-                    let mut answer = response(ResponseType::Content);
-                    if request.header.code == MessageClass::Request(RequestType::Get) {
-                        answer.add_option(CoapOption::ContentFormat, vec![]);
-                        answer.payload = value.as_bytes().to_vec();
-                    }
-                    layer
-                        .respond(std::time::Instant::now(), &id, answer)
-                        .unwrap();
-                }
-                _ => {}
-            }
-        }
-        // Answers go out before waiting for more input.
-        while let Some(d) = layer.poll_transmit() {
-            if client.send(&d).await.is_err() {
-                return;
-            }
-        }
-        tokio::select! {
-            data = client.recv() => match data {
-                Some(d) => layer.handle_datagram(std::time::Instant::now(), &d),
-                None => return,
-            },
-            _ = tokio::time::sleep(Duration::from_millis(200)) => layer.handle_timeout(std::time::Instant::now()),
-        }
-    }
-}
-
 fn store() -> StaticPskStore {
-    StaticPskStore::new()
-        .with("identity", key())
-        .with("other", key())
+    StaticPskStore::new().with("identity", key()).with("other", key())
 }
 
 async fn lwm2m_server() -> Lwm2mServer {
     let context = DtlsContext::server(ServerConfig::psk(store()).session(session())).unwrap();
-    let dtls = DtlsServer::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        context,
-        server_config(PoolConfig::default()),
-    )
-    .await
-    .unwrap();
-    let authorizer: HashMap<String, String> = [("identity", "urn:dev:1"), ("other", "urn:dev:2")]
-        .into_iter()
-        .map(|(a, b)| (a.into(), b.into()))
-        .collect();
+    let dtls =
+        DtlsServer::bind("127.0.0.1:0".parse().unwrap(), context, server_config(PoolConfig::default())).await.unwrap();
+    let authorizer: HashMap<String, String> =
+        [("identity", "urn:dev:1"), ("other", "urn:dev:2")].into_iter().map(|(a, b)| (a.into(), b.into())).collect();
     Lwm2mServer::start(
         Arc::new(dtls),
         Arc::new(authorizer),
-        Lwm2mServerConfig {
-            coap: CoapConfig::default(),
-            seed: 1,
-        },
+        None,
+        Lwm2mServerConfig { coap: CoapConfig::default(), seed: 1 },
     )
+    .unwrap()
 }
 
 async fn connect(server: &Lwm2mServer, identity: &str) -> DtlsClient {
-    let context =
-        DtlsContext::client(ClientConfig::psk(identity, key()).session(session())).unwrap();
-    DtlsClient::connect(server.dtls().local_addr(), &context)
-        .await
-        .unwrap()
+    let context = DtlsContext::client(ClientConfig::psk(identity, key()).session(session())).unwrap();
+    DtlsClient::connect(server.dtls().local_addr(), &context).await.unwrap()
 }
 
 #[tokio::test]
@@ -125,51 +48,26 @@ async fn a_hundred_server_initiated_reads_ride_on_the_devices_one_session() {
     let server = lwm2m_server().await;
     let mut events = server.events();
     let (registered_tx, mut registered) = mpsc::channel(4);
-    tokio::spawn(device(
-        connect(&server, "identity").await,
-        "urn:dev:1",
-        "tether",
-        registered_tx,
-    ));
-    let (code, location) = tokio::time::timeout(Duration::from_secs(10), registered.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::spawn(device(connect(&server, "identity").await, "urn:dev:1", "tether", registered_tx));
+    let (code, location) = tokio::time::timeout(Duration::from_secs(10), registered.recv()).await.unwrap().unwrap();
     assert_eq!(code, ResponseType::Created);
     assert_eq!(location[0], "rd");
-    assert!(matches!(
-        events.recv().await.unwrap(),
-        RegistryEvent::Registered { .. }
-    ));
+    assert!(matches!(events.recv().await.unwrap(), RegistryEvent::Registered { .. }));
 
     for _ in 0..100 {
         let answer =
-            tokio::time::timeout(Duration::from_secs(10), server.read("urn:dev:1", "/3/0/0"))
-                .await
-                .unwrap()
-                .unwrap();
+            tokio::time::timeout(Duration::from_secs(10), server.read("urn:dev:1", "/3/0/0")).await.unwrap().unwrap();
         assert_eq!(answer.code, ResponseType::Content);
         assert_eq!(answer.payload, b"tether");
         assert_eq!(answer.content_format, Some(0));
     }
     let stats = server.dtls().stats().await.unwrap();
-    assert_eq!(
-        stats.endpoint.handshakes_completed, 1,
-        "one handshake for registration and 100 reads"
-    );
+    assert_eq!(stats.endpoint.handshakes_completed, 1, "one handshake for registration and 100 reads");
     assert_eq!(stats.pool.handshakes_total, 1);
     assert_eq!(stats.pool.sessions, 1);
     let session = &stats.pool.per_session[0];
-    assert_eq!(
-        session.identity.as_deref(),
-        Some("urn:dev:1"),
-        "the session is indexed by endpoint name"
-    );
-    assert_eq!(
-        session.requests,
-        100 + 1,
-        "100 reads and the registration's response went out on it"
-    );
+    assert_eq!(session.identity.as_deref(), Some("urn:dev:1"), "the session is indexed by endpoint name");
+    assert_eq!(session.requests, 100 + 1, "100 reads and the registration's response went out on it");
     let registrations = server.registrations().await;
     assert_eq!(registrations.len(), 1);
     assert_eq!(registrations[0].peer, session.peer);
@@ -179,22 +77,11 @@ async fn a_hundred_server_initiated_reads_ride_on_the_devices_one_session() {
 async fn an_identity_cannot_register_as_another_endpoint() {
     let server = lwm2m_server().await;
     let (tx, mut registered) = mpsc::channel(4);
-    tokio::spawn(device(
-        connect(&server, "identity").await,
-        "urn:dev:2",
-        "x",
-        tx,
-    ));
-    let (code, _) = tokio::time::timeout(Duration::from_secs(10), registered.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::spawn(device(connect(&server, "identity").await, "urn:dev:2", "x", tx));
+    let (code, _) = tokio::time::timeout(Duration::from_secs(10), registered.recv()).await.unwrap().unwrap();
     assert_eq!(code, ResponseType::Forbidden);
     assert!(server.registrations().await.is_empty());
-    assert!(matches!(
-        server.read("urn:dev:2", "/3/0/0").await,
-        Err(tether::lwm2m::Lwm2mError::NotRegistered(_))
-    ));
+    assert!(matches!(server.read("urn:dev:2", "/3/0/0").await, Err(tether::lwm2m::Lwm2mError::NotRegistered(_))));
 }
 
 #[tokio::test]
@@ -204,45 +91,18 @@ async fn deregistration_removes_the_registration_and_closes_the_session() {
     let mut layer = MessageLayer::new(CoapConfig::default(), 5);
     let mut register = build(RequestType::Post, "/rd", Some(40), b"</3/0>".to_vec());
     register.add_option(CoapOption::UriQuery, b"ep=urn:dev:1".to_vec());
-    layer
-        .request(std::time::Instant::now(), register, true, false)
-        .unwrap();
+    layer.request(std::time::Instant::now(), register, true, false).unwrap();
     let location = exchange(&client, &mut layer).await;
-    assert_eq!(
-        location.header.code,
-        MessageClass::Response(ResponseType::Created)
-    );
-    let id = String::from_utf8(
-        location
-            .get_option(CoapOption::LocationPath)
-            .unwrap()
-            .back()
-            .unwrap()
-            .clone(),
-    )
-    .unwrap();
+    assert_eq!(location.header.code, MessageClass::Response(ResponseType::Created));
+    let id = String::from_utf8(location.get_option(CoapOption::LocationPath).unwrap().back().unwrap().clone()).unwrap();
     layer
-        .request(
-            std::time::Instant::now(),
-            build(RequestType::Delete, &format!("/rd/{id}"), None, vec![]),
-            true,
-            false,
-        )
+        .request(std::time::Instant::now(), build(RequestType::Delete, &format!("/rd/{id}"), None, vec![]), true, false)
         .unwrap();
     let deleted = exchange(&client, &mut layer).await;
-    assert_eq!(
-        deleted.header.code,
-        MessageClass::Response(ResponseType::Deleted)
-    );
+    assert_eq!(deleted.header.code, MessageClass::Response(ResponseType::Deleted));
     assert!(server.registrations().await.is_empty());
-    let reason = tokio::time::timeout(Duration::from_secs(10), client.closed())
-        .await
-        .unwrap();
-    assert_eq!(
-        reason,
-        tether_proto::dtls::CloseReason::PeerClosed,
-        "the server closed the device's session"
-    );
+    let reason = tokio::time::timeout(Duration::from_secs(10), client.closed()).await.unwrap();
+    assert_eq!(reason, tether_proto::dtls::CloseReason::PeerClosed, "the server closed the device's session");
 }
 
 /// Sends what the layer has queued and returns the next response.
@@ -254,10 +114,7 @@ async fn exchange(client: &DtlsClient, layer: &mut MessageLayer) -> Packet {
         if let Some(CoapEvent::Response { response, .. }) = layer.poll_event() {
             return response;
         }
-        let data = tokio::time::timeout(Duration::from_secs(10), client.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        let data = tokio::time::timeout(Duration::from_secs(10), client.recv()).await.unwrap().unwrap();
         layer.handle_datagram(std::time::Instant::now(), &data);
     }
 }

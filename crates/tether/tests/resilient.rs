@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use support::*;
 use tether::{
-    ClientEvent, DisconnectReason, DtlsServer, DtlsTransport, ResilientClient, ResilientConfig,
-    ResilientError, TcpTransport, Transport, TransportError,
+    ClientEvent, DisconnectReason, DtlsServer, DtlsTransport, ResilientClient, ResilientConfig, ResilientError,
+    TcpTransport, Transport, TransportError,
 };
 use tether_proto::dtls::{ClientConfig, DtlsContext};
 use tether_proto::pool::PoolConfig;
@@ -48,9 +48,7 @@ impl LineServer {
                         buf.extend_from_slice(&chunk[..n]);
                         while let Some(end) = buf.iter().position(|b| *b == b'\n') {
                             let line: Vec<u8> = buf.drain(..=end).collect();
-                            seen.lock()
-                                .unwrap()
-                                .push(String::from_utf8_lossy(&line[..end]).into_owned());
+                            seen.lock().unwrap().push(String::from_utf8_lossy(&line[..end]).into_owned());
                         }
                     }
                 });
@@ -73,18 +71,11 @@ impl LineServer {
 }
 
 fn free_tcp_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
 
 fn config(attempts: u32, breaker: BreakerConfig) -> ResilientConfig {
-    ResilientConfig {
-        backoff: BackoffConfig::default().max_attempts(attempts),
-        breaker,
-        ..ResilientConfig::default()
-    }
+    ResilientConfig { backoff: BackoffConfig::default().max_attempts(attempts), breaker, ..ResilientConfig::default() }
 }
 
 async fn next_matching(
@@ -106,41 +97,20 @@ async fn next_matching(
 #[tokio::test(start_paused = true)]
 async fn connect_to_a_closed_port_fails_after_max_attempts_with_the_configured_delays() {
     let closed = free_tcp_port();
-    let client = ResilientClient::new(
-        TcpTransport { addr: closed },
-        config(3, BreakerConfig::default()),
-    )
-    .unwrap();
+    let client = ResilientClient::new(TcpTransport { addr: closed }, config(3, BreakerConfig::default())).unwrap();
     let mut events = client.events();
     let start = tokio::time::Instant::now();
     let err = client.connect().await.unwrap_err();
     let elapsed = start.elapsed();
-    assert!(
-        matches!(
-            err,
-            ResilientError::ConnectFailed {
-                attempts: 3,
-                last: TransportError::Refused
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err, ResilientError::ConnectFailed { attempts: 3, last: TransportError::Refused }), "{err:?}");
     let mut attempts = Vec::new();
     while let Ok(event) = events.try_recv() {
         if let ClientEvent::Connecting { attempt, delay } = event {
             attempts.push((attempt, delay.as_secs()));
         }
     }
-    assert_eq!(
-        attempts,
-        [(1, 0), (2, 1), (3, 2)],
-        "every attempt reported with its delay"
-    );
-    assert_eq!(
-        elapsed,
-        Duration::from_secs(3),
-        "1 s + 2 s, and no sleep after the last attempt"
-    );
+    assert_eq!(attempts, [(1, 0), (2, 1), (3, 2)], "every attempt reported with its delay");
+    assert_eq!(elapsed, Duration::from_secs(3), "1 s + 2 s, and no sleep after the last attempt");
     assert!(!client.is_connected());
 }
 
@@ -148,8 +118,7 @@ async fn connect_to_a_closed_port_fails_after_max_attempts_with_the_configured_d
 async fn send_with_retry_survives_a_server_restart_and_delivers_each_message_once() {
     let addr = free_tcp_port();
     let first = LineServer::start(addr).await;
-    let client =
-        ResilientClient::new(TcpTransport { addr }, config(5, BreakerConfig::default())).unwrap();
+    let client = ResilientClient::new(TcpTransport { addr }, config(5, BreakerConfig::default())).unwrap();
     let mut events = client.events();
     client.connect().await.unwrap();
     client.send_with_retry(b"one\n").await.unwrap();
@@ -158,19 +127,8 @@ async fn send_with_retry_survives_a_server_restart_and_delivers_each_message_onc
     }
     let seen_by_first = first.stop().await;
     // The client notices the loss by itself, without sending.
-    let lost = next_matching(&mut events, |e| {
-        matches!(e, ClientEvent::Disconnected { .. })
-    })
-    .await;
-    assert!(
-        matches!(
-            lost,
-            ClientEvent::Disconnected {
-                reason: DisconnectReason::Lost(_)
-            }
-        ),
-        "{lost:?}"
-    );
+    let lost = next_matching(&mut events, |e| matches!(e, ClientEvent::Disconnected { .. })).await;
+    assert!(matches!(lost, ClientEvent::Disconnected { reason: DisconnectReason::Lost(_) }), "{lost:?}");
     assert!(!client.is_connected());
 
     let second = LineServer::start(addr).await;
@@ -202,43 +160,17 @@ impl<T: Transport> Transport for Counting<T> {
 #[tokio::test(start_paused = true)]
 async fn an_open_circuit_fails_fast_without_touching_the_network() {
     let attempts = Arc::new(AtomicU32::new(0));
-    let transport = Counting {
-        inner: TcpTransport {
-            addr: free_tcp_port(),
-        },
-        attempts: Arc::clone(&attempts),
-    };
-    let breaker = BreakerConfig {
-        failure_threshold: 3,
-        ..BreakerConfig::default()
-    };
+    let transport = Counting { inner: TcpTransport { addr: free_tcp_port() }, attempts: Arc::clone(&attempts) };
+    let breaker = BreakerConfig { failure_threshold: 3, ..BreakerConfig::default() };
     let client = ResilientClient::new(transport, config(1, breaker)).unwrap();
     let mut events = client.events();
     for _ in 0..3 {
         let err = client.send_with_retry(b"x").await.unwrap_err();
-        assert!(
-            matches!(
-                err,
-                ResilientError::SendFailed {
-                    attempts: 1,
-                    last: TransportError::Refused
-                }
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, ResilientError::SendFailed { attempts: 1, last: TransportError::Refused }), "{err:?}");
     }
     assert_eq!(client.circuit_state(), CircuitState::Open);
-    let opened = next_matching(&mut events, |e| {
-        matches!(e, ClientEvent::CircuitChanged { .. })
-    })
-    .await;
-    assert_eq!(
-        opened,
-        ClientEvent::CircuitChanged {
-            from: CircuitState::Closed,
-            to: CircuitState::Open
-        }
-    );
+    let opened = next_matching(&mut events, |e| matches!(e, ClientEvent::CircuitChanged { .. })).await;
+    assert_eq!(opened, ClientEvent::CircuitChanged { from: CircuitState::Closed, to: CircuitState::Open });
     for _ in 0..10 {
         match client.send_with_retry(b"x").await {
             Err(ResilientError::CircuitOpen(open)) => {
@@ -247,11 +179,7 @@ async fn an_open_circuit_fails_fast_without_touching_the_network() {
             other => panic!("expected a fast failure, got {other:?}"),
         }
     }
-    assert_eq!(
-        attempts.load(Ordering::SeqCst),
-        3,
-        "no connection attempt while open"
-    );
+    assert_eq!(attempts.load(Ordering::SeqCst), 3, "no connection attempt while open");
     // After the open timeout a probe goes through (and fails again: the port is still closed).
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_eq!(client.circuit_state(), CircuitState::HalfOpen);
@@ -263,42 +191,22 @@ async fn an_open_circuit_fails_fast_without_touching_the_network() {
 #[tokio::test(start_paused = true)]
 async fn an_empty_payload_is_an_invalid_argument_and_leaves_the_breaker_alone() {
     let attempts = Arc::new(AtomicU32::new(0));
-    let transport = Counting {
-        inner: TcpTransport {
-            addr: free_tcp_port(),
-        },
-        attempts: Arc::clone(&attempts),
-    };
-    let breaker = BreakerConfig {
-        failure_threshold: 1,
-        ..BreakerConfig::default()
-    };
+    let transport = Counting { inner: TcpTransport { addr: free_tcp_port() }, attempts: Arc::clone(&attempts) };
+    let breaker = BreakerConfig { failure_threshold: 1, ..BreakerConfig::default() };
     let client = ResilientClient::new(transport, config(3, breaker)).unwrap();
     let mut events = client.events();
     for _ in 0..5 {
-        assert!(matches!(
-            client.send_with_retry(b"").await,
-            Err(ResilientError::InvalidArgument(_))
-        ));
+        assert!(matches!(client.send_with_retry(b"").await, Err(ResilientError::InvalidArgument(_))));
     }
     assert_eq!(client.circuit_state(), CircuitState::Closed);
-    assert_eq!(
-        attempts.load(Ordering::SeqCst),
-        0,
-        "nothing touched the network"
-    );
+    assert_eq!(attempts.load(Ordering::SeqCst), 0, "nothing touched the network");
     assert!(events.try_recv().is_err(), "no events");
 }
 
 #[tokio::test]
 async fn zero_attempts_is_refused_at_construction() {
-    let err = ResilientClient::new(
-        TcpTransport {
-            addr: free_tcp_port(),
-        },
-        config(0, BreakerConfig::default()),
-    )
-    .unwrap_err();
+    let err =
+        ResilientClient::new(TcpTransport { addr: free_tcp_port() }, config(0, BreakerConfig::default())).unwrap_err();
     assert!(err.to_string().contains("max_attempts"), "{err}");
 }
 
@@ -306,41 +214,22 @@ async fn zero_attempts_is_refused_at_construction() {
 async fn over_dtls_a_restarted_server_gets_a_new_handshake_and_the_payload() {
     let addr = SocketAddr::from((
         [127, 0, 0, 1],
-        std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port(),
+        std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port(),
     ));
-    let start = || async move {
-        DtlsServer::bind(addr, server_context(), server_config(PoolConfig::default()))
-            .await
-            .unwrap()
-    };
+    let start =
+        || async move { DtlsServer::bind(addr, server_context(), server_config(PoolConfig::default())).await.unwrap() };
     let first = start().await;
-    let context =
-        DtlsContext::client(ClientConfig::psk(IDENTITY, key()).session(session())).unwrap();
-    let client = ResilientClient::new(
-        DtlsTransport { addr, context },
-        config(5, BreakerConfig::default()),
-    )
-    .unwrap();
+    let context = DtlsContext::client(ClientConfig::psk(IDENTITY, key()).session(session())).unwrap();
+    let client = ResilientClient::new(DtlsTransport { addr, context }, config(5, BreakerConfig::default())).unwrap();
     let mut events = client.events();
     client.send_with_retry(b"before restart").await.unwrap();
     assert_eq!(
-        tokio::time::timeout(Duration::from_secs(10), first.recv())
-            .await
-            .unwrap()
-            .unwrap()
-            .1,
+        tokio::time::timeout(Duration::from_secs(10), first.recv()).await.unwrap().unwrap().1,
         b"before restart"
     );
 
     first.shutdown().await; // close_notify to the client
-    let lost = next_matching(&mut events, |e| {
-        matches!(e, ClientEvent::Disconnected { .. })
-    })
-    .await;
+    let lost = next_matching(&mut events, |e| matches!(e, ClientEvent::Disconnected { .. })).await;
     assert!(
         matches!(lost, ClientEvent::Disconnected { reason: DisconnectReason::Lost(ref r) } if r.contains("peer closed")),
         "{lost:?}"
@@ -349,25 +238,16 @@ async fn over_dtls_a_restarted_server_gets_a_new_handshake_and_the_payload() {
     let second = start().await;
     client.send_with_retry(b"after restart").await.unwrap();
     assert_eq!(
-        tokio::time::timeout(Duration::from_secs(10), second.recv())
-            .await
-            .unwrap()
-            .unwrap()
-            .1,
+        tokio::time::timeout(Duration::from_secs(10), second.recv()).await.unwrap().unwrap().1,
         b"after restart"
     );
     let stats = second.stats().await.unwrap();
-    assert_eq!(
-        stats.endpoint.handshakes_completed, 1,
-        "a new handshake with the restarted server"
-    );
+    assert_eq!(stats.endpoint.handshakes_completed, 1, "a new handshake with the restarted server");
 }
 
 #[tokio::test(start_paused = true)]
 async fn retry_sleeps_between_attempts_only_and_can_be_cancelled() {
-    let mut backoff =
-        tether_proto::resilience::Backoff::new(BackoffConfig::default().max_attempts(4), 0)
-            .unwrap();
+    let mut backoff = tether_proto::resilience::Backoff::new(BackoffConfig::default().max_attempts(4), 0).unwrap();
     let start = tokio::time::Instant::now();
     let calls = AtomicU32::new(0);
     let result: Result<(), _> = tether::retry(&mut backoff, |_| {
@@ -375,13 +255,7 @@ async fn retry_sleeps_between_attempts_only_and_can_be_cancelled() {
         async { Err::<(), &str>("down") }
     })
     .await;
-    assert_eq!(
-        result.unwrap_err(),
-        tether::RetryError {
-            attempts: 4,
-            last: "down"
-        }
-    );
+    assert_eq!(result.unwrap_err(), tether::RetryError { attempts: 4, last: "down" });
     assert_eq!(start.elapsed(), Duration::from_secs(1 + 2 + 4));
     assert_eq!(calls.load(Ordering::SeqCst), 4);
     // Cancelled during its first sleep: no further attempt.
@@ -443,10 +317,7 @@ async fn half_open_probes_are_bounded_under_concurrency_and_cancelled_probes_fre
         succeed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         attempts: Arc::new(AtomicU32::new(0)),
     };
-    let breaker = BreakerConfig {
-        failure_threshold: 2,
-        ..BreakerConfig::default()
-    }; // 3 probes, 2 successes
+    let breaker = BreakerConfig { failure_threshold: 2, ..BreakerConfig::default() }; // 3 probes, 2 successes
     let client = Arc::new(ResilientClient::new(gate.clone(), config(1, breaker)).unwrap());
     // Two failures open the circuit.
     gate.open.add_permits(2);
@@ -463,16 +334,10 @@ async fn half_open_probes_are_bounded_under_concurrency_and_cancelled_probes_fre
     let mut calls = Vec::new();
     for _ in 0..10 {
         let client = Arc::clone(&client);
-        calls.push(tokio::spawn(async move {
-            client.send_with_retry(b"probe").await
-        }));
+        calls.push(tokio::spawn(async move { client.send_with_retry(b"probe").await }));
     }
     tokio::time::sleep(Duration::from_millis(1)).await;
-    assert_eq!(
-        gate.attempts.load(Ordering::SeqCst) - before,
-        1,
-        "connects are serialised: one probe connecting"
-    );
+    assert_eq!(gate.attempts.load(Ordering::SeqCst) - before, 1, "connects are serialised: one probe connecting");
     let mut refused = 0;
     let mut waiting = Vec::new();
     for call in calls {
@@ -500,19 +365,8 @@ async fn half_open_probes_are_bounded_under_concurrency_and_cancelled_probes_fre
     }
     gate.succeed.store(true, Ordering::SeqCst);
     gate.open.add_permits(10);
-    client
-        .send_with_retry(b"probe after cancel")
-        .await
-        .expect("a freed slot");
-    assert_eq!(
-        client.circuit_state(),
-        CircuitState::HalfOpen,
-        "one success of the two needed"
-    );
+    client.send_with_retry(b"probe after cancel").await.expect("a freed slot");
+    assert_eq!(client.circuit_state(), CircuitState::HalfOpen, "one success of the two needed");
     client.send_with_retry(b"second success").await.unwrap();
-    assert_eq!(
-        client.circuit_state(),
-        CircuitState::Closed,
-        "the success threshold closes it"
-    );
+    assert_eq!(client.circuit_state(), CircuitState::Closed, "the success threshold closes it");
 }

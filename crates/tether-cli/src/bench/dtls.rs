@@ -12,8 +12,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use tether_proto::dtls::pki::{CertificateAuthority, Validity};
 use tether_proto::dtls::{
-    CipherSuite, ClientConfig, DtlsContext, Endpoint, EndpointConfig, Event, PskKey, SavedSession,
-    ServerConfig, Session, SessionConfig, StaticPskStore,
+    CipherSuite, ClientConfig, DtlsContext, Endpoint, EndpointConfig, Event, PskKey, SavedSession, ServerConfig,
+    Session, SessionConfig, StaticPskStore,
 };
 
 use super::{percentiles_us, Figure};
@@ -37,8 +37,7 @@ pub fn run(options: &DtlsBenchOptions) -> Result<Vec<Figure>> {
     let session = SessionConfig::default().handshake_timeout(Duration::from_secs(5));
     let psk_session = session.clone().cipher_suites(&[CipherSuite::PskAes128Ccm8]);
     let psk_server = DtlsContext::server(
-        ServerConfig::psk(StaticPskStore::new().with(IDENTITY, psk.clone()))
-            .session(psk_session.clone()),
+        ServerConfig::psk(StaticPskStore::new().with(IDENTITY, psk.clone())).session(psk_session.clone()),
     )?;
     let psk_client = DtlsContext::client(ClientConfig::psk(IDENTITY, psk).session(psk_session))?;
 
@@ -46,20 +45,16 @@ pub fn run(options: &DtlsBenchOptions) -> Result<Vec<Figure>> {
     let validity = Validity::days_around(now, 7);
     let mut ca = CertificateAuthority::generate("tether bench ca", validity)?;
     let ecdhe_session = session.cipher_suites(&[CipherSuite::EcdheEcdsaAes128GcmSha256]);
-    let x509_server = DtlsContext::server(
-        ServerConfig::x509(ca.issue("localhost", validity)?).session(ecdhe_session.clone()),
-    )?;
+    let x509_server =
+        DtlsContext::server(ServerConfig::x509(ca.issue("localhost", validity)?).session(ecdhe_session.clone()))?;
     let x509_client = DtlsContext::client(
-        ClientConfig::x509(vec![ca.certificate.clone()])
-            .server_name("localhost")
-            .session(ecdhe_session),
+        ClientConfig::x509(vec![ca.certificate.clone()]).server_name("localhost").session(ecdhe_session),
     )?;
 
     let mut figures = Vec::new();
 
     let server = EchoServer::dtls(Arc::clone(&psk_server))?;
-    let (dtls_rtt, mut dtls_lat) =
-        dtls_round_trips(&psk_client, server.addr, options.duration, options.payload)?;
+    let (dtls_rtt, mut dtls_lat) = dtls_round_trips(&psk_client, server.addr, options.duration, options.payload)?;
     let mut full = handshakes(&psk_client, server.addr, options.duration, Resume::Never)?;
     let mut resumed = handshakes(&psk_client, server.addr, options.duration, Resume::Always)?;
     server.stop();
@@ -96,10 +91,7 @@ pub fn run(options: &DtlsBenchOptions) -> Result<Vec<Figure>> {
         "hs/s",
         "full PSK handshakes/s",
         full.rate(),
-        format!(
-            "{} abbreviated handshakes, p50 {res_p50:.0} us, p99 {res_p99:.0} us",
-            resumed.count
-        ),
+        format!("{} abbreviated handshakes, p50 {res_p50:.0} us, p99 {res_p99:.0} us", resumed.count),
     ));
 
     let server = EchoServer::dtls(Arc::clone(&x509_server))?;
@@ -112,10 +104,7 @@ pub fn run(options: &DtlsBenchOptions) -> Result<Vec<Figure>> {
         "hs/s",
         "full PSK handshakes/s",
         full.rate(),
-        format!(
-            "{} handshakes, P-256, p50 {e50:.0} us, p99 {e99:.0} us",
-            ecdhe.count
-        ),
+        format!("{} handshakes, P-256, p50 {e50:.0} us, p99 {e99:.0} us", ecdhe.count),
     ));
 
     let per_session = memory_per_session(&psk_server, &psk_client, options.sessions)?;
@@ -125,10 +114,7 @@ pub fn run(options: &DtlsBenchOptions) -> Result<Vec<Figure>> {
         "KiB",
         "OpenSSL 3.0 figure in DESIGN.md (max)",
         45.0,
-        format!(
-            "RSS delta over {} in-process server sessions",
-            options.sessions
-        ),
+        format!("RSS delta over {} in-process server sessions", options.sessions),
     ));
     Ok(figures)
 }
@@ -144,11 +130,7 @@ impl EchoServer {
     fn dtls(context: Arc<DtlsContext>) -> Result<Self> {
         let socket = UdpSocket::bind("127.0.0.1:0")?;
         let addr = socket.local_addr()?;
-        let endpoint = Endpoint::new(
-            context,
-            EndpointConfig::new(crate::echo::os_seed()),
-            Instant::now(),
-        )?;
+        let endpoint = Endpoint::new(context, EndpointConfig::new(crate::echo::os_seed()), Instant::now())?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
         let thread = std::thread::spawn(move || {
@@ -164,9 +146,7 @@ impl EchoServer {
         let flag = Arc::clone(&stop);
         let thread = std::thread::spawn(move || {
             let mut buf = vec![0u8; 65_536];
-            socket
-                .set_read_timeout(Some(Duration::from_millis(20)))
-                .ok();
+            socket.set_read_timeout(Some(Duration::from_millis(20))).ok();
             while !flag.load(Ordering::Relaxed) {
                 if let Ok((n, from)) = socket.recv_from(&mut buf) {
                     let _ = socket.send_to(&buf[..n], from);
@@ -221,10 +201,7 @@ fn drive(socket: &UdpSocket, session: &mut Session, until: impl Fn(&Event) -> bo
             bail!("no progress within 5 s");
         }
         let wake = session.poll_timeout().unwrap_or(cap).min(cap);
-        socket.set_read_timeout(Some(
-            wake.saturating_duration_since(now)
-                .max(Duration::from_millis(1)),
-        ))?;
+        socket.set_read_timeout(Some(wake.saturating_duration_since(now).max(Duration::from_millis(1))))?;
         match socket.recv(&mut buf) {
             Ok(n) => session.handle_datagram(Instant::now(), &buf[..n]),
             Err(_) => session.handle_timeout(Instant::now()),
@@ -233,12 +210,7 @@ fn drive(socket: &UdpSocket, session: &mut Session, until: impl Fn(&Event) -> bo
 }
 
 /// Sequential handshakes against `server` for `duration`, each closed with close_notify.
-fn handshakes(
-    client: &Arc<DtlsContext>,
-    server: SocketAddr,
-    duration: Duration,
-    resume: Resume,
-) -> Result<Rate> {
+fn handshakes(client: &Arc<DtlsContext>, server: SocketAddr, duration: Duration, resume: Resume) -> Result<Rate> {
     let socket = UdpSocket::bind("127.0.0.1:0")?;
     socket.connect(server)?;
     let mut saved: Option<SavedSession> = None;
@@ -250,10 +222,7 @@ fn handshakes(
             (Some(s), Resume::Always) => Session::client_resuming(client, began, s)?,
             _ => Session::client(client, began)?,
         };
-        drive(&socket, &mut session, |e| {
-            matches!(e, Event::Connected { .. })
-        })
-        .context("bench handshake")?;
+        drive(&socket, &mut session, |e| matches!(e, Event::Connected { .. })).context("bench handshake")?;
         latencies.push(began.elapsed());
         if resume == Resume::Always && saved.is_some() && !session.is_resumed() {
             bail!("the server did not resume the saved session");
@@ -266,11 +235,7 @@ fn handshakes(
             socket.send(&t.contents)?;
         }
     }
-    Ok(Rate {
-        count: latencies.len() as u64,
-        elapsed: start.elapsed(),
-        latencies,
-    })
+    Ok(Rate { count: latencies.len() as u64, elapsed: start.elapsed(), latencies })
 }
 
 fn dtls_round_trips(
@@ -282,9 +247,7 @@ fn dtls_round_trips(
     let socket = UdpSocket::bind("127.0.0.1:0")?;
     socket.connect(server)?;
     let mut session = Session::client(client, Instant::now())?;
-    drive(&socket, &mut session, |e| {
-        matches!(e, Event::Connected { .. })
-    })?;
+    drive(&socket, &mut session, |e| matches!(e, Event::Connected { .. }))?;
     let record = vec![0x5au8; payload];
     let mut latencies = Vec::new();
     let start = Instant::now();
@@ -294,17 +257,10 @@ fn dtls_round_trips(
         drive(&socket, &mut session, |e| matches!(e, Event::Data(_)))?;
         latencies.push(began.elapsed());
     }
-    Ok((
-        latencies.len() as f64 / start.elapsed().as_secs_f64(),
-        latencies,
-    ))
+    Ok((latencies.len() as f64 / start.elapsed().as_secs_f64(), latencies))
 }
 
-fn udp_round_trips(
-    server: SocketAddr,
-    duration: Duration,
-    payload: usize,
-) -> Result<(f64, Vec<Duration>)> {
+fn udp_round_trips(server: SocketAddr, duration: Duration, payload: usize) -> Result<(f64, Vec<Duration>)> {
     let socket = UdpSocket::bind("127.0.0.1:0")?;
     socket.connect(server)?;
     socket.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -318,10 +274,7 @@ fn udp_round_trips(
         socket.recv(&mut buf).context("plain UDP echo")?;
         latencies.push(began.elapsed());
     }
-    Ok((
-        latencies.len() as f64 / start.elapsed().as_secs_f64(),
-        latencies,
-    ))
+    Ok((latencies.len() as f64 / start.elapsed().as_secs_f64(), latencies))
 }
 
 /// Resident memory of this process in bytes.
@@ -332,11 +285,7 @@ fn rss_bytes() -> Result<f64> {
 }
 
 /// RSS growth per established server session, over `count` sessions held at once.
-fn memory_per_session(
-    server: &Arc<DtlsContext>,
-    client: &Arc<DtlsContext>,
-    count: usize,
-) -> Result<f64> {
+fn memory_per_session(server: &Arc<DtlsContext>, client: &Arc<DtlsContext>, count: usize) -> Result<f64> {
     let now = Instant::now();
     let mut held = Vec::with_capacity(count);
     let before = rss_bytes()?;

@@ -35,20 +35,8 @@ impl Figure {
         baseline_value: f64,
         detail: impl Into<String>,
     ) -> Self {
-        let ratio = if baseline_value > 0.0 {
-            value / baseline_value
-        } else {
-            f64::NAN
-        };
-        Self {
-            name: name.into(),
-            value,
-            unit,
-            baseline: baseline.into(),
-            baseline_value,
-            ratio,
-            detail: detail.into(),
-        }
+        let ratio = if baseline_value > 0.0 { value / baseline_value } else { f64::NAN };
+        Self { name: name.into(), value, unit, baseline: baseline.into(), baseline_value, ratio, detail: detail.into() }
     }
 }
 
@@ -76,7 +64,6 @@ pub fn percentiles_us(samples: &mut [std::time::Duration]) -> (f64, f64) {
         return (f64::NAN, f64::NAN);
     }
     samples.sort();
-    let at =
-        |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e6;
+    let at = |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e6;
     (at(0.5), at(0.99))
 }

@@ -9,9 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use tether::{Dialer, DtlsClient, DtlsServer, DtlsServerConfig, SessionPool};
-use tether_proto::dtls::{
-    CipherSuite, ClientConfig, DtlsContext, PskKey, ServerConfig, SessionConfig, StaticPskStore,
-};
+use tether_proto::dtls::{CipherSuite, ClientConfig, DtlsContext, PskKey, ServerConfig, SessionConfig, StaticPskStore};
 use tether_proto::pool::PoolConfig;
 use tokio::net::UdpSocket;
 
@@ -46,14 +44,9 @@ impl Run {
 /// Runs the pool benchmark on a tokio runtime of its own.
 pub fn run(options: &PoolBenchOptions) -> Result<Vec<Figure>> {
     let runtime = if options.threads <= 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?
     } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(options.threads)
-            .enable_all()
-            .build()?
+        tokio::runtime::Builder::new_multi_thread().worker_threads(options.threads).enable_all().build()?
     };
     runtime.block_on(measure(options))
 }
@@ -62,18 +55,10 @@ async fn measure(options: &PoolBenchOptions) -> Result<Vec<Figure>> {
     let key = PskKey::from_hex("73656372657450534b")?;
     let session = SessionConfig::default().cipher_suites(&[CipherSuite::PskAes128Ccm8]);
     let server_ctx = DtlsContext::server(
-        ServerConfig::psk(StaticPskStore::new().with("bench", key.clone()))
-            .session(session.clone()),
+        ServerConfig::psk(StaticPskStore::new().with("bench", key.clone())).session(session.clone()),
     )?;
     let client_ctx = DtlsContext::client(ClientConfig::psk("bench", key).session(session))?;
-    let server = Arc::new(
-        DtlsServer::bind(
-            "127.0.0.1:0".parse()?,
-            server_ctx,
-            DtlsServerConfig::default(),
-        )
-        .await?,
-    );
+    let server = Arc::new(DtlsServer::bind("127.0.0.1:0".parse()?, server_ctx, DtlsServerConfig::default()).await?);
     let echo = Arc::clone(&server);
     tokio::spawn(async move {
         while let Some((peer, data)) = echo.recv().await {
@@ -86,10 +71,7 @@ async fn measure(options: &PoolBenchOptions) -> Result<Vec<Figure>> {
     let pooled = pooled(&client_ctx, peer, &payload, options).await?;
     let per_request = per_request(&client_ctx, peer, &payload, options).await?;
     let udp = plain_udp(&payload, options).await?;
-    let server_handshakes = server
-        .stats()
-        .await
-        .map_or(0, |s| s.endpoint.handshakes_completed);
+    let server_handshakes = server.stats().await.map_or(0, |s| s.endpoint.handshakes_completed);
     server.shutdown().await;
 
     let mut pooled_lat = pooled.latencies.clone();
@@ -127,21 +109,14 @@ async fn pooled(
     payload: &[u8],
     options: &PoolBenchOptions,
 ) -> Result<Run> {
-    let pool = SessionPool::new(
-        PoolConfig::default(),
-        Some(Arc::clone(context)),
-        Dialer::Udp,
-        None,
-    )?;
+    let pool = SessionPool::new(PoolConfig::default(), Some(Arc::clone(context)), Dialer::Udp, None)?;
     let mut latencies = Vec::with_capacity(options.requests);
     let start = Instant::now();
     while latencies.len() < options.requests && start.elapsed() < options.max_duration {
         let began = Instant::now();
         let session = pool.get_or_connect(peer).await?;
         session.send(payload).await?;
-        let echo = tokio::time::timeout(Duration::from_secs(5), session.recv())
-            .await
-            .context("pooled echo")?;
+        let echo = tokio::time::timeout(Duration::from_secs(5), session.recv()).await.context("pooled echo")?;
         if echo.as_deref() != Some(payload) {
             bail!("pooled echo mismatch");
         }
@@ -149,12 +124,7 @@ async fn pooled(
     }
     let elapsed = start.elapsed();
     let handshakes = pool.stats().await.handshakes_total;
-    Ok(Run {
-        count: latencies.len(),
-        elapsed,
-        latencies,
-        handshakes,
-    })
+    Ok(Run { count: latencies.len(), elapsed, latencies, handshakes })
 }
 
 async fn per_request(
@@ -169,9 +139,7 @@ async fn per_request(
         let began = Instant::now();
         let client = DtlsClient::connect(peer, context).await?;
         client.send(payload).await?;
-        let echo = tokio::time::timeout(Duration::from_secs(5), client.recv())
-            .await
-            .context("per-request echo")?;
+        let echo = tokio::time::timeout(Duration::from_secs(5), client.recv()).await.context("per-request echo")?;
         if echo.as_deref() != Some(payload) {
             bail!("per-request echo mismatch");
         }
@@ -180,12 +148,7 @@ async fn per_request(
     }
     let elapsed = start.elapsed();
     let count = latencies.len();
-    Ok(Run {
-        count,
-        elapsed,
-        latencies,
-        handshakes: count as u64,
-    })
+    Ok(Run { count, elapsed, latencies, handshakes: count as u64 })
 }
 
 async fn plain_udp(payload: &[u8], options: &PoolBenchOptions) -> Result<Run> {
@@ -205,19 +168,12 @@ async fn plain_udp(payload: &[u8], options: &PoolBenchOptions) -> Result<Run> {
     while latencies.len() < options.requests && start.elapsed() < options.max_duration {
         let began = Instant::now();
         client.send(payload).await?;
-        tokio::time::timeout(Duration::from_secs(5), client.recv(&mut buf))
-            .await
-            .context("udp echo")??;
+        tokio::time::timeout(Duration::from_secs(5), client.recv(&mut buf)).await.context("udp echo")??;
         latencies.push(began.elapsed());
     }
     let elapsed = start.elapsed();
     echo.abort();
-    Ok(Run {
-        count: latencies.len(),
-        elapsed,
-        latencies,
-        handshakes: 0,
-    })
+    Ok(Run { count: latencies.len(), elapsed, latencies, handshakes: 0 })
 }
 
 fn runtime_label(threads: usize) -> String {

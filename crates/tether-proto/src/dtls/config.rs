@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use openssl::pkey::{PKey, Private};
 use openssl::ssl::{
-    SslContext, SslContextBuilder, SslMethod, SslOptions, SslSessionCacheMode, SslVerifyMode,
-    SslVersion,
+    SslContext, SslContextBuilder, SslMethod, SslOptions, SslSessionCacheMode, SslVerifyMode, SslVersion,
 };
 use openssl::x509::store::X509StoreBuilder;
 use openssl::x509::X509;
@@ -41,12 +40,8 @@ pub enum CipherSuite {
 
 impl CipherSuite {
     /// All suites, in tether's order of preference.
-    pub const ALL: [CipherSuite; 4] = [
-        Self::PskAes128Ccm8,
-        Self::PskAes128GcmSha256,
-        Self::EcdheEcdsaAes128Ccm8,
-        Self::EcdheEcdsaAes128GcmSha256,
-    ];
+    pub const ALL: [CipherSuite; 4] =
+        [Self::PskAes128Ccm8, Self::PskAes128GcmSha256, Self::EcdheEcdsaAes128Ccm8, Self::EcdheEcdsaAes128GcmSha256];
 
     /// OpenSSL's name of the suite.
     pub fn openssl_name(self) -> &'static str {
@@ -94,10 +89,7 @@ impl RetransmitPolicy {
 
 impl Default for RetransmitPolicy {
     fn default() -> Self {
-        Self {
-            initial: Duration::from_secs(1),
-            max: Duration::from_secs(60),
-        }
+        Self { initial: Duration::from_secs(1), max: Duration::from_secs(60) }
     }
 }
 
@@ -156,10 +148,7 @@ impl SessionConfig {
         }
         let r = &self.retransmit;
         if r.initial < RetransmitPolicy::FLOOR {
-            return Err(ConfigError::InvalidDuration {
-                name: "retransmit.initial",
-                reason: "below the 20 ms floor",
-            });
+            return Err(ConfigError::InvalidDuration { name: "retransmit.initial", reason: "below the 20 ms floor" });
         }
         if r.max < r.initial || r.max > Duration::from_secs(3600) {
             return Err(ConfigError::InvalidDuration {
@@ -168,10 +157,7 @@ impl SessionConfig {
             });
         }
         if self.handshake_timeout.is_zero() {
-            return Err(ConfigError::InvalidDuration {
-                name: "handshake_timeout",
-                reason: "must be positive",
-            });
+            return Err(ConfigError::InvalidDuration { name: "handshake_timeout", reason: "must be positive" });
         }
         Ok(())
     }
@@ -195,9 +181,7 @@ impl PskKey {
     pub fn from_hex(hex: &str) -> Result<Self, ConfigError> {
         let hex = hex.trim();
         if hex.len() % 2 != 0 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(ConfigError::InvalidPsk(
-                "key must be an even number of hex digits",
-            ));
+            return Err(ConfigError::InvalidPsk("key must be an even number of hex digits"));
         }
         let bytes = (0..hex.len())
             .step_by(2)
@@ -271,9 +255,7 @@ impl CertifiedKey {
     pub fn from_pem(chain_pem: &[u8], key_pem: &[u8]) -> Result<Self, ConfigError> {
         let chain = X509::stack_from_pem(chain_pem)?;
         if chain.is_empty() {
-            return Err(ConfigError::NoCredentials(
-                "the certificate file holds no certificate",
-            ));
+            return Err(ConfigError::NoCredentials("the certificate file holds no certificate"));
         }
         let key = PKey::private_key_from_pem(key_pem)?;
         Ok(Self { chain, key })
@@ -282,13 +264,8 @@ impl CertifiedKey {
 
 impl fmt::Debug for CertifiedKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let subject = self
-            .chain
-            .first()
-            .map(|c| format!("{:?}", c.subject_name()));
-        f.debug_struct("CertifiedKey")
-            .field("leaf", &subject)
-            .finish_non_exhaustive()
+        let subject = self.chain.first().map(|c| format!("{:?}", c.subject_name()));
+        f.debug_struct("CertifiedKey").field("leaf", &subject).finish_non_exhaustive()
     }
 }
 
@@ -326,18 +303,12 @@ impl Default for ClientConfig {
 impl ClientConfig {
     /// A PSK client with default session settings.
     pub fn psk(identity: impl Into<Vec<u8>>, key: PskKey) -> Self {
-        Self {
-            psk: Some((identity.into(), key)),
-            ..Self::default()
-        }
+        Self { psk: Some((identity.into(), key)), ..Self::default() }
     }
 
     /// A certificate-verifying client with default session settings.
     pub fn x509(trust_anchors: Vec<X509>) -> Self {
-        Self {
-            trust_anchors,
-            ..Self::default()
-        }
+        Self { trust_anchors, ..Self::default() }
     }
 
     /// Sets the common session settings.
@@ -417,18 +388,12 @@ impl Default for ServerConfig {
 impl ServerConfig {
     /// A PSK server with default session settings.
     pub fn psk(store: impl PskStore) -> Self {
-        Self {
-            psk_store: Some(Arc::new(store)),
-            ..Self::default()
-        }
+        Self { psk_store: Some(Arc::new(store)), ..Self::default() }
     }
 
     /// A certificate server with default session settings.
     pub fn x509(certificate: CertifiedKey) -> Self {
-        Self {
-            certificate: Some(certificate),
-            ..Self::default()
-        }
+        Self { certificate: Some(certificate), ..Self::default() }
     }
 
     /// Sets the common session settings.
@@ -472,9 +437,7 @@ pub struct DtlsContext {
 
 impl fmt::Debug for DtlsContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DtlsContext")
-            .field("role", &self.role)
-            .finish_non_exhaustive()
+        f.debug_struct("DtlsContext").field("role", &self.role).finish_non_exhaustive()
     }
 }
 
@@ -485,22 +448,17 @@ impl DtlsContext {
         let has_psk = config.psk.is_some();
         let has_x509 = !config.trust_anchors.is_empty();
         if !has_psk && !has_x509 {
-            return Err(ConfigError::NoCredentials(
-                "a client needs a psk or trust anchors",
-            ));
+            return Err(ConfigError::NoCredentials("a client needs a psk or trust anchors"));
         }
         let mut builder = base_builder(&config.session, has_psk, has_x509)?;
         if let Some((identity, key)) = config.psk {
             if identity.is_empty() || identity.len() > 128 || identity.contains(&0) {
-                return Err(ConfigError::InvalidPsk(
-                    "identity must be 1 to 128 non-NUL bytes",
-                ));
+                return Err(ConfigError::InvalidPsk("identity must be 1 to 128 non-NUL bytes"));
             }
             builder.set_psk_client_callback(move |_ssl, _hint, identity_out, key_out| {
-                let (Some(id_slot), Some(key_slot)) = (
-                    identity_out.get_mut(..=identity.len()),
-                    key_out.get_mut(..key.0.len()),
-                ) else {
+                let (Some(id_slot), Some(key_slot)) =
+                    (identity_out.get_mut(..=identity.len()), key_out.get_mut(..key.0.len()))
+                else {
                     return Ok(0);
                 };
                 id_slot[..identity.len()].copy_from_slice(&identity);
@@ -522,11 +480,7 @@ impl DtlsContext {
         if !config.offer_extended_master_secret {
             builder.set_options(SslOptions::from_bits_retain(NO_EXTENDED_MASTER_SECRET));
         }
-        Ok(Arc::new(Self {
-            ssl: builder.build(),
-            role: Role::Client,
-            session: config.session,
-        }))
+        Ok(Arc::new(Self { ssl: builder.build(), role: Role::Client, session: config.session }))
     }
 
     /// Compiles a server configuration.
@@ -535,9 +489,7 @@ impl DtlsContext {
         let has_psk = config.psk_store.is_some();
         let has_x509 = config.certificate.is_some();
         if !has_psk && !has_x509 {
-            return Err(ConfigError::NoCredentials(
-                "a server needs a psk store or a certificate",
-            ));
+            return Err(ConfigError::NoCredentials("a server needs a psk store or a certificate"));
         }
         let mut builder = base_builder(&config.session, has_psk, has_x509)?;
         if let Some(store) = config.psk_store {
@@ -575,9 +527,7 @@ impl DtlsContext {
             builder.set_session_cache_mode(SslSessionCacheMode::OFF);
         } else {
             builder.set_session_cache_mode(SslSessionCacheMode::SERVER);
-            builder.set_session_cache_size(
-                i32::try_from(config.session_cache_size).unwrap_or(i32::MAX),
-            );
+            builder.set_session_cache_size(i32::try_from(config.session_cache_size).unwrap_or(i32::MAX));
         }
         builder.set_session_id_context(b"tether-dtls")?;
         // DTLSv1_listen requires both callbacks. The endpoint checks cookies itself before a
@@ -585,14 +535,9 @@ impl DtlsContext {
         // compare; OpenSSL is never asked to generate one.
         builder.set_cookie_generate_cb(|_ssl, _out| Err(openssl::error::ErrorStack::get()));
         builder.set_cookie_verify_cb(|ssl, cookie| {
-            ssl.ex_data(verified_cookie_index())
-                .is_some_and(|expected| expected.0 == cookie)
+            ssl.ex_data(verified_cookie_index()).is_some_and(|expected| expected.0 == cookie)
         });
-        Ok(Arc::new(Self {
-            ssl: builder.build(),
-            role: Role::Server,
-            session: config.session,
-        }))
+        Ok(Arc::new(Self { ssl: builder.build(), role: Role::Server, session: config.session }))
     }
 
     /// The role of sessions made from this context.
@@ -612,10 +557,8 @@ const NO_EXTENDED_MASTER_SECRET: u64 = 1;
 /// The cookie the endpoint verified, left on a new server SSL for OpenSSL's verify callback.
 pub(crate) struct VerifiedCookie(pub(crate) Vec<u8>);
 
-pub(crate) fn verified_cookie_index() -> openssl::ex_data::Index<openssl::ssl::Ssl, VerifiedCookie>
-{
-    static INDEX: OnceLock<openssl::ex_data::Index<openssl::ssl::Ssl, VerifiedCookie>> =
-        OnceLock::new();
+pub(crate) fn verified_cookie_index() -> openssl::ex_data::Index<openssl::ssl::Ssl, VerifiedCookie> {
+    static INDEX: OnceLock<openssl::ex_data::Index<openssl::ssl::Ssl, VerifiedCookie>> = OnceLock::new();
     *INDEX.get_or_init(|| openssl::ssl::Ssl::new_ex_index().expect("ssl ex_data index"))
 }
 
@@ -627,26 +570,16 @@ fn retransmit_index() -> openssl::ex_data::Index<SslContext, RetransmitPolicy> {
 /// The next retransmission timeout in microseconds after `timer_us` (0: the first), by the
 /// context's policy. Called from OpenSSL's timer callback.
 pub(crate) fn next_retransmit_us(ssl: &openssl::ssl::SslRef, timer_us: u32) -> u32 {
-    let policy = ssl
-        .ssl_context()
-        .ex_data(retransmit_index())
-        .copied()
-        .unwrap_or_default();
+    let policy = ssl.ssl_context().ex_data(retransmit_index()).copied().unwrap_or_default();
     let next = policy.next(Duration::from_micros(u64::from(timer_us)));
     u32::try_from(next.as_micros()).unwrap_or(u32::MAX)
 }
 
-fn base_builder(
-    session: &SessionConfig,
-    psk: bool,
-    x509: bool,
-) -> Result<SslContextBuilder, ConfigError> {
+fn base_builder(session: &SessionConfig, psk: bool, x509: bool) -> Result<SslContextBuilder, ConfigError> {
     let mut builder = SslContextBuilder::new(SslMethod::dtls())?;
     builder.set_min_proto_version(Some(SslVersion::DTLS1_2))?;
     builder.set_max_proto_version(Some(SslVersion::DTLS1_2))?;
-    builder.set_options(
-        SslOptions::NO_QUERY_MTU | SslOptions::NO_RENEGOTIATION | SslOptions::NO_TICKET,
-    );
+    builder.set_options(SslOptions::NO_QUERY_MTU | SslOptions::NO_RENEGOTIATION | SslOptions::NO_TICKET);
     let suites: Vec<&str> = session
         .cipher_suites
         .iter()
@@ -678,14 +611,8 @@ fn trust_store(cas: &[X509]) -> Result<openssl::x509::store::X509Store, ConfigEr
     Ok(store.build())
 }
 
-fn install_certificate(
-    builder: &mut SslContextBuilder,
-    cert: &CertifiedKey,
-) -> Result<(), ConfigError> {
-    let (leaf, chain) = cert
-        .chain
-        .split_first()
-        .ok_or(ConfigError::NoCredentials("empty certificate chain"))?;
+fn install_certificate(builder: &mut SslContextBuilder, cert: &CertifiedKey) -> Result<(), ConfigError> {
+    let (leaf, chain) = cert.chain.split_first().ok_or(ConfigError::NoCredentials("empty certificate chain"))?;
     builder.set_certificate(leaf)?;
     for extra in chain {
         builder.add_extra_chain_cert(extra.clone())?;
@@ -701,10 +628,7 @@ mod tests {
 
     #[test]
     fn retransmit_policy_doubles_to_the_cap() {
-        let policy = RetransmitPolicy {
-            initial: Duration::from_secs(1),
-            max: Duration::from_secs(60),
-        };
+        let policy = RetransmitPolicy { initial: Duration::from_secs(1), max: Duration::from_secs(60) };
         let mut t = Duration::ZERO;
         let mut seen = Vec::new();
         for _ in 0..9 {
@@ -726,14 +650,13 @@ mod tests {
     #[test]
     fn bad_settings_are_named() {
         let key = PskKey::new(b"k".to_vec()).unwrap();
-        let err = DtlsContext::client(
-            ClientConfig::psk("id", key.clone()).session(SessionConfig::default().mtu(100)),
-        )
-        .unwrap_err();
+        let err = DtlsContext::client(ClientConfig::psk("id", key.clone()).session(SessionConfig::default().mtu(100)))
+            .unwrap_err();
         assert!(err.to_string().contains("mtu 100"), "{err}");
-        let err = DtlsContext::client(ClientConfig::psk("id", key).session(
-            SessionConfig::default().retransmit(Duration::from_millis(1), Duration::from_secs(1)),
-        ))
+        let err = DtlsContext::client(
+            ClientConfig::psk("id", key)
+                .session(SessionConfig::default().retransmit(Duration::from_millis(1), Duration::from_secs(1))),
+        )
         .unwrap_err();
         assert!(err.to_string().contains("retransmit.initial"), "{err}");
         let err = DtlsContext::client(ClientConfig::default()).unwrap_err();

@@ -27,9 +27,7 @@ pub struct CookieKeys {
 
 impl std::fmt::Debug for CookieKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CookieKeys")
-            .field("rotate_every", &self.rotate_every)
-            .finish_non_exhaustive()
+        f.debug_struct("CookieKeys").field("rotate_every", &self.rotate_every).finish_non_exhaustive()
     }
 }
 
@@ -42,13 +40,7 @@ impl CookieKeys {
         let mut previous = [0u8; 32];
         rng.fill_bytes(&mut current);
         rng.fill_bytes(&mut previous);
-        Self {
-            rng,
-            current,
-            previous,
-            rotate_every,
-            next_rotation: now + rotate_every,
-        }
+        Self { rng, current, previous, rotate_every, next_rotation: now + rotate_every }
     }
 
     /// Rotates if due. Returns when to call again.
@@ -103,21 +95,14 @@ fn keyed(secret: &[u8; 32], peer: SocketAddr, _hello: &ClientHello<'_>) -> Hmac<
 fn mac_client_hello(mac: &mut Hmac<Sha256>, hello: &ClientHello<'_>) {
     mac.update(&hello.client_version.to_be_bytes());
     mac.update(hello.random);
-    for field in [
-        hello.session_id,
-        hello.cipher_suites,
-        hello.compression_methods,
-    ] {
+    for field in [hello.session_id, hello.cipher_suites, hello.compression_methods] {
         mac.update(&(field.len() as u16).to_be_bytes());
         mac.update(field);
     }
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::disallowed_methods,
-    reason = "tests pick their starting instant"
-)]
+#[allow(clippy::disallowed_methods, reason = "tests pick their starting instant")]
 mod tests {
     use super::*;
 
@@ -142,10 +127,7 @@ mod tests {
         let cookie = keys.issue(peer, &hello(&[7; 32], &[]));
         assert!(keys.verify(peer, &hello(&[7; 32], &cookie)));
         assert!(!keys.verify("127.0.0.1:5001".parse().unwrap(), &hello(&[7; 32], &cookie)));
-        assert!(
-            !keys.verify(peer, &hello(&[8; 32], &cookie)),
-            "other client parameters"
-        );
+        assert!(!keys.verify(peer, &hello(&[8; 32], &cookie)), "other client parameters");
         assert!(!keys.verify(peer, &hello(&[7; 32], &cookie[..31])));
     }
 
@@ -155,18 +137,9 @@ mod tests {
         let mut keys = CookieKeys::new([1; 32], Duration::from_secs(60), now);
         let peer: SocketAddr = "[::1]:5000".parse().unwrap();
         let cookie = keys.issue(peer, &hello(&[7; 32], &[]));
-        assert_eq!(
-            keys.handle_timeout(now + Duration::from_secs(60)),
-            now + Duration::from_secs(120)
-        );
-        assert!(
-            keys.verify(peer, &hello(&[7; 32], &cookie)),
-            "previous secret"
-        );
+        assert_eq!(keys.handle_timeout(now + Duration::from_secs(60)), now + Duration::from_secs(120));
+        assert!(keys.verify(peer, &hello(&[7; 32], &cookie)), "previous secret");
         keys.handle_timeout(now + Duration::from_secs(120));
-        assert!(
-            !keys.verify(peer, &hello(&[7; 32], &cookie)),
-            "two rotations old"
-        );
+        assert!(!keys.verify(peer, &hello(&[7; 32], &cookie)), "two rotations old");
     }
 }

@@ -40,12 +40,7 @@ pub struct EndpointConfig {
 impl EndpointConfig {
     /// Default limits with cookie secrets drawn from `cookie_seed`.
     pub fn new(cookie_seed: [u8; 32]) -> Self {
-        Self {
-            max_sessions: 10_000,
-            max_handshakes: 1_000,
-            cookie_rotation: Duration::from_secs(60),
-            cookie_seed,
-        }
+        Self { max_sessions: 10_000, max_handshakes: 1_000, cookie_rotation: Duration::from_secs(60), cookie_seed }
     }
 
     /// Sets the session limit.
@@ -254,21 +249,12 @@ impl fmt::Debug for Endpoint {
 
 impl Endpoint {
     /// An endpoint serving sessions of the server `context`.
-    pub fn new(
-        context: Arc<DtlsContext>,
-        config: EndpointConfig,
-        now: Instant,
-    ) -> Result<Self, ConfigError> {
+    pub fn new(context: Arc<DtlsContext>, config: EndpointConfig, now: Instant) -> Result<Self, ConfigError> {
         if context.role() != super::Role::Server {
-            return Err(ConfigError::NoCredentials(
-                "an endpoint needs a server context",
-            ));
+            return Err(ConfigError::NoCredentials("an endpoint needs a server context"));
         }
         if config.cookie_rotation.is_zero() {
-            return Err(ConfigError::InvalidDuration {
-                name: "cookie_rotation",
-                reason: "must be positive",
-            });
+            return Err(ConfigError::InvalidDuration { name: "cookie_rotation", reason: "must be positive" });
         }
         let cookies = CookieKeys::new(config.cookie_seed, config.cookie_rotation, now);
         Ok(Self {
@@ -370,9 +356,7 @@ impl Endpoint {
     ) {
         let slot = self.peers.get(&from).copied().unwrap_or_default();
         let started = |handle: Option<SessionHandle>| {
-            handle
-                .and_then(|h| self.sessions.get(&h))
-                .is_some_and(|e| e.client_random == hello.random)
+            handle.and_then(|h| self.sessions.get(&h)).is_some_and(|e| e.client_random == hello.random)
         };
         let cookie_ok = self.cookies.verify(from, hello);
         // A copy of the ClientHello that began a live session is a duplicate or a reordered
@@ -390,19 +374,12 @@ impl Endpoint {
             let mut contents = Vec::new();
             record::write_hello_verify_request(hello, &cookie, &mut contents);
             self.stats.hello_verify_requests_sent += 1;
-            self.transmits.push_back(EndpointTransmit {
-                destination: from,
-                contents,
-            });
+            self.transmits.push_back(EndpointTransmit { destination: from, contents });
             return;
         }
         let slot = self.peers.get(&from).copied().unwrap_or_default();
         if let Some(handle) = slot.handshaking {
-            if self
-                .sessions
-                .get(&handle)
-                .is_some_and(|e| e.client_random == hello.random)
-            {
+            if self.sessions.get(&handle).is_some_and(|e| e.client_random == hello.random) {
                 // A retransmission of the ClientHello that started this handshake.
                 self.feed(now, handle, datagram);
                 return;
@@ -419,8 +396,7 @@ impl Endpoint {
             self.drop_datagram(DropReason::SessionLimit);
             return;
         }
-        let session = match Session::server_after_cookie(&self.context, now, datagram, hello.cookie)
-        {
+        let session = match Session::server_after_cookie(&self.context, now, datagram, hello.cookie) {
             Ok(session) => session,
             Err(_) => {
                 self.drop_datagram(DropReason::SessionSetupFailed);
@@ -431,16 +407,7 @@ impl Endpoint {
         self.next_handle += 1;
         let mut client_random = [0u8; 32];
         client_random.copy_from_slice(hello.random);
-        self.sessions.insert(
-            handle,
-            Entry {
-                session,
-                peer: from,
-                client_random,
-                timer: None,
-                established: false,
-            },
-        );
+        self.sessions.insert(handle, Entry { session, peer: from, client_random, timer: None, established: false });
         self.peers.entry(from).or_default().handshaking = Some(handle);
         self.handshakes += 1;
         self.stats.sessions_created += 1;
@@ -468,12 +435,7 @@ impl Endpoint {
     }
 
     /// Sends application data on an established session.
-    pub fn send(
-        &mut self,
-        now: Instant,
-        handle: SessionHandle,
-        data: &[u8],
-    ) -> Result<(), SendError> {
+    pub fn send(&mut self, now: Instant, handle: SessionHandle, data: &[u8]) -> Result<(), SendError> {
         let Some(entry) = self.sessions.get_mut(&handle) else {
             return Err(SendError::Closed(CloseReason::Local));
         };
@@ -535,28 +497,16 @@ impl Endpoint {
         };
         let peer = entry.peer;
         while let Some(t) = entry.session.poll_transmit() {
-            self.transmits.push_back(EndpointTransmit {
-                destination: peer,
-                contents: t.contents,
-            });
+            self.transmits.push_back(EndpointTransmit { destination: peer, contents: t.contents });
         }
         let mut closed = None;
         while let Some(event) = entry.session.poll_event() {
             match event {
                 Event::Connected { resumed } => {
                     let identity = entry.session.peer_identity().cloned();
-                    self.events.push_back(EndpointEvent::Connected {
-                        handle,
-                        peer,
-                        identity,
-                        resumed,
-                        replaced: None,
-                    });
+                    self.events.push_back(EndpointEvent::Connected { handle, peer, identity, resumed, replaced: None });
                 }
-                Event::Data(data) => {
-                    self.events
-                        .push_back(EndpointEvent::Data { handle, peer, data })
-                }
+                Event::Data(data) => self.events.push_back(EndpointEvent::Data { handle, peer, data }),
                 Event::Closed { reason } => closed = Some(reason),
             }
         }
@@ -628,17 +578,9 @@ impl Endpoint {
         if reason != CloseReason::Replaced {
             let mut session = entry.session;
             while let Some(t) = session.poll_transmit() {
-                self.transmits.push_back(EndpointTransmit {
-                    destination: peer,
-                    contents: t.contents,
-                });
+                self.transmits.push_back(EndpointTransmit { destination: peer, contents: t.contents });
             }
         }
-        self.events.push_back(EndpointEvent::Closed {
-            handle,
-            peer,
-            was_established,
-            reason,
-        });
+        self.events.push_back(EndpointEvent::Closed { handle, peer, was_established, reason });
     }
 }

@@ -35,8 +35,7 @@ extern "C" {
     fn BIO_ADDR_free(addr: *mut BIO_ADDR);
     fn DTLS_set_timer_cb(ssl: *mut SSL, cb: TimerCallback);
     fn DTLS_get_data_mtu(ssl: *const SSL) -> usize;
-    fn SSL_CTX_use_psk_identity_hint(ctx: *mut SSL_CTX, hint: *const std::os::raw::c_char)
-        -> c_int;
+    fn SSL_CTX_use_psk_identity_hint(ctx: *mut SSL_CTX, hint: *const std::os::raw::c_char) -> c_int;
 }
 
 /// Runs `DTLSv1_listen` on a fresh server `SSL` whose read BIO holds one ClientHello that
@@ -83,10 +82,7 @@ pub(crate) fn data_mtu(ssl: &SslRef) -> usize {
 /// Time left on OpenSSL's DTLS retransmission timer (`DTLSv1_get_timeout`), or `None` when
 /// no timer runs. OpenSSL measures it on the wall clock and reports less than 15 ms as zero.
 pub(crate) fn dtls_timeout(ssl: &SslRef) -> Option<Duration> {
-    let mut remaining = libc::timeval {
-        tv_sec: 0,
-        tv_usec: 0,
-    };
+    let mut remaining = libc::timeval { tv_sec: 0, tv_usec: 0 };
     // SAFETY: command 73 writes one `struct timeval` through `parg`, which points at a live,
     // properly aligned timeval for the duration of the call.
     let running = unsafe {
@@ -109,14 +105,7 @@ pub(crate) fn dtls_timeout(ssl: &SslRef) -> Option<Duration> {
 /// `Err(())` when OpenSSL gave up (too many timeouts) or failed.
 pub(crate) fn handle_dtls_timeout(ssl: &SslRef) -> Result<bool, ()> {
     // SAFETY: command 74 takes no argument pointer; `ssl` is live with its BIO attached.
-    let ret: c_long = unsafe {
-        openssl_sys::SSL_ctrl(
-            ssl.as_ptr(),
-            DTLS_CTRL_HANDLE_TIMEOUT,
-            0,
-            std::ptr::null_mut(),
-        )
-    };
+    let ret: c_long = unsafe { openssl_sys::SSL_ctrl(ssl.as_ptr(), DTLS_CTRL_HANDLE_TIMEOUT, 0, std::ptr::null_mut()) };
     match ret {
         r if r < 0 => Err(()),
         0 => Ok(false),

@@ -11,23 +11,19 @@ mod config;
 mod cookie;
 mod endpoint;
 mod error;
-#[allow(
-    unsafe_code,
-    reason = "the one module that calls libssl functions the crate lacks"
-)]
+#[allow(unsafe_code, reason = "the one module that calls libssl functions the crate lacks")]
 mod ffi;
 pub mod pki;
 pub mod record;
 mod session;
 
 pub use config::{
-    CertifiedKey, CipherSuite, ClientAuth, ClientConfig, DtlsContext, PskKey, PskStore,
-    RetransmitPolicy, Role, ServerConfig, SessionConfig, StaticPskStore,
+    CertifiedKey, CipherSuite, ClientAuth, ClientConfig, DtlsContext, PskKey, PskStore, RetransmitPolicy, Role,
+    ServerConfig, SessionConfig, StaticPskStore,
 };
 pub use cookie::CookieKeys;
 pub use endpoint::{
-    DropReason, Endpoint, EndpointConfig, EndpointEvent, EndpointStats, EndpointTransmit,
-    SessionHandle,
+    DropReason, Endpoint, EndpointConfig, EndpointEvent, EndpointStats, EndpointTransmit, SessionHandle,
 };
 pub use error::{AlertDescription, CloseReason, ConfigError, SendError};
 pub use session::{Event, PeerIdentity, SavedSession, Session, SessionStats, Transmit};

@@ -26,10 +26,7 @@ pub struct Validity {
 impl Validity {
     /// Valid from a day before `now` for `days` days.
     pub fn days_around(now: i64, days: i64) -> Self {
-        Self {
-            not_before: now - 86_400,
-            not_after: now + days * 86_400,
-        }
+        Self { not_before: now - 86_400, not_after: now + days * 86_400 }
     }
 }
 
@@ -44,9 +41,7 @@ pub struct CertificateAuthority {
 
 impl std::fmt::Debug for CertificateAuthority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CertificateAuthority")
-            .field("subject", &self.certificate.subject_name())
-            .finish()
+        f.debug_struct("CertificateAuthority").field("subject", &self.certificate.subject_name()).finish()
     }
 }
 
@@ -64,27 +59,13 @@ impl CertificateAuthority {
         let issuer = name(common_name)?;
         builder.set_issuer_name(&issuer)?;
         builder.append_extension(BasicConstraints::new().critical().ca().build()?)?;
-        builder.append_extension(
-            KeyUsage::new()
-                .critical()
-                .key_cert_sign()
-                .crl_sign()
-                .build()?,
-        )?;
+        builder.append_extension(KeyUsage::new().critical().key_cert_sign().crl_sign().build()?)?;
         builder.sign(&key, MessageDigest::sha256())?;
-        Ok(Self {
-            certificate: builder.build(),
-            key,
-            next_serial: 2,
-        })
+        Ok(Self { certificate: builder.build(), key, next_serial: 2 })
     }
 
     /// Issues an end-entity certificate for `common_name` (also its DNS SAN) with a fresh key.
-    pub fn issue(
-        &mut self,
-        common_name: &str,
-        validity: Validity,
-    ) -> Result<CertifiedKey, ConfigError> {
+    pub fn issue(&mut self, common_name: &str, validity: Validity) -> Result<CertifiedKey, ConfigError> {
         let key = generate_p256_key()?;
         let mut builder = base(common_name, &key, validity, self.next_serial)?;
         self.next_serial += 1;
@@ -96,10 +77,7 @@ impl CertificateAuthority {
             .build(&builder.x509v3_context(Some(&self.certificate), None))?;
         builder.append_extension(san)?;
         builder.sign(&self.key, MessageDigest::sha256())?;
-        Ok(CertifiedKey {
-            chain: vec![builder.build()],
-            key,
-        })
+        Ok(CertifiedKey { chain: vec![builder.build()], key })
     }
 }
 
@@ -109,12 +87,7 @@ fn name(common_name: &str) -> Result<openssl::x509::X509Name, ConfigError> {
     Ok(name.build())
 }
 
-fn base(
-    common_name: &str,
-    key: &PKey<Private>,
-    validity: Validity,
-    serial: u32,
-) -> Result<X509Builder, ConfigError> {
+fn base(common_name: &str, key: &PKey<Private>, validity: Validity, serial: u32) -> Result<X509Builder, ConfigError> {
     let mut builder = X509Builder::new()?;
     builder.set_version(2)?;
     let serial = BigNum::from_u32(serial)?;

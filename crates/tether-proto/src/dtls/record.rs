@@ -102,13 +102,7 @@ fn parse_record(bytes: &[u8]) -> Option<(Record<'_>, &[u8])> {
     let length = usize::from(u16::from_be_bytes([header[11], header[12]]));
     let end = RECORD_HEADER_LEN.checked_add(length)?;
     let fragment = bytes.get(RECORD_HEADER_LEN..end)?;
-    let record = Record {
-        content_type,
-        version,
-        epoch,
-        sequence,
-        fragment,
-    };
+    let record = Record { content_type, version, epoch, sequence, fragment };
     Some((record, &bytes[end..]))
 }
 
@@ -182,9 +176,7 @@ pub fn parse_client_hello(datagram: &[u8]) -> Option<ClientHello<'_>> {
 }
 
 fn read_u24(bytes: &[u8]) -> usize {
-    bytes
-        .iter()
-        .fold(0usize, |acc, b| (acc << 8) | usize::from(*b))
+    bytes.iter().fold(0usize, |acc, b| (acc << 8) | usize::from(*b))
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -218,13 +210,7 @@ pub fn write_hello_verify_request(hello: &ClientHello<'_>, cookie: &[u8], out: &
     let fragment_len = HANDSHAKE_HEADER_LEN + body_len;
     out.clear();
     out.reserve(RECORD_HEADER_LEN + fragment_len);
-    write_record_header(
-        out,
-        ContentType::Handshake,
-        DTLS_1_0,
-        0,
-        hello.record_sequence,
-    );
+    write_record_header(out, ContentType::Handshake, DTLS_1_0, 0, hello.record_sequence);
     out.extend_from_slice(&(fragment_len as u16).to_be_bytes());
     out.push(HELLO_VERIFY_REQUEST);
     out.extend_from_slice(&(body_len as u32).to_be_bytes()[1..]);
@@ -246,13 +232,7 @@ pub fn fatal_alert(description: u8, sequence: u64) -> Vec<u8> {
     out
 }
 
-fn write_record_header(
-    out: &mut Vec<u8>,
-    content_type: ContentType,
-    version: u16,
-    epoch: u16,
-    sequence: u64,
-) {
+fn write_record_header(out: &mut Vec<u8>, content_type: ContentType, version: u16, epoch: u16, sequence: u64) {
     out.push(content_type.byte());
     out.extend_from_slice(&version.to_be_bytes());
     out.extend_from_slice(&epoch.to_be_bytes());
@@ -268,13 +248,7 @@ pub fn handshake_messages(datagram: &[u8]) -> Vec<Option<u8>> {
     records
         .iter()
         .filter(|r| r.content_type == ContentType::Handshake)
-        .map(|r| {
-            if r.epoch == 0 {
-                r.fragment.first().copied()
-            } else {
-                None
-            }
-        })
+        .map(|r| if r.epoch == 0 { r.fragment.first().copied() } else { None })
         .collect()
 }
 

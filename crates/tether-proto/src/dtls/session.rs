@@ -159,9 +159,7 @@ impl Session {
         saved: Option<&SavedSession>,
     ) -> Result<Self, ConfigError> {
         if context.role != Role::Client {
-            return Err(ConfigError::NoCredentials(
-                "a client session needs a client context",
-            ));
+            return Err(ConfigError::NoCredentials("a client session needs a client context"));
         }
         let mut ssl = new_ssl(context)?;
         if let Some(saved) = saved.filter(|s| Arc::ptr_eq(&s.context, context)) {
@@ -178,9 +176,7 @@ impl Session {
     /// cookies statelessly before it creates a session.
     pub fn server(context: &Arc<DtlsContext>, now: Instant) -> Result<Self, ConfigError> {
         if context.role != Role::Server {
-            return Err(ConfigError::NoCredentials(
-                "a server session needs a server context",
-            ));
+            return Err(ConfigError::NoCredentials("a server session needs a server context"));
         }
         let mut ssl = new_ssl(context)?;
         ssl.set_accept_state();
@@ -209,12 +205,7 @@ impl Session {
         Ok(session)
     }
 
-    fn with_ssl(
-        context: &Arc<DtlsContext>,
-        ssl: Ssl,
-        role: Role,
-        now: Instant,
-    ) -> Result<Self, ConfigError> {
+    fn with_ssl(context: &Arc<DtlsContext>, ssl: Ssl, role: Role, now: Instant) -> Result<Self, ConfigError> {
         let stream = SslStream::new(ssl, DatagramPipe::default())?;
         let deadline = now + context.session.handshake_timeout;
         Ok(Self {
@@ -298,10 +289,7 @@ impl Session {
             return None;
         }
         let session = self.stream.ssl().session()?.to_owned();
-        Some(SavedSession {
-            session,
-            context: Arc::clone(context),
-        })
+        Some(SavedSession { session, context: Arc::clone(context) })
     }
 
     /// Traffic counters.
@@ -372,10 +360,7 @@ impl Session {
         }
         let max = self.max_payload();
         if plaintext.len() > max {
-            return Err(SendError::TooLarge {
-                len: plaintext.len(),
-                max,
-            });
+            return Err(SendError::TooLarge { len: plaintext.len(), max });
         }
         match self.stream.ssl_write(plaintext) {
             Ok(_) => Ok(()),
@@ -446,12 +431,8 @@ impl Session {
         let Some(records) = record::parse_records(datagram) else {
             return false;
         };
-        let min = self
-            .cipher_suite()
-            .map_or(MIN_AEAD_CIPHERTEXT, min_ciphertext);
-        records
-            .iter()
-            .all(|r| r.epoch == 0 || r.fragment.len() >= min)
+        let min = self.cipher_suite().map_or(MIN_AEAD_CIPHERTEXT, min_ciphertext);
+        records.iter().all(|r| r.epoch == 0 || r.fragment.len() >= min)
     }
 
     /// The epoch-0 record sequence numbers this side has used, for plaintext alerts.
@@ -462,8 +443,7 @@ impl Session {
     fn drive_handshake(&mut self) {
         match self.stream.do_handshake() {
             Ok(()) => self.on_established(),
-            Err(err)
-                if err.code() == ErrorCode::WANT_READ || err.code() == ErrorCode::WANT_WRITE => {}
+            Err(err) if err.code() == ErrorCode::WANT_READ || err.code() == ErrorCode::WANT_WRITE => {}
             Err(err) => {
                 let reason = classify_failure(self.stream.ssl(), Some(&err));
                 self.fail(reason);
@@ -476,9 +456,7 @@ impl Session {
         self.resumed = ssl.session_reused();
         self.identity = peer_identity(ssl, self.role);
         self.state = State::Established;
-        self.events.push_back(Event::Connected {
-            resumed: self.resumed,
-        });
+        self.events.push_back(Event::Connected { resumed: self.resumed });
     }
 
     fn read_application_data(&mut self) {
@@ -514,10 +492,7 @@ impl Session {
 
     fn abort_with_alert(&mut self, alert: AlertDescription, reason: CloseReason) {
         let sequence = self.next_plaintext_sequence();
-        self.stream
-            .get_mut()
-            .outgoing
-            .push_back(record::fatal_alert(alert.0, sequence));
+        self.stream.get_mut().outgoing.push_back(record::fatal_alert(alert.0, sequence));
         self.fail(reason);
     }
 
@@ -529,9 +504,7 @@ impl Session {
         if self.is_closed() {
             return;
         }
-        self.events.push_back(Event::Closed {
-            reason: reason.clone(),
-        });
+        self.events.push_back(Event::Closed { reason: reason.clone() });
         self.state = State::Closed(reason);
     }
 }
@@ -572,11 +545,8 @@ fn min_ciphertext(suite: CipherSuite) -> usize {
 }
 
 fn carries_encrypted_handshake(datagram: &[u8]) -> bool {
-    record::parse_records(datagram).is_some_and(|records| {
-        records
-            .iter()
-            .any(|r| r.epoch > 0 && r.content_type == ContentType::Handshake)
-    })
+    record::parse_records(datagram)
+        .is_some_and(|records| records.iter().any(|r| r.epoch > 0 && r.content_type == ContentType::Handshake))
 }
 
 fn peer_identity(ssl: &SslRef, role: Role) -> Option<PeerIdentity> {
@@ -648,12 +618,9 @@ fn classify_failure(ssl: &SslRef, err: Option<&openssl::ssl::Error>) -> CloseRea
 
 fn describe(err: &openssl::ssl::Error) -> String {
     match err.ssl_error() {
-        Some(stack) => stack
-            .errors()
-            .iter()
-            .map(|e| e.reason().unwrap_or("unknown").to_string())
-            .collect::<Vec<_>>()
-            .join("; "),
+        Some(stack) => {
+            stack.errors().iter().map(|e| e.reason().unwrap_or("unknown").to_string()).collect::<Vec<_>>().join("; ")
+        }
         None => err.to_string(),
     }
 }

@@ -6,18 +6,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tether_proto::dtls::pki::{CertificateAuthority, Validity};
 use tether_proto::dtls::{
-    CertifiedKey, CipherSuite, ClientAuth, ClientConfig, DtlsContext, Event, PskKey, ServerConfig,
-    Session, SessionConfig, StaticPskStore,
+    CertifiedKey, CipherSuite, ClientAuth, ClientConfig, DtlsContext, Event, PskKey, ServerConfig, Session,
+    SessionConfig, StaticPskStore,
 };
 
 pub const IDENTITY: &str = "identity";
 pub const KEY_HEX: &str = "73656372657450534b";
 
 pub fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
 }
 
 pub fn psk() -> PskKey {
@@ -55,18 +52,11 @@ pub fn pki() -> Pki {
 }
 
 pub fn x509_server(pki: &Pki, auth: ClientAuth, session: SessionConfig) -> Arc<DtlsContext> {
-    DtlsContext::server(
-        ServerConfig::x509(pki.server.clone())
-            .client_auth(auth)
-            .session(session),
-    )
-    .unwrap()
+    DtlsContext::server(ServerConfig::x509(pki.server.clone()).client_auth(auth).session(session)).unwrap()
 }
 
 pub fn x509_client(pki: &Pki, with_cert: bool, session: SessionConfig) -> Arc<DtlsContext> {
-    let mut config = ClientConfig::x509(vec![pki.ca.certificate.clone()])
-        .session(session)
-        .server_name("server.test");
+    let mut config = ClientConfig::x509(vec![pki.ca.certificate.clone()]).session(session).server_name("server.test");
     if with_cert {
         config = config.certificate(pki.client.clone());
     }

@@ -11,9 +11,7 @@ use tether_proto::dtls::{Endpoint, EndpointEvent, Event, Session};
 
 fn wait_for(socket: &UdpSocket, next: Option<Instant>, cap: Instant) {
     let until = next.unwrap_or(cap).min(cap);
-    let wait = until
-        .saturating_duration_since(Instant::now())
-        .max(Duration::from_millis(1));
+    let wait = until.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
     socket.set_read_timeout(Some(wait)).unwrap();
 }
 
@@ -59,11 +57,7 @@ pub fn serve_echo(
     let cap = Instant::now() + limit;
     let mut buf = vec![0u8; 65_536];
     while Instant::now() < cap && stop.try_recv().is_err() {
-        wait_for(
-            &socket,
-            endpoint.poll_timeout(),
-            cap.min(Instant::now() + Duration::from_millis(50)),
-        );
+        wait_for(&socket, endpoint.poll_timeout(), cap.min(Instant::now() + Duration::from_millis(50)));
         match socket.recv_from(&mut buf) {
             Ok((n, from)) => endpoint.handle(Instant::now(), from, &buf[..n]),
             Err(_) => endpoint.handle_timeout(Instant::now()),
@@ -100,11 +94,7 @@ impl Lines {
     }
 
     /// Waits up to `limit` for a line satisfying `want`; returns it, with what came before.
-    pub fn wait(
-        &self,
-        limit: Duration,
-        want: impl Fn(&str) -> bool,
-    ) -> Result<String, Vec<String>> {
+    pub fn wait(&self, limit: Duration, want: impl Fn(&str) -> bool) -> Result<String, Vec<String>> {
         let cap = Instant::now() + limit;
         let mut seen = Vec::new();
         while let Some(left) = cap.checked_duration_since(Instant::now()) {

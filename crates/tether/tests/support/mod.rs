@@ -33,9 +33,7 @@ pub fn client_context() -> Arc<DtlsContext> {
 }
 
 pub fn server_config(pool: PoolConfig) -> DtlsServerConfig {
-    DtlsServerConfig::default()
-        .endpoint(EndpointConfig::new([5; 32]))
-        .pool(pool)
+    DtlsServerConfig::default().endpoint(EndpointConfig::new([5; 32])).pool(pool)
 }
 
 pub fn addr(last: u8, port: u16) -> SocketAddr {
@@ -45,8 +43,7 @@ pub fn addr(last: u8, port: u16) -> SocketAddr {
 /// A PSK server on the memory network at `at`, echoing whatever it receives.
 pub fn echo_server(net: &MemoryNetwork, at: SocketAddr, pool: PoolConfig) -> Arc<DtlsServer> {
     let socket = net.bind(at).unwrap();
-    let server =
-        Arc::new(DtlsServer::serve(socket, server_context(), server_config(pool)).unwrap());
+    let server = Arc::new(DtlsServer::serve(socket, server_context(), server_config(pool)).unwrap());
     let echo = Arc::clone(&server);
     tokio::spawn(async move {
         while let Some((peer, data)) = echo.recv().await {

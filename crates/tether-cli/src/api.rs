@@ -1,0 +1,226 @@
+//! The REST API (Leshan-like) and `/metrics`.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use serde_json::{json, Value};
+use tether::lwm2m::{build, DeviceResponse, Lwm2mError, Lwm2mServer};
+use tether_coap::coap_lite::{MessageClass, RequestType, ResponseType};
+use tether_coap::link_format;
+use tether_coap::registration::Registration;
+
+/// The API's routes.
+pub fn router(server: Lwm2mServer) -> Router {
+    Router::new()
+        .route("/api/clients", get(clients))
+        .route("/api/clients/{endpoint}", get(client))
+        .route("/api/clients/{endpoint}/{*path}", get(read).put(write).post(execute).delete(delete))
+        .route("/api/pool", get(pool))
+        .route("/metrics", get(metrics))
+        .with_state(server)
+}
+
+#[derive(Serialize)]
+struct ClientView {
+    endpoint: String,
+    registration_id: String,
+    address: String,
+    lifetime_s: u64,
+    binding: &'static str,
+    lwm2m_version: String,
+    objects: String,
+    expires_in_s: u64,
+}
+
+fn view(r: &Registration) -> ClientView {
+    ClientView {
+        endpoint: r.endpoint.clone(),
+        registration_id: r.id.clone(),
+        address: r.peer.to_string(),
+        lifetime_s: r.lifetime.as_secs(),
+        binding: r.binding.as_str(),
+        lwm2m_version: r.version.clone(),
+        objects: link_format::format(&r.links),
+        expires_in_s: r.expires_at().saturating_duration_since(std::time::Instant::now()).as_secs(),
+    }
+}
+
+async fn clients(State(server): State<Lwm2mServer>) -> Json<Vec<ClientView>> {
+    let mut all: Vec<ClientView> = server.registrations().await.iter().map(view).collect();
+    all.sort_by(|a, b| a.endpoint.cmp(&b.endpoint));
+    Json(all)
+}
+
+async fn client(State(server): State<Lwm2mServer>, Path(endpoint): Path<String>) -> Response {
+    match server.registrations().await.iter().find(|r| r.endpoint == endpoint) {
+        Some(r) => Json(view(r)).into_response(),
+        None => error(StatusCode::NOT_FOUND, Some("4.04"), format!("endpoint {endpoint:?} is not registered")),
+    }
+}
+
+async fn read(State(server): State<Lwm2mServer>, Path((endpoint, path)): Path<(String, String)>) -> Response {
+    if let Some(response) = path_error(&path) {
+        return response;
+    }
+    answer(server.read(&endpoint, &path).await)
+}
+
+/// Body of a write: `{"value": "..."}` as text/plain, or `{"hex": "..."}` as opaque.
+async fn write(
+    State(server): State<Lwm2mServer>,
+    Path((endpoint, path)): Path<(String, String)>,
+    Json(body): Json<Value>,
+) -> Response {
+    if let Some(response) = path_error(&path) {
+        return response;
+    }
+    let (format, payload) = match (&body["value"], &body["hex"]) {
+        (Value::String(text), Value::Null) => (0, text.as_bytes().to_vec()),
+        (Value::Number(n), Value::Null) => (0, n.to_string().into_bytes()),
+        (Value::Bool(b), Value::Null) => (0, if *b { b"1".to_vec() } else { b"0".to_vec() }),
+        (Value::Null, Value::String(hex)) => match decode_hex(hex) {
+            Some(bytes) => (42, bytes),
+            None => return error(StatusCode::BAD_REQUEST, None, "\"hex\" must be an even number of hex digits".into()),
+        },
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                None,
+                "body must be {\"value\": text|number|bool} or {\"hex\": \"…\"}".into(),
+            )
+        }
+    };
+    answer(server.write(&endpoint, &path, format, payload).await)
+}
+
+async fn execute(
+    State(server): State<Lwm2mServer>,
+    Path((endpoint, path)): Path<(String, String)>,
+    body: String,
+) -> Response {
+    if let Some(response) = path_error(&path) {
+        return response;
+    }
+    answer(server.execute(&endpoint, &path, &body).await)
+}
+
+async fn delete(State(server): State<Lwm2mServer>, Path((endpoint, path)): Path<(String, String)>) -> Response {
+    if let Some(response) = path_error(&path) {
+        return response;
+    }
+    answer(server.request(&endpoint, build(RequestType::Delete, &path, None, Vec::new())).await)
+}
+
+async fn pool(State(server): State<Lwm2mServer>) -> Response {
+    let Some(stats) = server.dtls().stats().await else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, None, "server shutting down".into());
+    };
+    let sessions: Vec<Value> = stats
+        .pool
+        .per_session
+        .iter()
+        .map(|s| {
+            json!({
+                "peer": s.peer.to_string(), "identity": s.identity, "role": s.role.name(), "state": s.state.name(),
+                "generation": s.generation.0, "age_s": s.age.as_secs_f64(), "idle_s": s.idle.as_secs_f64(),
+                "handshakes": s.handshakes, "requests": s.requests, "bytes_in": s.bytes_in, "bytes_out": s.bytes_out,
+            })
+        })
+        .collect();
+    Json(json!({
+        "sessions": stats.pool.sessions,
+        "capacity": stats.pool.capacity,
+        "handshakes_total": stats.pool.handshakes_total,
+        "requests_total": stats.pool.requests_total,
+        "expired_total": stats.pool.expired_total,
+        "evicted_total": stats.pool.evicted_total,
+        "handshakes_in_progress": stats.handshakes_in_progress,
+        "dtls": {
+            "datagrams_received": stats.endpoint.datagrams_received,
+            "hello_verify_requests_sent": stats.endpoint.hello_verify_requests_sent,
+            "handshakes_completed": stats.endpoint.handshakes_completed,
+            "handshakes_failed": stats.endpoint.handshakes_failed,
+            "datagrams_dropped": stats.endpoint.dropped_total(),
+        },
+        "per_session": sessions,
+    }))
+    .into_response()
+}
+
+async fn metrics(State(server): State<Lwm2mServer>) -> Response {
+    match server.dtls().stats().await {
+        Some(stats) => tether::metrics::render(&stats.pool, Some(&stats.endpoint)).into_response(),
+        None => error(StatusCode::SERVICE_UNAVAILABLE, None, "server shutting down".into()),
+    }
+}
+
+/// Object, object/instance or object/instance/resource: 1 to 3 numeric segments.
+fn path_error(path: &str) -> Option<Response> {
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    if segments.is_empty() || segments.len() > 4 || segments.iter().any(|s| s.parse::<u16>().is_err()) {
+        return Some(error(
+            StatusCode::BAD_REQUEST,
+            None,
+            format!("{path:?} is not an LwM2M path (object[/instance[/resource]])"),
+        ));
+    }
+    None
+}
+
+fn answer(result: Result<DeviceResponse, Lwm2mError>) -> Response {
+    match result {
+        Ok(response) => {
+            let code = coap_code(response.code);
+            let status = if response.code.is_error() { http_status(response.code) } else { StatusCode::OK };
+            let mut body = json!({ "coap_code": code, "content_format": response.content_format });
+            match (response.content_format, std::str::from_utf8(&response.payload)) {
+                (Some(42), _) | (_, Err(_)) => body["hex"] = json!(encode_hex(&response.payload)),
+                (_, Ok(text)) => body["value"] = json!(text),
+            }
+            if response.code.is_error() {
+                body["error"] = json!(format!("device answered {code}"));
+            }
+            (status, Json(body)).into_response()
+        }
+        Err(Lwm2mError::NotRegistered(endpoint)) => {
+            error(StatusCode::NOT_FOUND, None, format!("endpoint {endpoint:?} is not registered"))
+        }
+        Err(err @ (Lwm2mError::NoAnswer(_) | Lwm2mError::SessionClosed)) => {
+            error(StatusCode::GATEWAY_TIMEOUT, None, err.to_string())
+        }
+        Err(err) => error(StatusCode::INTERNAL_SERVER_ERROR, None, err.to_string()),
+    }
+}
+
+fn error(status: StatusCode, coap_code: Option<&str>, message: String) -> Response {
+    (status, Json(json!({ "error": message, "coap_code": coap_code }))).into_response()
+}
+
+fn coap_code(code: ResponseType) -> String {
+    MessageClass::Response(code).to_string()
+}
+
+fn http_status(code: ResponseType) -> StatusCode {
+    match code {
+        ResponseType::NotFound => StatusCode::NOT_FOUND,
+        ResponseType::BadRequest | ResponseType::BadOption => StatusCode::BAD_REQUEST,
+        ResponseType::Unauthorized | ResponseType::Forbidden => StatusCode::FORBIDDEN,
+        ResponseType::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        ResponseType::NotAcceptable | ResponseType::UnsupportedContentFormat => StatusCode::NOT_ACCEPTABLE,
+        _ => StatusCode::BAD_GATEWAY,
+    }
+}
+
+fn encode_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_hex(hex: &str) -> Option<Vec<u8>> {
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok()).collect()
+}

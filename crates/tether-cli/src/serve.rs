@@ -1,0 +1,206 @@
+//! `tether serve`: the LwM2M server with its REST API, on embedded defaults.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use tether::lwm2m::{Lwm2mServer, Lwm2mServerConfig};
+use tether::store::RegistrationStore;
+use tether::{DtlsServer, DtlsServerConfig};
+use tether_proto::dtls::{DtlsContext, PskKey, ServerConfig, StaticPskStore};
+
+/// The development PSK entry used when none is configured. Its key is public (README).
+pub const DEV_IDENTITY: &str = "identity";
+/// The development key, hex ("secretPSK").
+pub const DEV_KEY_HEX: &str = "73656372657450534b";
+/// The endpoint name the development identity may register.
+pub const DEV_ENDPOINT: &str = "tether-dev";
+
+/// Flags of `tether serve`; each overrides `tether.toml`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// CoAPs (DTLS) address. Default 127.0.0.1:5684.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub coaps: Option<SocketAddr>,
+    /// HTTP (REST API, /metrics) address. Default 127.0.0.1:8080.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub http: Option<SocketAddr>,
+    /// Directory of the registration database. Default ./tether-data.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Configuration file. Default ./tether.toml if it exists.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Security store (TOML with `[[psk]]` entries: identity, key (hex), endpoint).
+    #[arg(long, value_name = "FILE")]
+    pub security: Option<PathBuf>,
+    /// A PSK entry; repeatable. Replaces the development entry.
+    #[arg(long = "psk", value_name = "IDENTITY:HEXKEY:ENDPOINT")]
+    pub psk: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    coaps: Option<SocketAddr>,
+    http: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    security: Option<PathBuf>,
+    #[serde(default)]
+    psk: Vec<PskEntryFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SecurityFile {
+    #[serde(default)]
+    psk: Vec<PskEntryFile>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PskEntryFile {
+    identity: String,
+    key: String,
+    endpoint: String,
+}
+
+/// One PSK identity, its key and the endpoint name it may register.
+#[derive(Debug, Clone)]
+pub struct PskEntry {
+    /// PSK identity.
+    pub identity: String,
+    /// Key.
+    pub key: PskKey,
+    /// Endpoint name.
+    pub endpoint: String,
+}
+
+/// The resolved configuration.
+#[derive(Debug)]
+pub struct Settings {
+    /// CoAPs address.
+    pub coaps: SocketAddr,
+    /// HTTP address.
+    pub http: SocketAddr,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// PSK entries.
+    pub psk: Vec<PskEntry>,
+    /// Whether the development entry is in use.
+    pub development_psk: bool,
+}
+
+impl Settings {
+    /// Defaults, then the configuration file, then the flags.
+    pub fn resolve(args: &ServeArgs) -> Result<Self> {
+        let file = match &args.config {
+            Some(path) => Some(read_toml::<FileConfig>(path)?),
+            None if Path::new("tether.toml").exists() => Some(read_toml::<FileConfig>(Path::new("tether.toml"))?),
+            None => None,
+        }
+        .unwrap_or_default();
+        let mut entries = Vec::new();
+        for (i, e) in file.psk.iter().enumerate() {
+            entries.push(
+                entry(&e.identity, &e.key, &e.endpoint).with_context(|| format!("tether.toml psk entry {}", i + 1))?,
+            );
+        }
+        if let Some(path) = args.security.as_ref().or(file.security.as_ref()) {
+            let security = read_toml::<SecurityFile>(path)?;
+            for (i, e) in security.psk.iter().enumerate() {
+                entries.push(
+                    entry(&e.identity, &e.key, &e.endpoint)
+                        .with_context(|| format!("{}: psk entry {}", path.display(), i + 1))?,
+                );
+            }
+        }
+        for flag in &args.psk {
+            let mut parts = flag.splitn(3, ':');
+            let (Some(identity), Some(key), Some(endpoint)) = (parts.next(), parts.next(), parts.next()) else {
+                bail!("--psk {flag:?}: expected IDENTITY:HEXKEY:ENDPOINT");
+            };
+            entries.push(entry(identity, key, endpoint).with_context(|| format!("--psk {identity}:…:{endpoint}"))?);
+        }
+        let mut seen = HashMap::new();
+        for e in &entries {
+            if let Some(previous) = seen.insert(e.identity.clone(), e.endpoint.clone()) {
+                bail!("PSK identity {:?} is configured twice (for {previous:?} and {:?})", e.identity, e.endpoint);
+            }
+        }
+        let development_psk = entries.is_empty();
+        if development_psk {
+            entries.push(entry(DEV_IDENTITY, DEV_KEY_HEX, DEV_ENDPOINT)?);
+        }
+        Ok(Self {
+            coaps: args.coaps.or(file.coaps).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 5684))),
+            http: args.http.or(file.http).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            data_dir: args.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from("tether-data")),
+            psk: entries,
+            development_psk,
+        })
+    }
+}
+
+fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("{} is not valid", path.display()))
+}
+
+fn entry(identity: &str, key: &str, endpoint: &str) -> Result<PskEntry> {
+    if identity.is_empty() || endpoint.is_empty() {
+        bail!("identity and endpoint must not be empty");
+    }
+    let key = PskKey::from_hex(key).map_err(|e| anyhow::anyhow!("key: {e}"))?;
+    Ok(PskEntry { identity: identity.to_string(), key, endpoint: endpoint.to_string() })
+}
+
+/// Runs the server until SIGINT or SIGTERM; then closes every session (close_notify) and
+/// returns.
+pub async fn run(settings: Settings) -> Result<()> {
+    let mut store = StaticPskStore::new();
+    let mut authorizer = HashMap::new();
+    for e in &settings.psk {
+        store.insert(e.identity.clone(), e.key.clone());
+        authorizer.insert(e.identity.clone(), e.endpoint.clone());
+    }
+    let context = DtlsContext::server(ServerConfig::psk(store))?;
+    std::fs::create_dir_all(&settings.data_dir)
+        .with_context(|| format!("cannot create data directory {}", settings.data_dir.display()))?;
+    let db = settings.data_dir.join("registrations.db");
+    let store = Arc::new(RegistrationStore::open(&db).with_context(|| format!("cannot open {}", db.display()))?);
+    let dtls = Arc::new(DtlsServer::bind(settings.coaps, context, DtlsServerConfig::default()).await?);
+    let lwm2m = Lwm2mServer::start(Arc::clone(&dtls), Arc::new(authorizer), Some(store), Lwm2mServerConfig::default())?;
+    let listener = tokio::net::TcpListener::bind(settings.http)
+        .await
+        .with_context(|| format!("cannot listen for HTTP on {}", settings.http))?;
+    let restored = lwm2m.registrations().await.len();
+    println!("tether serve: CoAPs (DTLS 1.2) on udp {}", dtls.local_addr());
+    println!("tether serve: REST API on http://{}/api/clients, metrics on /metrics", listener.local_addr()?);
+    println!("tether serve: registrations in {} ({restored} restored)", db.display());
+    if settings.development_psk {
+        println!(
+            "tether serve: development PSK entry: identity {DEV_IDENTITY:?} may register endpoint {DEV_ENDPOINT:?}; \
+             its key is the public development key in README.md. Configure your own with --psk before exposing the server."
+        );
+    } else {
+        println!("tether serve: {} PSK identities configured (keys not shown)", settings.psk.len());
+    }
+    let app = crate::api::router(lwm2m.clone());
+    let http = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
+    http.await?;
+    println!("tether serve: shutting down: close_notify to every peer");
+    dtls.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+}

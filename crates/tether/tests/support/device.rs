@@ -1,0 +1,66 @@
+//! A scripted LwM2M device for tests: registers, then answers reads.
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::time::Duration;
+
+use tether::lwm2m::build;
+use tether::DtlsClient;
+use tether_coap::coap_lite::{CoapOption, MessageClass, RequestType, ResponseType};
+use tether_coap::message::{CoapConfig, CoapEvent, MessageLayer};
+use tether_coap::registration::response;
+use tokio::sync::mpsc;
+
+/// A scripted device: registers as `endpoint`, then answers every GET with `value`.
+/// Reports the registration response code and location on `registered`.
+pub async fn device(
+    client: DtlsClient,
+    endpoint: &'static str,
+    value: &'static str,
+    registered: mpsc::Sender<(ResponseType, Vec<String>)>,
+) {
+    let mut layer = MessageLayer::new(CoapConfig::default(), 99);
+    let mut register =
+        build(RequestType::Post, "/rd", Some(40), br#"</>;rt="oma.lwm2m";ct=11543,</1/0>,</3/0>"#.to_vec());
+    register.add_option(CoapOption::UriQuery, format!("ep={endpoint}").into_bytes());
+    register.add_option(CoapOption::UriQuery, b"lt=300".to_vec());
+    register.add_option(CoapOption::UriQuery, b"lwm2m=1.1".to_vec());
+    layer.request(std::time::Instant::now(), register, true, false).unwrap();
+    loop {
+        while let Some(event) = layer.poll_event() {
+            match event {
+                CoapEvent::Response { response, .. } => {
+                    let MessageClass::Response(code) = response.header.code else {
+                        continue;
+                    };
+                    let location = response
+                        .get_option(CoapOption::LocationPath)
+                        .map(|l| l.iter().map(|s| String::from_utf8_lossy(s).into_owned()).collect())
+                        .unwrap_or_default();
+                    let _ = registered.send((code, location)).await;
+                }
+                CoapEvent::Request { id, request } => {
+                    let mut answer = response(ResponseType::Content);
+                    if request.header.code == MessageClass::Request(RequestType::Get) {
+                        answer.add_option(CoapOption::ContentFormat, vec![]);
+                        answer.payload = value.as_bytes().to_vec();
+                    }
+                    layer.respond(std::time::Instant::now(), &id, answer).unwrap();
+                }
+                _ => {}
+            }
+        }
+        // Answers go out before waiting for more input.
+        while let Some(d) = layer.poll_transmit() {
+            if client.send(&d).await.is_err() {
+                return;
+            }
+        }
+        tokio::select! {
+            data = client.recv() => match data {
+                Some(d) => layer.handle_datagram(std::time::Instant::now(), &d),
+                None => return,
+            },
+            _ = tokio::time::sleep(Duration::from_millis(200)) => layer.handle_timeout(std::time::Instant::now()),
+        }
+    }
+}
