@@ -1,0 +1,91 @@
+//! `tether serve` as a child process, and a minimal HTTP client.
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The development key (hex of "secretPSK").
+pub const KEY: &str = "73656372657450534b";
+/// PSK entries `device-N` → `urn:dev:N` the server is started with.
+pub const DEVICES: usize = 5;
+
+/// A `tether serve` process this test started; killed (by its PID) when dropped.
+pub struct Server {
+    child: Child,
+    /// CoAPs address.
+    pub coaps: SocketAddr,
+    /// HTTP address.
+    pub http: SocketAddr,
+}
+
+impl Server {
+    pub fn start(data_dir: &Path) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tether"));
+        command.args(["serve", "--coaps", "127.0.0.1:0", "--http", "127.0.0.1:0", "--data-dir"]).arg(data_dir);
+        for i in 0..DEVICES {
+            command.args(["--psk", &format!("device-{i}:{KEY}:urn:dev:{i}")]);
+        }
+        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("tether binary");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std_mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let (mut coaps, mut http) = (None, None);
+        while coaps.is_none() || http.is_none() {
+            let line = rx.recv_timeout(Duration::from_secs(30)).expect("tether serve prints its addresses");
+            if let Some(addr) = line.strip_prefix("tether serve: CoAPs (DTLS 1.2) on udp ") {
+                coaps = addr.trim().parse().ok();
+            }
+            if let Some(rest) = line.strip_prefix("tether serve: REST API on http://") {
+                http = rest.split('/').next().and_then(|a| a.parse().ok());
+            }
+        }
+        Self { child, coaps: coaps.unwrap(), http: http.unwrap() }
+    }
+
+    pub fn sigkill(mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+
+    pub fn sigterm(mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+        let exit = self.child.wait().unwrap();
+        std::mem::forget(self);
+        exit
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal HTTP/1.1 request; returns the status and the JSON body.
+pub async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let body = body.unwrap_or("");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response[9..12].parse().unwrap();
+    let json = response.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, serde_json::from_str(json).unwrap_or(Value::Null))
+}
