@@ -1,6 +1,9 @@
 //! The REST API (Leshan-like) and `/metrics`.
 
-use axum::extract::{Path, State};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{FromRef, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -11,16 +14,34 @@ use tether::lwm2m::{build, DeviceResponse, Lwm2mError, Lwm2mServer};
 use tether_coap::coap_lite::{MessageClass, RequestType, ResponseType};
 use tether_coap::link_format;
 use tether_coap::registration::Registration;
+use tokio::sync::mpsc;
+
+/// Observations started through the API, by id, with their notification queues.
+type Observations = Arc<Mutex<HashMap<u64, mpsc::Receiver<DeviceResponse>>>>;
+
+#[derive(Clone)]
+struct Api {
+    server: Lwm2mServer,
+    observations: Observations,
+}
+
+impl FromRef<Api> for Lwm2mServer {
+    fn from_ref(api: &Api) -> Self {
+        api.server.clone()
+    }
+}
 
 /// The API's routes.
 pub fn router(server: Lwm2mServer) -> Router {
+    let api = Api { server, observations: Arc::default() };
     Router::new()
         .route("/api/clients", get(clients))
         .route("/api/clients/{endpoint}", get(client))
-        .route("/api/clients/{endpoint}/{*path}", get(read).put(write).post(execute).delete(delete))
+        .route("/api/clients/{endpoint}/{*path}", get(read).put(write).post(execute_or_observe).delete(delete))
+        .route("/api/observations/{id}", get(notifications).delete(cancel))
         .route("/api/pool", get(pool))
         .route("/metrics", get(metrics))
-        .with_state(server)
+        .with_state(api)
 }
 
 #[derive(Serialize)]
@@ -96,15 +117,73 @@ async fn write(
     answer(server.write(&endpoint, &path, format, payload).await)
 }
 
-async fn execute(
-    State(server): State<Lwm2mServer>,
+/// `POST …/{path}`: Execute; `POST …/{path}/observe`: start an observation.
+async fn execute_or_observe(
+    State(api): State<Api>,
     Path((endpoint, path)): Path<(String, String)>,
     body: String,
 ) -> Response {
+    if let Some(path) = path.strip_suffix("/observe") {
+        if let Some(response) = path_error(path) {
+            return response;
+        }
+        return match api.server.observe(&endpoint, path).await {
+            Ok(observation) => {
+                let id = observation.id;
+                api.observations.lock().unwrap_or_else(|e| e.into_inner()).insert(id, observation.notifications);
+                let mut body = payload_json(&observation.first);
+                body["observation"] = json!(id);
+                Json(body).into_response()
+            }
+            Err(err) => answer(Err(err)),
+        };
+    }
     if let Some(response) = path_error(&path) {
         return response;
     }
-    answer(server.execute(&endpoint, &path, &body).await)
+    answer(api.server.execute(&endpoint, &path, &body).await)
+}
+
+/// The notifications received since the last call, oldest first.
+async fn notifications(State(api): State<Api>, Path(id): Path<u64>) -> Response {
+    let mut observations = api.observations.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(queue) = observations.get_mut(&id) else {
+        return error(StatusCode::NOT_FOUND, None, format!("no observation {id}"));
+    };
+    let mut values = Vec::new();
+    let mut active = true;
+    loop {
+        match queue.try_recv() {
+            Ok(notification) => values.push(payload_json(&notification)),
+            Err(mpsc::error::TryRecvError::Empty) => break,
+            Err(mpsc::error::TryRecvError::Disconnected) => {
+                active = false;
+                break;
+            }
+        }
+    }
+    if !active {
+        observations.remove(&id);
+    }
+    Json(json!({ "observation": id, "active": active, "notifications": values })).into_response()
+}
+
+async fn cancel(State(api): State<Api>, Path(id): Path<u64>) -> Response {
+    api.observations.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+    if api.server.cancel_observation(id).await {
+        Json(json!({ "observation": id, "cancelled": true })).into_response()
+    } else {
+        error(StatusCode::NOT_FOUND, None, format!("no active observation {id}"))
+    }
+}
+
+fn payload_json(response: &DeviceResponse) -> Value {
+    let mut body = json!({ "coap_code": coap_code(response.code), "content_format": response.content_format });
+    match (response.content_format, std::str::from_utf8(&response.payload)) {
+        (Some(42), _) | (_, Err(_)) => body["hex"] = json!(encode_hex(&response.payload)),
+        (_, Ok(text)) => body["value"] = json!(text),
+    }
+    body
 }
 
 async fn delete(State(server): State<Lwm2mServer>, Path((endpoint, path)): Path<(String, String)>) -> Response {
@@ -175,11 +254,7 @@ fn answer(result: Result<DeviceResponse, Lwm2mError>) -> Response {
         Ok(response) => {
             let code = coap_code(response.code);
             let status = if response.code.is_error() { http_status(response.code) } else { StatusCode::OK };
-            let mut body = json!({ "coap_code": code, "content_format": response.content_format });
-            match (response.content_format, std::str::from_utf8(&response.payload)) {
-                (Some(42), _) | (_, Err(_)) => body["hex"] = json!(encode_hex(&response.payload)),
-                (_, Ok(text)) => body["value"] = json!(text),
-            }
+            let mut body = payload_json(&response);
             if response.code.is_error() {
                 body["error"] = json!(format!("device answered {code}"));
             }

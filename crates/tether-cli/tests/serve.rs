@@ -61,6 +61,25 @@ async fn rest_api_sigkill_restart_and_sigterm() {
     assert_eq!((status, written["coap_code"].as_str()), (200, Some("2.05")), "{written}");
     let (status, executed) = http(server.http, "POST", "/api/clients/urn:dev:1/3/0/4", Some("")).await;
     assert_eq!(status, 200, "{executed}");
+    // Observe: the first value at once, notifications as they arrive, then cancel.
+    let (status, observed) = http(server.http, "POST", "/api/clients/urn:dev:2/3/0/9/observe", Some("")).await;
+    assert_eq!((status, observed["value"].as_str()), (200, Some("urn:dev:2")), "{observed}");
+    let id = observed["observation"].as_u64().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let notified = loop {
+        let (status, batch) = http(server.http, "GET", &format!("/api/observations/{id}"), None).await;
+        assert_eq!(status, 200);
+        let values = batch["notifications"].as_array().unwrap().clone();
+        if !values.is_empty() || tokio::time::Instant::now() > deadline {
+            break values;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!notified.is_empty(), "notifications arrived");
+    assert!(notified[0]["value"].as_str().unwrap().starts_with("urn:dev:2#"), "{notified:?}");
+    let (status, cancelled) = http(server.http, "DELETE", &format!("/api/observations/{id}"), None).await;
+    assert_eq!((status, cancelled["cancelled"].as_bool()), (200, Some(true)));
+
     // Errors are JSON and say what is wrong.
     let (status, missing) = http(server.http, "GET", "/api/clients/urn:nobody/3/0/0", None).await;
     assert_eq!(status, 404);

@@ -66,6 +66,13 @@ pub struct IncomingRequest {
     confirmable: bool,
 }
 
+impl IncomingRequest {
+    /// The peer's token (what its notifications and cancellations are keyed by).
+    pub fn token(&self) -> &[u8] {
+        &self.token
+    }
+}
+
 /// Why one of our requests failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -118,6 +125,12 @@ pub enum CoapEvent {
         /// The notification.
         response: Packet,
     },
+    /// The peer rejected one of our notifications with a reset: it no longer observes
+    /// (RFC 7641 §3.6). Stop notifying on `token`.
+    ObservationCancelled {
+        /// The observation's token (the peer's).
+        token: Vec<u8>,
+    },
     /// One of our requests failed.
     RequestFailed {
         /// Our request.
@@ -143,6 +156,8 @@ pub struct CoapStats {
 struct Outgoing {
     datagram: Vec<u8>,
     token: Option<Token>,
+    /// The peer's token, for notifications we sent.
+    notification: Option<Vec<u8>>,
     retransmits: u32,
     timeout: Duration,
     next_at: Instant,
@@ -277,6 +292,33 @@ impl MessageLayer {
         Ok(())
     }
 
+    /// Sends a notification (RFC 7641) for an observation the peer opened with the request
+    /// `observed` (answered with an Observe option): `response` should carry the next Observe
+    /// sequence number. A confirmable notification is retransmitted until acknowledged; a
+    /// reset cancels the observation ([`CoapEvent::ObservationCancelled`]).
+    pub fn notify(
+        &mut self,
+        now: Instant,
+        observed: &IncomingRequest,
+        mut response: Packet,
+        confirmable: bool,
+    ) -> Result<(), CoapError> {
+        response.set_token(observed.token.clone());
+        response.header.set_type(if confirmable { MessageType::Confirmable } else { MessageType::NonConfirmable });
+        let message_id = self.message_id();
+        response.header.message_id = message_id;
+        let datagram = response.to_bytes().map_err(|e| CoapError::Encode(e.to_string()))?;
+        if confirmable {
+            self.send_confirmable(now, message_id, datagram, None);
+            if let Some(out) = self.outgoing.get_mut(&message_id) {
+                out.notification = Some(observed.token.clone());
+            }
+        } else {
+            self.transmits.push_back(datagram);
+        }
+        Ok(())
+    }
+
     /// Feeds one datagram from the peer. Never fails: what does not parse is counted (and a
     /// confirmable message whose header is readable is answered with a reset).
     pub fn handle_datagram(&mut self, now: Instant, datagram: &[u8]) {
@@ -318,10 +360,9 @@ impl MessageLayer {
                 let known = Token::from_bytes(packet.get_token())
                     .is_some_and(|t| self.pending.contains_key(&t) || self.observations.contains_key(&t));
                 if !known {
-                    // A response nobody waits for (a cancelled observation): reject it.
-                    if confirmable {
-                        self.reset(message_id);
-                    }
+                    // A response nobody waits for (a cancelled observation): reject it, so
+                    // the peer stops notifying (RFC 7641 §3.6), NON included.
+                    self.reset(message_id);
                     return;
                 }
                 if confirmable {
@@ -400,7 +441,10 @@ impl MessageLayer {
         let factor = 1.0 + self.rng.gen::<f64>() * (self.config.ack_random_factor - 1.0).max(0.0);
         let timeout = self.config.ack_timeout.mul_f64(factor);
         self.transmits.push_back(datagram.clone());
-        self.outgoing.insert(message_id, Outgoing { datagram, token, retransmits: 0, timeout, next_at: now + timeout });
+        self.outgoing.insert(
+            message_id,
+            Outgoing { datagram, token, notification: None, retransmits: 0, timeout, next_at: now + timeout },
+        );
     }
 
     fn is_duplicate(&mut self, now: Instant, message_id: u16) -> bool {
@@ -425,6 +469,9 @@ impl MessageLayer {
         if let Some(out) = self.outgoing.remove(&message_id) {
             if let Some(token) = out.token {
                 self.fail(token, RequestFailure::Reset);
+            }
+            if let Some(token) = out.notification {
+                self.events.push_back(CoapEvent::ObservationCancelled { token });
             }
         }
     }
@@ -656,5 +703,56 @@ mod tests {
             while layer.poll_event().is_some() {}
         }
         assert!(layer.stats().malformed > 0);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::disallowed_methods, reason = "tests pick their starting instant")]
+mod notify_tests {
+    use super::*;
+    use coap_lite::{RequestType, ResponseType};
+
+    #[test]
+    fn notifications_reach_the_observer_and_a_reset_cancels_them() {
+        let now = Instant::now();
+        let (mut server, mut device) =
+            (MessageLayer::new(CoapConfig::default(), 1), MessageLayer::new(CoapConfig::default(), 2));
+        let mut observe = Packet::new();
+        observe.header.code = MessageClass::Request(RequestType::Get);
+        observe.add_option(CoapOption::UriPath, b"3".to_vec());
+        observe.set_observe_value(0);
+        let token = server.request(now, observe, true, true).unwrap();
+        device.handle_datagram(now, &server.poll_transmit().unwrap());
+        let Some(CoapEvent::Request { id, .. }) = device.poll_event() else { panic!() };
+        let value = |seq: u32, v: &str| {
+            let mut p = Packet::new();
+            p.header.code = MessageClass::Response(ResponseType::Content);
+            p.set_observe_value(seq);
+            p.payload = v.as_bytes().to_vec();
+            p
+        };
+        device.respond(now, &id, value(1, "a")).unwrap();
+        server.handle_datagram(now, &device.poll_transmit().unwrap());
+        assert!(matches!(server.poll_event(), Some(CoapEvent::Response { token: t, .. }) if t == token));
+        for (seq, v, confirmable) in [(2, "b", true), (3, "c", false)] {
+            device.notify(now, &id, value(seq, v), confirmable).unwrap();
+            server.handle_datagram(now, &device.poll_transmit().unwrap());
+            assert!(
+                matches!(server.poll_event(), Some(CoapEvent::Notification { response, .. }) if response.payload == v.as_bytes())
+            );
+            if let Some(ack) = server.poll_transmit() {
+                device.handle_datagram(now, &ack);
+            }
+        }
+        device.handle_timeout(now + Duration::from_secs(10));
+        assert!(device.poll_transmit().is_none(), "the CON notification was acknowledged");
+        server.cancel(token);
+        device.notify(now, &id, value(4, "d"), true).unwrap();
+        server.handle_datagram(now, &device.poll_transmit().unwrap());
+        device.handle_datagram(now, &server.poll_transmit().unwrap());
+        assert_eq!(
+            device.poll_event(),
+            Some(CoapEvent::ObservationCancelled { token: token.0.to_be_bytes().to_vec() })
+        );
     }
 }

@@ -70,8 +70,26 @@ pub enum Lwm2mError {
     ShutDown,
 }
 
+/// An observation: the first response, then notifications until cancelled or the device's
+/// session ends (the channel then closes).
+#[derive(Debug)]
+pub struct Observation {
+    /// Identifies it for [`Lwm2mServer::cancel_observation`].
+    pub id: u64,
+    /// The response to the observe request.
+    pub first: DeviceResponse,
+    /// Notifications; closes when the observation ends. If the device did not accept the
+    /// observation (no Observe option in its answer) it is closed at once.
+    pub notifications: mpsc::Receiver<DeviceResponse>,
+}
+
+/// Notifications queued per observation before the oldest unread are dropped.
+const NOTIFICATION_QUEUE: usize = 256;
+
 enum Command {
     Request { endpoint: String, request: Packet, reply: oneshot::Sender<Result<DeviceResponse, Lwm2mError>> },
+    Observe { endpoint: String, path: String, reply: oneshot::Sender<Result<Observation, Lwm2mError>> },
+    CancelObservation(u64, oneshot::Sender<bool>),
     Registrations(oneshot::Sender<Vec<Registration>>),
     Restore(Vec<Registration>),
 }
@@ -113,6 +131,8 @@ impl Lwm2mServer {
             seed: config.seed,
             sessions: HashMap::new(),
             pending: HashMap::new(),
+            observations: HashMap::new(),
+            next_observation: 1,
             events: events.clone(),
         };
         tokio::spawn(actor.run(command_rx));
@@ -165,6 +185,24 @@ impl Lwm2mServer {
         self.request(endpoint, build(RequestType::Post, path, content_format, arguments.as_bytes().to_vec())).await
     }
 
+    /// Observe `path` on `endpoint` (`GET` with Observe 0).
+    pub async fn observe(&self, endpoint: &str, path: &str) -> Result<Observation, Lwm2mError> {
+        let (reply, answer) = oneshot::channel();
+        let command = Command::Observe { endpoint: endpoint.to_string(), path: path.to_string(), reply };
+        self.commands.send(command).await.map_err(|_| Lwm2mError::ShutDown)?;
+        answer.await.unwrap_or(Err(Lwm2mError::ShutDown))
+    }
+
+    /// Cancels an observation: its channel closes, and the device's next notification is
+    /// answered with a reset (RFC 7641 §3.6). False if it was not active.
+    pub async fn cancel_observation(&self, id: u64) -> bool {
+        let (reply, answer) = oneshot::channel();
+        if self.commands.send(Command::CancelObservation(id, reply)).await.is_err() {
+            return false;
+        }
+        answer.await.unwrap_or(false)
+    }
+
     /// Any request to `endpoint` over its session.
     pub async fn request(&self, endpoint: &str, request: Packet) -> Result<DeviceResponse, Lwm2mError> {
         let (reply, answer) = oneshot::channel();
@@ -208,6 +246,24 @@ struct Session {
 
 type Reply = oneshot::Sender<Result<DeviceResponse, Lwm2mError>>;
 
+enum Waiting {
+    Response(Reply),
+    Observe(oneshot::Sender<Result<Observation, Lwm2mError>>),
+}
+
+impl Waiting {
+    fn fail(self, error: Lwm2mError) {
+        match self {
+            Self::Response(reply) => {
+                let _ = reply.send(Err(error));
+            }
+            Self::Observe(reply) => {
+                let _ = reply.send(Err(error));
+            }
+        }
+    }
+}
+
 struct Actor {
     dtls: Arc<DtlsServer>,
     authorizer: Arc<dyn EndpointAuthorizer>,
@@ -218,7 +274,9 @@ struct Actor {
     config: CoapConfig,
     seed: u64,
     sessions: HashMap<SocketAddr, Session>,
-    pending: HashMap<(SocketAddr, Token), Reply>,
+    pending: HashMap<(SocketAddr, Token), Waiting>,
+    observations: HashMap<(SocketAddr, Token), (u64, mpsc::Sender<DeviceResponse>)>,
+    next_observation: u64,
     events: broadcast::Sender<RegistryEvent>,
 }
 
@@ -298,13 +356,44 @@ impl Actor {
                 };
                 match session.layer.request(clock::now(), request, true, false) {
                     Ok(token) => {
-                        self.pending.insert((peer, token), reply);
+                        self.pending.insert((peer, token), Waiting::Response(reply));
                         self.drive(peer).await;
                     }
                     Err(err) => {
                         let _ = reply.send(Err(Lwm2mError::InvalidRequest(err.to_string())));
                     }
                 }
+            }
+            Command::Observe { endpoint, path, reply } => {
+                let Some(peer) = self.registry.get(&endpoint).map(|r| r.peer) else {
+                    let _ = reply.send(Err(Lwm2mError::NotRegistered(endpoint)));
+                    return;
+                };
+                let Some(session) = self.sessions.get_mut(&peer) else {
+                    let _ = reply.send(Err(Lwm2mError::SessionClosed));
+                    return;
+                };
+                let mut request = build(RequestType::Get, &path, None, Vec::new());
+                request.set_observe_value(0);
+                match session.layer.request(clock::now(), request, true, true) {
+                    Ok(token) => {
+                        self.pending.insert((peer, token), Waiting::Observe(reply));
+                        self.drive(peer).await;
+                    }
+                    Err(err) => {
+                        let _ = reply.send(Err(Lwm2mError::InvalidRequest(err.to_string())));
+                    }
+                }
+            }
+            Command::CancelObservation(id, reply) => {
+                let key = self.observations.iter().find(|(_, (i, _))| *i == id).map(|(k, _)| *k);
+                if let Some((peer, token)) = key {
+                    self.observations.remove(&(peer, token));
+                    if let Some(session) = self.sessions.get_mut(&peer) {
+                        session.layer.cancel(token);
+                    }
+                }
+                let _ = reply.send(key.is_some());
             }
         }
     }
@@ -342,14 +431,40 @@ impl Actor {
                     };
                     let _ = session.layer.respond(clock::now(), &id, response);
                 }
-                CoapEvent::Response { token, response } => {
-                    if let Some(reply) = self.pending.remove(&(peer, token)) {
+                CoapEvent::Response { token, response } => match self.pending.remove(&(peer, token)) {
+                    Some(Waiting::Response(reply)) => {
                         let _ = reply.send(Ok(device_response(response)));
+                    }
+                    Some(Waiting::Observe(reply)) => {
+                        let accepted = response.get_first_option(CoapOption::Observe).is_some();
+                        let (tx, notifications) = mpsc::channel(NOTIFICATION_QUEUE);
+                        let id = self.next_observation;
+                        self.next_observation += 1;
+                        if accepted {
+                            self.observations.insert((peer, token), (id, tx));
+                        }
+                        let observation = Observation { id, first: device_response(response), notifications };
+                        if reply.send(Ok(observation)).is_err() {
+                            self.stop_observing(peer, token);
+                        }
+                    }
+                    None => {}
+                },
+                CoapEvent::Notification { token, response } => {
+                    let closed = match self.observations.get(&(peer, token)) {
+                        // A full queue drops this notification; a dropped receiver ends it.
+                        Some((_, tx)) => {
+                            matches!(tx.try_send(device_response(response)), Err(mpsc::error::TrySendError::Closed(_)))
+                        }
+                        None => false,
+                    };
+                    if closed {
+                        self.stop_observing(peer, token);
                     }
                 }
                 CoapEvent::RequestFailed { token, reason } => {
-                    if let Some(reply) = self.pending.remove(&(peer, token)) {
-                        let _ = reply.send(Err(Lwm2mError::NoAnswer(reason)));
+                    if let Some(waiting) = self.pending.remove(&(peer, token)) {
+                        waiting.fail(Lwm2mError::NoAnswer(reason));
                     }
                 }
                 _ => {}
@@ -415,12 +530,21 @@ impl Actor {
         }
     }
 
+    /// Fails what waits on `peer`'s session and ends its observations.
     fn fail_pending(&mut self, peer: SocketAddr) {
         let keys: Vec<_> = self.pending.keys().filter(|(p, _)| *p == peer).copied().collect();
         for key in keys {
-            if let Some(reply) = self.pending.remove(&key) {
-                let _ = reply.send(Err(Lwm2mError::SessionClosed));
+            if let Some(waiting) = self.pending.remove(&key) {
+                waiting.fail(Lwm2mError::SessionClosed);
             }
+        }
+        self.observations.retain(|(p, _), _| *p != peer);
+    }
+
+    fn stop_observing(&mut self, peer: SocketAddr, token: Token) {
+        self.observations.remove(&(peer, token));
+        if let Some(session) = self.sessions.get_mut(&peer) {
+            session.layer.cancel(token);
         }
     }
 }

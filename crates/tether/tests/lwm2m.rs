@@ -118,3 +118,28 @@ async fn exchange(client: &DtlsClient, layer: &mut MessageLayer) -> Packet {
         layer.handle_datagram(std::time::Instant::now(), &data);
     }
 }
+
+#[tokio::test]
+async fn observe_delivers_notifications_until_cancelled() {
+    let server = lwm2m_server().await;
+    let (tx, mut registered) = mpsc::channel(4);
+    tokio::spawn(device(connect(&server, "identity").await, "urn:dev:1", "90", tx));
+    tokio::time::timeout(Duration::from_secs(10), registered.recv()).await.unwrap().unwrap();
+
+    let mut observation = server.observe("urn:dev:1", "/3/0/9").await.unwrap();
+    assert_eq!(observation.first.payload, b"90");
+    for seq in 2..5 {
+        let n = tokio::time::timeout(Duration::from_secs(10), observation.notifications.recv()).await.unwrap().unwrap();
+        assert_eq!(String::from_utf8(n.payload).unwrap(), format!("90#{seq}"));
+    }
+    assert!(server.cancel_observation(observation.id).await);
+    // The channel closes once what was already queued has been read.
+    let drained = tokio::time::timeout(Duration::from_secs(10), async {
+        while observation.notifications.recv().await.is_some() {}
+    })
+    .await;
+    assert!(drained.is_ok(), "the notification channel closed");
+    assert!(!server.cancel_observation(observation.id).await, "already cancelled");
+    // The session is still good for plain requests.
+    assert_eq!(server.read("urn:dev:1", "/3/0/9").await.unwrap().payload, b"90");
+}

@@ -19,6 +19,8 @@ pub async fn device(
     registered: mpsc::Sender<(ResponseType, Vec<String>)>,
 ) {
     let mut layer = MessageLayer::new(CoapConfig::default(), 99);
+    // Observations: the observing request and the last Observe sequence number.
+    let mut observed: Vec<(tether_coap::message::IncomingRequest, u32)> = Vec::new();
     let mut register =
         build(RequestType::Post, "/rd", Some(40), br#"</>;rt="oma.lwm2m";ct=11543,</1/0>,</3/0>"#.to_vec());
     register.add_option(CoapOption::UriQuery, format!("ep={endpoint}").into_bytes());
@@ -43,9 +45,14 @@ pub async fn device(
                     if request.header.code == MessageClass::Request(RequestType::Get) {
                         answer.add_option(CoapOption::ContentFormat, vec![]);
                         answer.payload = value.as_bytes().to_vec();
+                        if request.get_observe_value().is_some_and(|o| o.is_ok_and(|v| v == 0)) {
+                            answer.set_observe_value(1);
+                            observed.push((id.clone(), 1));
+                        }
                     }
                     layer.respond(std::time::Instant::now(), &id, answer).unwrap();
                 }
+                CoapEvent::ObservationCancelled { token } => observed.retain(|(id, _)| id.token() != token),
                 _ => {}
             }
         }
@@ -60,7 +67,18 @@ pub async fn device(
                 Some(d) => layer.handle_datagram(std::time::Instant::now(), &d),
                 None => return,
             },
-            _ = tokio::time::sleep(Duration::from_millis(200)) => layer.handle_timeout(std::time::Instant::now()),
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                let now = std::time::Instant::now();
+                layer.handle_timeout(now);
+                // Observed values change: notify every tick.
+                for (id, seq) in &mut observed {
+                    *seq += 1;
+                    let mut notification = response(ResponseType::Content);
+                    notification.set_observe_value(*seq);
+                    notification.payload = format!("{value}#{seq}").into_bytes();
+                    layer.notify(now, id, notification, false).unwrap();
+                }
+            }
         }
     }
 }
