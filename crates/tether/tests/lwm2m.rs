@@ -143,3 +143,70 @@ async fn observe_delivers_notifications_until_cancelled() {
     // The session is still good for plain requests.
     assert_eq!(server.read("urn:dev:1", "/3/0/9").await.unwrap().payload, b"90");
 }
+
+async fn memory_lwm2m_server(net: &tether::MemoryNetwork, at: std::net::SocketAddr) -> Lwm2mServer {
+    let context = DtlsContext::server(ServerConfig::psk(store()).session(session())).unwrap();
+    let dtls = DtlsServer::serve(net.bind(at).unwrap(), context, server_config(PoolConfig::default())).unwrap();
+    let authorizer: HashMap<String, String> = [("identity".to_string(), "urn:dev:1".to_string())].into_iter().collect();
+    Lwm2mServer::start(
+        Arc::new(dtls),
+        Arc::new(authorizer),
+        None,
+        Lwm2mServerConfig { coap: CoapConfig::default(), seed: 2 },
+    )
+    .unwrap()
+}
+
+/// Registers `urn:dev:1` with lifetime `lt` from `from` over the memory network.
+async fn register_from(
+    net: &tether::MemoryNetwork,
+    server: std::net::SocketAddr,
+    from: std::net::SocketAddr,
+    lt: u32,
+) -> DtlsClient {
+    let context = DtlsContext::client(ClientConfig::psk("identity", key()).session(session())).unwrap();
+    let client = DtlsClient::connect_on(net.bind(from).unwrap(), server, &context, None).await.unwrap();
+    let mut layer = MessageLayer::new(CoapConfig::default(), u64::from(from.port()));
+    let mut register = build(RequestType::Post, "/rd", Some(40), b"</3/0>".to_vec());
+    register.add_option(CoapOption::UriQuery, b"ep=urn:dev:1".to_vec());
+    register.add_option(CoapOption::UriQuery, format!("lt={lt}").into_bytes());
+    layer.request(std::time::Instant::now(), register, true, false).unwrap();
+    assert_eq!(exchange(&client, &mut layer).await.header.code, MessageClass::Response(ResponseType::Created));
+    client
+}
+
+#[tokio::test(start_paused = true)]
+async fn lifetime_expiry_removes_the_registration_and_closes_its_session() {
+    let net = tether::MemoryNetwork::new();
+    let at = addr(20, 5684);
+    let server = memory_lwm2m_server(&net, at).await;
+    let mut events = server.events();
+    let client = register_from(&net, at, addr(21, 7000), 60).await;
+    assert!(matches!(events.recv().await.unwrap(), RegistryEvent::Registered { .. }));
+    tokio::time::sleep(Duration::from_secs(59)).await;
+    assert_eq!(server.registrations().await.len(), 1, "still registered before its lifetime ends");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(matches!(events.recv().await.unwrap(), RegistryEvent::Expired { .. }));
+    assert!(server.registrations().await.is_empty());
+    assert_eq!(client.closed().await, tether_proto::dtls::CloseReason::PeerClosed, "its session was closed");
+    let stats = server.dtls().stats().await.unwrap();
+    assert_eq!(stats.pool.sessions, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn re_registration_from_a_new_address_moves_the_registration_to_the_new_session() {
+    let net = tether::MemoryNetwork::new();
+    let at = addr(22, 5684);
+    let server = memory_lwm2m_server(&net, at).await;
+    let old = register_from(&net, at, addr(23, 7000), 300).await;
+    // The NAT gives the device a new public address: a new handshake, a new registration.
+    let new = register_from(&net, at, addr(23, 7999), 300).await;
+    let registrations = server.registrations().await;
+    assert_eq!(registrations.len(), 1);
+    assert_eq!(registrations[0].peer, addr(23, 7999), "moved to the new session");
+    assert_eq!(old.closed().await, tether_proto::dtls::CloseReason::PeerClosed, "the old session was closed");
+    assert!(!new.is_closed());
+    let stats = server.dtls().stats().await.unwrap();
+    assert_eq!(stats.pool.sessions, 1);
+    assert_eq!(stats.pool.per_session[0].peer, addr(23, 7999));
+}
