@@ -2,6 +2,8 @@
 //!
 //! - [`message`]: one peer's CoAP message layer: confirmable retransmission, tokens,
 //!   piggybacked and separate responses, deduplication, resets, observe notifications.
+//! - [`content`]: LwM2M content formats (text, opaque, TLV, SenML JSON, SenML CBOR) to and
+//!   from typed values, with the resource types of the core objects 0, 1 and 3.
 //! - [`link_format`]: CoRE link format (RFC 6690), as LwM2M registration bodies use it.
 //! - [`registration`]: the LwM2M registration interface: requests, authorization, the registry
 //!   with lifetimes.
@@ -14,6 +16,7 @@
 
 pub use coap_lite;
 
+pub mod content;
 pub mod link_format;
 pub mod message;
 pub mod registration;
