@@ -12,8 +12,8 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tether::lwm2m::{build, DeviceResponse, Lwm2mError, Lwm2mServer};
 use tether_coap::coap_lite::{MessageClass, RequestType, ResponseType};
-use tether_coap::link_format;
 use tether_coap::registration::Registration;
+use tether_coap::{content, link_format};
 use tokio::sync::mpsc;
 
 /// Observations started through the API, by id, with their notification queues.
@@ -23,6 +23,8 @@ type Observations = Arc<Mutex<HashMap<u64, mpsc::Receiver<DeviceResponse>>>>;
 struct Api {
     server: Lwm2mServer,
     observations: Observations,
+    /// The path each observation watches, for decoding its notifications.
+    paths: Arc<Mutex<HashMap<u64, String>>>,
 }
 
 impl FromRef<Api> for Lwm2mServer {
@@ -33,7 +35,7 @@ impl FromRef<Api> for Lwm2mServer {
 
 /// The API's routes.
 pub fn router(server: Lwm2mServer) -> Router {
-    let api = Api { server, observations: Arc::default() };
+    let api = Api { server, observations: Arc::default(), paths: Arc::default() };
     Router::new()
         .route("/api/clients", get(clients))
         .route("/api/clients/{endpoint}", get(client))
@@ -86,7 +88,7 @@ async fn read(State(server): State<Lwm2mServer>, Path((endpoint, path)): Path<(S
     if let Some(response) = path_error(&path) {
         return response;
     }
-    answer(server.read(&endpoint, &path).await)
+    answer(server.read(&endpoint, &path).await, &path)
 }
 
 /// Body of a write: `{"value": "..."}` as text/plain, or `{"hex": "..."}` as opaque.
@@ -114,7 +116,7 @@ async fn write(
             )
         }
     };
-    answer(server.write(&endpoint, &path, format, payload).await)
+    answer(server.write(&endpoint, &path, format, payload).await, &path)
 }
 
 /// `POST …/{path}`: Execute; `POST …/{path}/observe`: start an observation.
@@ -131,21 +133,23 @@ async fn execute_or_observe(
             Ok(observation) => {
                 let id = observation.id;
                 api.observations.lock().unwrap_or_else(|e| e.into_inner()).insert(id, observation.notifications);
-                let mut body = payload_json(&observation.first);
+                api.paths.lock().unwrap_or_else(|e| e.into_inner()).insert(id, path.to_string());
+                let mut body = payload_json(&observation.first, path);
                 body["observation"] = json!(id);
                 Json(body).into_response()
             }
-            Err(err) => answer(Err(err)),
+            Err(err) => answer(Err(err), path),
         };
     }
     if let Some(response) = path_error(&path) {
         return response;
     }
-    answer(api.server.execute(&endpoint, &path, &body).await)
+    answer(api.server.execute(&endpoint, &path, &body).await, &path)
 }
 
 /// The notifications received since the last call, oldest first.
 async fn notifications(State(api): State<Api>, Path(id): Path<u64>) -> Response {
+    let path = api.paths.lock().unwrap_or_else(|e| e.into_inner()).get(&id).cloned().unwrap_or_default();
     let mut observations = api.observations.lock().unwrap_or_else(|e| e.into_inner());
     let Some(queue) = observations.get_mut(&id) else {
         return error(StatusCode::NOT_FOUND, None, format!("no observation {id}"));
@@ -154,7 +158,7 @@ async fn notifications(State(api): State<Api>, Path(id): Path<u64>) -> Response 
     let mut active = true;
     loop {
         match queue.try_recv() {
-            Ok(notification) => values.push(payload_json(&notification)),
+            Ok(notification) => values.push(payload_json(&notification, &path)),
             Err(mpsc::error::TryRecvError::Empty) => break,
             Err(mpsc::error::TryRecvError::Disconnected) => {
                 active = false;
@@ -177,20 +181,42 @@ async fn cancel(State(api): State<Api>, Path(id): Path<u64>) -> Response {
     }
 }
 
-fn payload_json(response: &DeviceResponse) -> Value {
+/// A device response as JSON: the raw payload (`value` for text, `hex` otherwise) and, when
+/// the format decodes, `values` by path with their types.
+fn payload_json(response: &DeviceResponse, path: &str) -> Value {
     let mut body = json!({ "coap_code": coap_code(response.code), "content_format": response.content_format });
     match (response.content_format, std::str::from_utf8(&response.payload)) {
         (Some(42), _) | (_, Err(_)) => body["hex"] = json!(encode_hex(&response.payload)),
         (_, Ok(text)) => body["value"] = json!(text),
     }
+    let decoded = content::Path::parse(path).ok().and_then(|base| {
+        content::decode(response.content_format.unwrap_or(content::format::TEXT), &base, &response.payload).ok()
+    });
+    if let (Some(entries), false) = (decoded, response.code.is_error() || response.payload.is_empty()) {
+        let values: serde_json::Map<String, Value> =
+            entries.iter().map(|e| (e.path.to_string(), typed(&e.value))).collect();
+        body["values"] = Value::Object(values);
+    }
     body
+}
+
+fn typed(value: &content::Value) -> Value {
+    match value {
+        content::Value::Integer(v) | content::Value::Time(v) => json!(v),
+        content::Value::Unsigned(v) => json!(v),
+        content::Value::Float(v) => json!(v),
+        content::Value::Boolean(v) => json!(v),
+        content::Value::String(v) => json!(v),
+        content::Value::Opaque(v) => json!(encode_hex(v)),
+        content::Value::ObjectLink(o, i) => json!(format!("{o}:{i}")),
+    }
 }
 
 async fn delete(State(server): State<Lwm2mServer>, Path((endpoint, path)): Path<(String, String)>) -> Response {
     if let Some(response) = path_error(&path) {
         return response;
     }
-    answer(server.request(&endpoint, build(RequestType::Delete, &path, None, Vec::new())).await)
+    answer(server.request(&endpoint, build(RequestType::Delete, &path, None, Vec::new())).await, &path)
 }
 
 async fn pool(State(server): State<Lwm2mServer>) -> Response {
@@ -249,12 +275,12 @@ fn path_error(path: &str) -> Option<Response> {
     None
 }
 
-fn answer(result: Result<DeviceResponse, Lwm2mError>) -> Response {
+fn answer(result: Result<DeviceResponse, Lwm2mError>, path: &str) -> Response {
     match result {
         Ok(response) => {
             let code = coap_code(response.code);
             let status = if response.code.is_error() { http_status(response.code) } else { StatusCode::OK };
-            let mut body = payload_json(&response);
+            let mut body = payload_json(&response, path);
             if response.code.is_error() {
                 body["error"] = json!(format!("device answered {code}"));
             }

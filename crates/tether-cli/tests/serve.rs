@@ -57,6 +57,8 @@ async fn rest_api_sigkill_restart_and_sigterm() {
         assert_eq!(status, 200, "{read}");
         assert_eq!((read["coap_code"].as_str(), read["value"].as_str()), (Some("2.05"), Some("urn:dev:2")));
     }
+    let (_, typed) = http(server.http, "GET", "/api/clients/urn:dev:2/3/0/0", None).await;
+    assert_eq!(typed["values"]["/3/0/0"], "urn:dev:2", "decoded, typed by the Device object model: {typed}");
     let (status, written) = http(server.http, "PUT", "/api/clients/urn:dev:1/1/0/1", Some(r#"{"value": 600}"#)).await;
     assert_eq!((status, written["coap_code"].as_str()), (200, Some("2.05")), "{written}");
     let (status, executed) = http(server.http, "POST", "/api/clients/urn:dev:1/3/0/4", Some("")).await;

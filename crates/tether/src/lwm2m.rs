@@ -87,8 +87,18 @@ pub struct Observation {
 const NOTIFICATION_QUEUE: usize = 256;
 
 enum Command {
-    Request { endpoint: String, request: Packet, reply: oneshot::Sender<Result<DeviceResponse, Lwm2mError>> },
-    Observe { endpoint: String, path: String, reply: oneshot::Sender<Result<Observation, Lwm2mError>> },
+    Request {
+        endpoint: String,
+        request: Packet,
+        /// Ask for the content format the device registered with (`Accept`).
+        negotiate: bool,
+        reply: oneshot::Sender<Result<DeviceResponse, Lwm2mError>>,
+    },
+    Observe {
+        endpoint: String,
+        path: String,
+        reply: oneshot::Sender<Result<Observation, Lwm2mError>>,
+    },
     CancelObservation(u64, oneshot::Sender<bool>),
     Registrations(oneshot::Sender<Vec<Registration>>),
     Restore(Vec<Registration>),
@@ -164,8 +174,10 @@ impl Lwm2mServer {
     }
 
     /// Read (`GET`) `path` (`/3/0/0`) on `endpoint`.
+    /// The request asks (`Accept`) for the content format the device registered with
+    /// (`ct=` on its `</>` link) when tether decodes it (TLV, SenML JSON, SenML CBOR).
     pub async fn read(&self, endpoint: &str, path: &str) -> Result<DeviceResponse, Lwm2mError> {
-        self.request(endpoint, build(RequestType::Get, path, None, Vec::new())).await
+        self.send(endpoint, build(RequestType::Get, path, None, Vec::new()), true).await
     }
 
     /// Write (`PUT`) `payload` in `content_format` to `path`.
@@ -205,8 +217,12 @@ impl Lwm2mServer {
 
     /// Any request to `endpoint` over its session.
     pub async fn request(&self, endpoint: &str, request: Packet) -> Result<DeviceResponse, Lwm2mError> {
+        self.send(endpoint, request, false).await
+    }
+
+    async fn send(&self, endpoint: &str, request: Packet, negotiate: bool) -> Result<DeviceResponse, Lwm2mError> {
         let (reply, answer) = oneshot::channel();
-        let command = Command::Request { endpoint: endpoint.to_string(), request, reply };
+        let command = Command::Request { endpoint: endpoint.to_string(), request, negotiate, reply };
         self.commands.send(command).await.map_err(|_| Lwm2mError::ShutDown)?;
         answer.await.unwrap_or(Err(Lwm2mError::ShutDown))
     }
@@ -345,11 +361,25 @@ impl Actor {
                     self.registry.restore(registration);
                 }
             }
-            Command::Request { endpoint, request, reply } => {
-                let Some(peer) = self.registry.get(&endpoint).map(|r| r.peer) else {
+            Command::Request { endpoint, mut request, negotiate, reply } => {
+                let Some(registration) = self.registry.get(&endpoint) else {
                     let _ = reply.send(Err(Lwm2mError::NotRegistered(endpoint)));
                     return;
                 };
+                let peer = registration.peer;
+                let preferred = registration.content_format.filter(|cf| {
+                    [
+                        tether_coap::content::format::TLV,
+                        tether_coap::content::format::SENML_JSON,
+                        tether_coap::content::format::SENML_CBOR,
+                    ]
+                    .contains(cf)
+                });
+                if let (true, Some(cf)) = (negotiate, preferred) {
+                    if request.get_first_option(CoapOption::Accept).is_none() {
+                        request.add_option(CoapOption::Accept, encode_uint(u32::from(cf)));
+                    }
+                }
                 let Some(session) = self.sessions.get_mut(&peer) else {
                     let _ = reply.send(Err(Lwm2mError::SessionClosed));
                     return;
