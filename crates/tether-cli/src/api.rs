@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use axum::extract::{FromRef, Path, State};
+use axum::extract::{FromRef, Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -84,7 +84,14 @@ async fn client(State(server): State<Lwm2mServer>, Path(endpoint): Path<String>)
     }
 }
 
+/// `GET …/{path}`: Read; `GET …/{path}/discover`: Discover.
 async fn read(State(server): State<Lwm2mServer>, Path((endpoint, path)): Path<(String, String)>) -> Response {
+    if let Some(target) = path.strip_suffix("/discover") {
+        if let Some(response) = path_error(target) {
+            return response;
+        }
+        return answer(server.discover(&endpoint, target).await, target);
+    }
     if let Some(response) = path_error(&path) {
         return response;
     }
@@ -95,8 +102,35 @@ async fn read(State(server): State<Lwm2mServer>, Path((endpoint, path)): Path<(S
 async fn write(
     State(server): State<Lwm2mServer>,
     Path((endpoint, path)): Path<(String, String)>,
-    Json(body): Json<Value>,
+    RawQuery(query): RawQuery,
+    body: String,
 ) -> Response {
+    if let Some(target) = path.strip_suffix("/attributes") {
+        if let Some(response) = path_error(target) {
+            return response;
+        }
+        let attributes: Vec<(String, String)> = query
+            .unwrap_or_default()
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                (k.to_string(), v.to_string())
+            })
+            .collect();
+        const KNOWN: [&str; 7] = ["pmin", "pmax", "gt", "lt", "st", "epmin", "epmax"];
+        if let Some((bad, _)) = attributes.iter().find(|(k, _)| !KNOWN.contains(&k.as_str())) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                None,
+                format!("unknown attribute {bad:?} (known: {})", KNOWN.join(", ")),
+            );
+        }
+        return answer(server.write_attributes(&endpoint, target, &attributes).await, target);
+    }
+    let Ok(body) = serde_json::from_str::<Value>(&body) else {
+        return error(StatusCode::BAD_REQUEST, None, "body must be JSON".into());
+    };
     if let Some(response) = path_error(&path) {
         return response;
     }
@@ -144,7 +178,75 @@ async fn execute_or_observe(
     if let Some(response) = path_error(&path) {
         return response;
     }
+    if !path.trim_matches('/').contains('/') {
+        return create(&api.server, &endpoint, &path, &body).await;
+    }
     answer(api.server.execute(&endpoint, &path, &body).await, &path)
+}
+
+/// `POST /api/clients/{ep}/{object}` with `{"instance": 1, "resources": {"0": "x", "1": 5}}`:
+/// Create, sent as TLV (the format every LwM2M device supports). Without `instance` the
+/// device chooses one.
+async fn create(server: &Lwm2mServer, endpoint: &str, object: &str, body: &str) -> Response {
+    let Ok(Value::Object(request)) = serde_json::from_str::<Value>(body) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            None,
+            "body must be {\"instance\": n, \"resources\": {id: value}}".into(),
+        );
+    };
+    let Ok(object_id) = object.trim_matches('/').parse::<u16>() else {
+        return error(StatusCode::BAD_REQUEST, None, format!("{object:?} is not an object id"));
+    };
+    let instance = match request.get("instance") {
+        None => None,
+        Some(v) => match v.as_u64().and_then(|i| u16::try_from(i).ok()) {
+            Some(i) => Some(i),
+            None => return error(StatusCode::BAD_REQUEST, None, "\"instance\" must be 0..65535".into()),
+        },
+    };
+    let Some(Value::Object(resources)) = request.get("resources") else {
+        return error(StatusCode::BAD_REQUEST, None, "\"resources\" must be an object of id: value".into());
+    };
+    let mut entries = Vec::new();
+    for (id, value) in resources {
+        let Ok(resource) = id.parse::<u16>() else {
+            return error(StatusCode::BAD_REQUEST, None, format!("resource id {id:?} is not a number"));
+        };
+        let value = match value {
+            Value::String(s) => content::Value::String(s.clone()),
+            Value::Bool(b) => content::Value::Boolean(*b),
+            Value::Number(n) => match n.as_i64() {
+                Some(i) => content::Value::Integer(i),
+                None => content::Value::Float(n.as_f64().unwrap_or_default()),
+            },
+            _ => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    None,
+                    format!("resource {id}: only strings, numbers and booleans"),
+                )
+            }
+        };
+        let path = content::Path {
+            object: object_id,
+            instance: Some(instance.unwrap_or(0)),
+            resource: Some(resource),
+            resource_instance: None,
+        };
+        entries.push(content::Entry { path, value });
+    }
+    let base = content::Path {
+        object: object_id,
+        instance: if instance.is_some() { None } else { Some(0) },
+        resource: None,
+        resource_instance: None,
+    };
+    let payload = match content::encode(content::format::TLV, &base, &entries) {
+        Ok(payload) => payload,
+        Err(err) => return error(StatusCode::BAD_REQUEST, None, err.to_string()),
+    };
+    answer(server.create(endpoint, object, content::format::TLV, payload).await, object)
 }
 
 /// The notifications received since the last call, oldest first.

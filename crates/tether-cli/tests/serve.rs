@@ -63,6 +63,24 @@ async fn rest_api_sigkill_restart_and_sigterm() {
     assert_eq!((status, written["coap_code"].as_str()), (200, Some("2.05")), "{written}");
     let (status, executed) = http(server.http, "POST", "/api/clients/urn:dev:1/3/0/4", Some("")).await;
     assert_eq!(status, 200, "{executed}");
+    // Discover, Write-Attributes, Create, Delete reach the device (the scripted one answers 2.05).
+    for (method, path, body) in [
+        ("GET", "/api/clients/urn:dev:1/3/0/discover", None),
+        ("PUT", "/api/clients/urn:dev:1/3/0/9/attributes?pmin=10&pmax=60", Some("")),
+        ("POST", "/api/clients/urn:dev:1/3303", Some(r#"{"instance": 1, "resources": {"5700": 21.5, "5701": "Cel"}}"#)),
+        ("DELETE", "/api/clients/urn:dev:1/3303/1", None),
+    ] {
+        let (status, body) = http(server.http, method, path, body).await;
+        assert_eq!((status, body["coap_code"].as_str()), (200, Some("2.05")), "{method} {path}: {body}");
+    }
+    let (status, bad) = http(server.http, "PUT", "/api/clients/urn:dev:1/3/0/9/attributes?bogus=1", Some("")).await;
+    assert_eq!(status, 400);
+    assert!(bad["error"].as_str().unwrap().contains("unknown attribute"), "{bad}");
+    let (status, bad) =
+        http(server.http, "POST", "/api/clients/urn:dev:1/3303", Some(r#"{"resources": {"x": 1}}"#)).await;
+    assert_eq!(status, 400);
+    assert!(bad["error"].as_str().unwrap().contains("not a number"), "{bad}");
+
     // Observe: the first value at once, notifications as they arrive, then cancel.
     let (status, observed) = http(server.http, "POST", "/api/clients/urn:dev:2/3/0/9/observe", Some("")).await;
     assert_eq!((status, observed["value"].as_str()), (200, Some("urn:dev:2")), "{observed}");

@@ -197,6 +197,45 @@ impl Lwm2mServer {
         self.request(endpoint, build(RequestType::Post, path, content_format, arguments.as_bytes().to_vec())).await
     }
 
+    /// Discover (`GET` with `Accept: application/link-format`): the objects, instances and
+    /// resources under `path`, with their attributes.
+    pub async fn discover(&self, endpoint: &str, path: &str) -> Result<DeviceResponse, Lwm2mError> {
+        let mut request = build(RequestType::Get, path, None, Vec::new());
+        request.add_option(CoapOption::Accept, encode_uint(u32::from(tether_coap::content::format::LINK)));
+        self.send(endpoint, request, false).await
+    }
+
+    /// Create (`POST` to an object): a new instance from `payload` in `content_format`.
+    pub async fn create(
+        &self,
+        endpoint: &str,
+        object: &str,
+        content_format: u16,
+        payload: Vec<u8>,
+    ) -> Result<DeviceResponse, Lwm2mError> {
+        self.send(endpoint, build(RequestType::Post, object, Some(content_format), payload), false).await
+    }
+
+    /// Delete (`DELETE`) an object instance.
+    pub async fn delete(&self, endpoint: &str, path: &str) -> Result<DeviceResponse, Lwm2mError> {
+        self.send(endpoint, build(RequestType::Delete, path, None, Vec::new()), false).await
+    }
+
+    /// Write-Attributes (`PUT` with only query parameters): `pmin`, `pmax`, `gt`, `lt`, `st`…
+    pub async fn write_attributes(
+        &self,
+        endpoint: &str,
+        path: &str,
+        attributes: &[(String, String)],
+    ) -> Result<DeviceResponse, Lwm2mError> {
+        let mut request = build(RequestType::Put, path, None, Vec::new());
+        for (name, value) in attributes {
+            let item = if value.is_empty() { name.clone() } else { format!("{name}={value}") };
+            request.add_option(CoapOption::UriQuery, item.into_bytes());
+        }
+        self.send(endpoint, request, false).await
+    }
+
     /// Observe `path` on `endpoint` (`GET` with Observe 0).
     pub async fn observe(&self, endpoint: &str, path: &str) -> Result<Observation, Lwm2mError> {
         let (reply, answer) = oneshot::channel();
