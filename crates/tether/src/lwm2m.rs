@@ -27,11 +27,21 @@ pub struct Lwm2mServerConfig {
     pub coap: CoapConfig,
     /// Seed of message IDs, tokens and registration IDs.
     pub seed: u64,
+    /// Queue mode (`b=UQ`): how long after its last message a device is taken to be awake.
+    /// Requests made later wait until it is next heard from. Default 93 s (MAX_TRANSMIT_WAIT).
+    pub queue_awake: Duration,
+    /// Queue mode: requests held per endpoint at most; more are refused. Default 32.
+    pub queue_limit: usize,
 }
 
 impl Default for Lwm2mServerConfig {
     fn default() -> Self {
-        Self { coap: CoapConfig::default(), seed: rand::random() }
+        Self {
+            coap: CoapConfig::default(),
+            seed: rand::random(),
+            queue_awake: Duration::from_secs(93),
+            queue_limit: 32,
+        }
     }
 }
 
@@ -65,6 +75,9 @@ pub enum Lwm2mError {
     /// The request could not be encoded.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// The endpoint is in queue mode and its queue is full.
+    #[error("queue of endpoint {0:?} is full")]
+    QueueFull(String),
     /// The server has shut down.
     #[error("server shut down")]
     ShutDown,
@@ -137,12 +150,16 @@ impl Lwm2mServer {
             store,
             unapplied: Vec::new(),
             registry,
-            config: config.coap,
+            config: config.coap.clone(),
             seed: config.seed,
             sessions: HashMap::new(),
             pending: HashMap::new(),
             observations: HashMap::new(),
             next_observation: 1,
+            last_heard: HashMap::new(),
+            queued: HashMap::new(),
+            queue_awake: config.queue_awake,
+            queue_limit: config.queue_limit,
             events: events.clone(),
         };
         tokio::spawn(actor.run(command_rx));
@@ -332,6 +349,12 @@ struct Actor {
     pending: HashMap<(SocketAddr, Token), Waiting>,
     observations: HashMap<(SocketAddr, Token), (u64, mpsc::Sender<DeviceResponse>)>,
     next_observation: u64,
+    /// When each peer last sent anything (queue mode).
+    last_heard: HashMap<SocketAddr, std::time::Instant>,
+    /// Requests held for sleeping queue-mode endpoints, with their deadlines.
+    queued: HashMap<String, std::collections::VecDeque<(std::time::Instant, Command)>>,
+    queue_awake: Duration,
+    queue_limit: usize,
     events: broadcast::Sender<RegistryEvent>,
 }
 
@@ -360,10 +383,13 @@ impl Actor {
                 received = dtls.recv() => {
                     let Some((peer, data)) = received else { return };
                     let now = clock::now();
+                    self.last_heard.insert(peer, now);
                     if let Some(session) = self.sessions.get_mut(&peer) {
                         session.layer.handle_datagram(now, &data);
                         self.drive(peer).await;
                     }
+                    self.apply_registry_events().await;
+                    self.flush_queue(peer).await;
                 }
                 command = commands.recv() => match command {
                     None => return,
@@ -371,6 +397,7 @@ impl Actor {
                 },
                 _ = sleep_until(deadline.map(clock::deadline)), if deadline.is_some() => {
                     let now = clock::now();
+                    self.expire_queued(now);
                     self.registry.handle_timeout(now);
                     let peers: Vec<SocketAddr> = self.sessions.keys().copied().collect();
                     for peer in peers {
@@ -387,10 +414,66 @@ impl Actor {
 
     fn next_deadline(&self) -> Option<std::time::Instant> {
         let layers = self.sessions.values().filter_map(|s| s.layer.poll_timeout()).min();
-        [self.registry.poll_timeout(), layers].into_iter().flatten().min()
+        let queued = self.queued.values().filter_map(|q| q.front().map(|(at, _)| *at)).min();
+        [self.registry.poll_timeout(), layers, queued].into_iter().flatten().min()
+    }
+
+    /// Holds `command` if `endpoint` is a sleeping queue-mode device. Returns it back if it
+    /// can go now.
+    fn hold_if_asleep(&mut self, endpoint: &str, command: Command) -> Option<Command> {
+        let Some(registration) = self.registry.get(endpoint) else { return Some(command) };
+        if registration.binding != tether_coap::registration::Binding::UdpQueue {
+            return Some(command);
+        }
+        let now = clock::now();
+        let heard = self.last_heard.get(&registration.peer).copied().unwrap_or(registration.last_update);
+        if now.saturating_duration_since(heard) < self.queue_awake {
+            return Some(command);
+        }
+        let queue = self.queued.entry(endpoint.to_string()).or_default();
+        if queue.len() >= self.queue_limit {
+            fail_command(command, Lwm2mError::QueueFull(endpoint.to_string()));
+            return None;
+        }
+        queue.push_back((now + self.config.request_timeout, command));
+        None
+    }
+
+    /// Sends what waits for the endpoint registered at `peer`, now that it was heard from.
+    async fn flush_queue(&mut self, peer: SocketAddr) {
+        let endpoints: Vec<String> =
+            self.registry.registrations().filter(|r| r.peer == peer).map(|r| r.endpoint.clone()).collect();
+        for endpoint in endpoints {
+            let Some(queue) = self.queued.remove(&endpoint) else { continue };
+            for (_, command) in queue {
+                self.command(command).await;
+            }
+        }
+    }
+
+    fn expire_queued(&mut self, now: std::time::Instant) {
+        for queue in self.queued.values_mut() {
+            while queue.front().is_some_and(|(at, _)| *at <= now) {
+                if let Some((_, command)) = queue.pop_front() {
+                    fail_command(command, Lwm2mError::NoAnswer(RequestFailure::Timeout));
+                }
+            }
+        }
+        self.queued.retain(|_, q| !q.is_empty());
     }
 
     async fn command(&mut self, command: Command) {
+        let endpoint = match &command {
+            Command::Request { endpoint, .. } | Command::Observe { endpoint, .. } => Some(endpoint.clone()),
+            _ => None,
+        };
+        let command = match endpoint {
+            Some(endpoint) => match self.hold_if_asleep(&endpoint, command) {
+                Some(command) => command,
+                None => return,
+            },
+            None => command,
+        };
         match command {
             Command::Registrations(reply) => {
                 let _ = reply.send(self.registry.registrations().cloned().collect());
@@ -615,6 +698,18 @@ impl Actor {
         if let Some(session) = self.sessions.get_mut(&peer) {
             session.layer.cancel(token);
         }
+    }
+}
+
+fn fail_command(command: Command, error: Lwm2mError) {
+    match command {
+        Command::Request { reply, .. } => {
+            let _ = reply.send(Err(error));
+        }
+        Command::Observe { reply, .. } => {
+            let _ = reply.send(Err(error));
+        }
+        _ => {}
     }
 }
 

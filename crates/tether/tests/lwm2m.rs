@@ -33,7 +33,7 @@ async fn lwm2m_server() -> Lwm2mServer {
         Arc::new(dtls),
         Arc::new(authorizer),
         None,
-        Lwm2mServerConfig { coap: CoapConfig::default(), seed: 1 },
+        Lwm2mServerConfig { coap: CoapConfig::default(), seed: 1, ..Lwm2mServerConfig::default() },
     )
     .unwrap()
 }
@@ -152,7 +152,7 @@ async fn memory_lwm2m_server(net: &tether::MemoryNetwork, at: std::net::SocketAd
         Arc::new(dtls),
         Arc::new(authorizer),
         None,
-        Lwm2mServerConfig { coap: CoapConfig::default(), seed: 2 },
+        Lwm2mServerConfig { coap: CoapConfig::default(), seed: 2, ..Lwm2mServerConfig::default() },
     )
     .unwrap()
 }
@@ -164,15 +164,29 @@ async fn register_from(
     from: std::net::SocketAddr,
     lt: u32,
 ) -> DtlsClient {
+    register_with(net, server, from, lt, "U").await.0
+}
+
+/// Registers with binding `b`; returns the client, its CoAP layer and the registration id.
+async fn register_with(
+    net: &tether::MemoryNetwork,
+    server: std::net::SocketAddr,
+    from: std::net::SocketAddr,
+    lt: u32,
+    binding: &str,
+) -> (DtlsClient, MessageLayer, String) {
     let context = DtlsContext::client(ClientConfig::psk("identity", key()).session(session())).unwrap();
     let client = DtlsClient::connect_on(net.bind(from).unwrap(), server, &context, None).await.unwrap();
     let mut layer = MessageLayer::new(CoapConfig::default(), u64::from(from.port()));
     let mut register = build(RequestType::Post, "/rd", Some(40), b"</3/0>".to_vec());
     register.add_option(CoapOption::UriQuery, b"ep=urn:dev:1".to_vec());
     register.add_option(CoapOption::UriQuery, format!("lt={lt}").into_bytes());
+    register.add_option(CoapOption::UriQuery, format!("b={binding}").into_bytes());
     layer.request(std::time::Instant::now(), register, true, false).unwrap();
-    assert_eq!(exchange(&client, &mut layer).await.header.code, MessageClass::Response(ResponseType::Created));
-    client
+    let created = exchange(&client, &mut layer).await;
+    assert_eq!(created.header.code, MessageClass::Response(ResponseType::Created));
+    let id = String::from_utf8(created.get_option(CoapOption::LocationPath).unwrap().back().unwrap().clone()).unwrap();
+    (client, layer, id)
 }
 
 #[tokio::test(start_paused = true)]
@@ -209,4 +223,58 @@ async fn re_registration_from_a_new_address_moves_the_registration_to_the_new_se
     let stats = server.dtls().stats().await.unwrap();
     assert_eq!(stats.pool.sessions, 1);
     assert_eq!(stats.pool.per_session[0].peer, addr(23, 7999));
+}
+
+#[tokio::test(start_paused = true)]
+async fn queue_mode_holds_requests_until_the_device_is_heard_from() {
+    let net = tether::MemoryNetwork::new();
+    let at = addr(24, 5684);
+    let server = memory_lwm2m_server(&net, at).await;
+    let (client, mut layer, id) = register_with(&net, at, addr(25, 7000), 3600, "UQ").await;
+    // Awake right after registering: a request goes at once.
+    let read = {
+        let server = server.clone();
+        tokio::spawn(async move { server.read("urn:dev:1", "/3/0/0").await })
+    };
+    let request = tokio::time::timeout(Duration::from_secs(5), client.recv()).await.unwrap().unwrap();
+    layer.handle_datagram(std::time::Instant::now(), &request);
+    let Some(CoapEvent::Request { id: rid, .. }) = layer.poll_event() else { panic!() };
+    let mut answer = tether_coap::registration::response(ResponseType::Content);
+    answer.payload = b"awake".to_vec();
+    layer.respond(std::time::Instant::now(), &rid, answer).unwrap();
+    client.send(&layer.poll_transmit().unwrap()).await.unwrap();
+    assert_eq!(read.await.unwrap().unwrap().payload, b"awake");
+
+    // Asleep (not heard from for longer than queue_awake): the request waits.
+    tokio::time::sleep(Duration::from_secs(94)).await;
+    let read = {
+        let server = server.clone();
+        tokio::spawn(async move { server.read("urn:dev:1", "/3/0/0").await })
+    };
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), client.recv()).await.is_err(),
+        "nothing sent to a sleeping device"
+    );
+    // The device wakes and sends an Update: the held request follows it.
+    layer
+        .request(std::time::Instant::now(), build(RequestType::Post, &format!("/rd/{id}"), None, vec![]), true, false)
+        .unwrap();
+    client.send(&layer.poll_transmit().unwrap()).await.unwrap();
+    let mut answered = false;
+    while !answered {
+        let datagram = tokio::time::timeout(Duration::from_secs(5), client.recv()).await.unwrap().unwrap();
+        layer.handle_datagram(std::time::Instant::now(), &datagram);
+        while let Some(event) = layer.poll_event() {
+            if let CoapEvent::Request { id: rid, .. } = event {
+                let mut answer = tether_coap::registration::response(ResponseType::Content);
+                answer.payload = b"woke".to_vec();
+                layer.respond(std::time::Instant::now(), &rid, answer).unwrap();
+                answered = true;
+            }
+        }
+        while let Some(d) = layer.poll_transmit() {
+            client.send(&d).await.unwrap();
+        }
+    }
+    assert_eq!(read.await.unwrap().unwrap().payload, b"woke");
 }
