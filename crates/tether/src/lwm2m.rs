@@ -304,6 +304,16 @@ fn encode_uint(value: u32) -> Vec<u8> {
     bytes[first..].to_vec()
 }
 
+/// A Block2 option's (number, more, size exponent).
+fn block2(value: &[u8]) -> Option<(u32, bool, u8)> {
+    if value.len() > 3 {
+        return None;
+    }
+    let v = value.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b));
+    let szx = (v & 0x7) as u8;
+    (szx < 7).then_some((v >> 4, v & 0x8 != 0, szx))
+}
+
 fn decode_uint(bytes: &[u8]) -> Option<u16> {
     if bytes.len() > 2 {
         return None;
@@ -319,14 +329,23 @@ struct Session {
 type Reply = oneshot::Sender<Result<DeviceResponse, Lwm2mError>>;
 
 enum Waiting {
-    Response(Reply),
+    /// A response, possibly arriving in Block2 blocks arriving in Block2 blocks: the request to repeat for the next block and
+    /// what has arrived so far.
+    Blocks {
+        reply: Reply,
+        request: Packet,
+        received: Vec<u8>,
+    },
     Observe(oneshot::Sender<Result<Observation, Lwm2mError>>),
 }
+
+/// Largest response reassembled from Block2 blocks.
+pub const MAX_BLOCKWISE_BODY: usize = 1024 * 1024;
 
 impl Waiting {
     fn fail(self, error: Lwm2mError) {
         match self {
-            Self::Response(reply) => {
+            Self::Blocks { reply, .. } => {
                 let _ = reply.send(Err(error));
             }
             Self::Observe(reply) => {
@@ -506,9 +525,9 @@ impl Actor {
                     let _ = reply.send(Err(Lwm2mError::SessionClosed));
                     return;
                 };
-                match session.layer.request(clock::now(), request, true, false) {
+                match session.layer.request(clock::now(), request.clone(), true, false) {
                     Ok(token) => {
-                        self.pending.insert((peer, token), Waiting::Response(reply));
+                        self.pending.insert((peer, token), Waiting::Blocks { reply, request, received: Vec::new() });
                         self.drive(peer).await;
                     }
                     Err(err) => {
@@ -584,8 +603,41 @@ impl Actor {
                     let _ = session.layer.respond(clock::now(), &id, response);
                 }
                 CoapEvent::Response { token, response } => match self.pending.remove(&(peer, token)) {
-                    Some(Waiting::Response(reply)) => {
-                        let _ = reply.send(Ok(device_response(response)));
+                    Some(Waiting::Blocks { reply, request, mut received }) => {
+                        let block = response.get_first_option(CoapOption::Block2).and_then(|v| block2(v));
+                        let Some((number, more, szx)) = block else {
+                            let mut answer = device_response(response);
+                            if !received.is_empty() {
+                                received.extend_from_slice(&answer.payload);
+                                answer.payload = received;
+                            }
+                            let _ = reply.send(Ok(answer));
+                            continue;
+                        };
+                        received.extend_from_slice(&response.payload);
+                        if !more {
+                            let mut answer = device_response(response);
+                            answer.payload = received;
+                            let _ = reply.send(Ok(answer));
+                            continue;
+                        }
+                        if received.len() > MAX_BLOCKWISE_BODY {
+                            let _ = reply.send(Err(Lwm2mError::InvalidRequest("blockwise response too large".into())));
+                            continue;
+                        }
+                        // Ask for the next block with the same request.
+                        let mut next = request.clone();
+                        next.clear_option(CoapOption::Block2);
+                        next.add_option(CoapOption::Block2, encode_uint(((number + 1) << 4) | u32::from(szx)));
+                        let Some(session) = self.sessions.get_mut(&peer) else { return };
+                        match session.layer.request(clock::now(), next, true, false) {
+                            Ok(token) => {
+                                self.pending.insert((peer, token), Waiting::Blocks { reply, request, received });
+                            }
+                            Err(err) => {
+                                let _ = reply.send(Err(Lwm2mError::InvalidRequest(err.to_string())));
+                            }
+                        }
                     }
                     Some(Waiting::Observe(reply)) => {
                         let accepted = response.get_first_option(CoapOption::Observe).is_some();

@@ -278,3 +278,18 @@ async fn queue_mode_holds_requests_until_the_device_is_heard_from() {
     }
     assert_eq!(read.await.unwrap().unwrap().payload, b"woke");
 }
+
+#[tokio::test]
+async fn a_large_value_arrives_in_block2_blocks_and_is_reassembled() {
+    let server = lwm2m_server().await;
+    let (tx, mut registered) = mpsc::channel(4);
+    let big: &'static str = Box::leak("0123456789".repeat(70).into_boxed_str()); // 700 bytes, 11 blocks
+    tokio::spawn(device(connect(&server, "identity").await, "urn:dev:1", big, tx));
+    tokio::time::timeout(Duration::from_secs(10), registered.recv()).await.unwrap().unwrap();
+    let answer =
+        tokio::time::timeout(Duration::from_secs(10), server.read("urn:dev:1", "/3/0/0")).await.unwrap().unwrap();
+    assert_eq!(answer.payload.len(), 700);
+    assert_eq!(answer.payload, big.as_bytes());
+    let stats = server.dtls().stats().await.unwrap();
+    assert_eq!(stats.pool.per_session[0].requests, 11 + 1, "eleven block requests and the registration answer");
+}

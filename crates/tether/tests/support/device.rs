@@ -45,6 +45,21 @@ pub async fn device(
                     if request.header.code == MessageClass::Request(RequestType::Get) {
                         answer.add_option(CoapOption::ContentFormat, vec![]);
                         answer.payload = value.as_bytes().to_vec();
+                        // Values over 64 bytes go in Block2 blocks of 64 (szx 2).
+                        if answer.payload.len() > 64 {
+                            let asked = request
+                                .get_first_option(CoapOption::Block2)
+                                .map_or(0, |v| v.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b)) >> 4)
+                                as usize;
+                            let start = (asked * 64).min(answer.payload.len());
+                            let end = (start + 64).min(answer.payload.len());
+                            let more = end < answer.payload.len();
+                            let block = ((asked as u32) << 4) | (u32::from(more) << 3) | 2;
+                            let bytes = block.to_be_bytes();
+                            let first = bytes.iter().position(|b| *b != 0).unwrap_or(3);
+                            answer.add_option(CoapOption::Block2, bytes[first..].to_vec());
+                            answer.payload = answer.payload[start..end].to_vec();
+                        }
                         if request.get_observe_value().is_some_and(|o| o.is_ok_and(|v| v == 0)) {
                             answer.set_observe_value(1);
                             observed.push((id.clone(), 1));
