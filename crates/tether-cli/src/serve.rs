@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
-use tether::lwm2m::{Lwm2mServer, Lwm2mServerConfig};
+use tether::lwm2m::{EndpointBindings, Lwm2mServer, Lwm2mServerConfig};
 use tether::store::RegistrationStore;
 use tether::{DtlsServer, DtlsServerConfig};
-use tether_proto::dtls::{DtlsContext, PskKey, ServerConfig, StaticPskStore};
+use tether_proto::dtls::{ClientAuth, DtlsContext, PskKey, ServerConfig, StaticPskStore};
 
 /// The development PSK entry used when none is configured. Its key is public (README).
 pub const DEV_IDENTITY: &str = "identity";
@@ -58,6 +58,18 @@ struct FileConfig {
 struct SecurityFile {
     #[serde(default)]
     psk: Vec<PskEntryFile>,
+    x509: Option<X509File>,
+}
+
+/// `[x509]` in the security file: the server's certificate and key (PEM) and, optionally,
+/// the CA that client certificates must chain to. A client certificate's CN is the endpoint
+/// name it may register.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct X509File {
+    certificate: PathBuf,
+    private_key: PathBuf,
+    client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -92,6 +104,17 @@ pub struct Settings {
     pub psk: Vec<PskEntry>,
     /// Whether the development entry is in use.
     pub development_psk: bool,
+    /// Server certificate and key, and the client CA, loaded from the security file.
+    pub x509: Option<X509Settings>,
+}
+
+/// Certificate settings.
+#[derive(Debug)]
+pub struct X509Settings {
+    /// The server's certificate chain and key.
+    pub certificate: tether_proto::dtls::CertifiedKey,
+    /// CAs client certificates must chain to; then a certificate's CN is its endpoint name.
+    pub client_ca: Option<Vec<tether_proto::dtls::X509>>,
 }
 
 impl Settings {
@@ -109,8 +132,12 @@ impl Settings {
                 entry(&e.identity, &e.key, &e.endpoint).with_context(|| format!("tether.toml psk entry {}", i + 1))?,
             );
         }
+        let mut x509 = None;
         if let Some(path) = args.security.as_ref().or(file.security.as_ref()) {
             let security = read_toml::<SecurityFile>(path)?;
+            if let Some(section) = &security.x509 {
+                x509 = Some(load_x509(path, section)?);
+            }
             for (i, e) in security.psk.iter().enumerate() {
                 entries.push(
                     entry(&e.identity, &e.key, &e.endpoint)
@@ -141,6 +168,7 @@ impl Settings {
             data_dir: args.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from("tether-data")),
             psk: entries,
             development_psk,
+            x509,
         })
     }
 }
@@ -148,6 +176,25 @@ impl Settings {
 fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("{} is not valid", path.display()))
+}
+
+fn load_x509(security: &Path, section: &X509File) -> Result<X509Settings> {
+    let relative = |p: &PathBuf| security.parent().map_or(p.clone(), |dir| dir.join(p));
+    let read = |p: &PathBuf| {
+        let path = relative(p);
+        std::fs::read(&path).with_context(|| format!("{}: cannot read {}", security.display(), path.display()))
+    };
+    let certificate =
+        tether_proto::dtls::CertifiedKey::from_pem(&read(&section.certificate)?, &read(&section.private_key)?)
+            .map_err(|e| anyhow::anyhow!("{}: [x509] certificate/private_key: {e}", security.display()))?;
+    let client_ca = match &section.client_ca {
+        Some(p) => Some(
+            tether_proto::dtls::X509::stack_from_pem(&read(p)?)
+                .map_err(|e| anyhow::anyhow!("{}: [x509] client_ca: {e}", security.display()))?,
+        ),
+        None => None,
+    };
+    Ok(X509Settings { certificate, client_ca })
 }
 
 fn entry(identity: &str, key: &str, endpoint: &str) -> Result<PskEntry> {
@@ -162,12 +209,20 @@ fn entry(identity: &str, key: &str, endpoint: &str) -> Result<PskEntry> {
 /// returns.
 pub async fn run(settings: Settings) -> Result<()> {
     let mut store = StaticPskStore::new();
-    let mut authorizer = HashMap::new();
+    let mut authorizer = EndpointBindings::default();
     for e in &settings.psk {
         store.insert(e.identity.clone(), e.key.clone());
-        authorizer.insert(e.identity.clone(), e.endpoint.clone());
+        authorizer.psk.insert(e.identity.clone(), e.endpoint.clone());
     }
-    let context = DtlsContext::server(ServerConfig::psk(store))?;
+    let mut server_config = ServerConfig::psk(store);
+    if let Some(x509) = settings.x509 {
+        server_config = server_config.certificate(x509.certificate);
+        if let Some(cas) = x509.client_ca {
+            server_config = server_config.client_auth(ClientAuth::Required(cas));
+            authorizer.certificate_cn_is_endpoint = true;
+        }
+    }
+    let context = DtlsContext::server(server_config)?;
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("cannot create data directory {}", settings.data_dir.display()))?;
     let db = settings.data_dir.join("registrations.db");

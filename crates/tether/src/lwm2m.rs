@@ -17,8 +17,9 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::client::sleep_until;
 use crate::clock;
-use crate::server::{identity_name, DtlsServer, ServerSendError};
+use crate::server::{DtlsServer, ServerSendError};
 use crate::store::RegistrationStore;
+use tether_proto::dtls::PeerIdentity;
 
 /// Settings of an [`Lwm2mServer`].
 #[derive(Debug, Clone)]
@@ -388,7 +389,7 @@ impl Actor {
                 biased;
                 accepted = dtls.accept() => {
                     let Some(accepted) = accepted else { return };
-                    let identity = accepted.identity.as_ref().map(identity_name);
+                    let identity = accepted.identity.as_ref().map(authorization_identity);
                     self.seed = self.seed.wrapping_add(1);
                     let layer = MessageLayer::new(self.config.clone(), self.seed);
                     self.fail_pending(accepted.peer);
@@ -750,6 +751,38 @@ impl Actor {
         if let Some(session) = self.sessions.get_mut(&peer) {
             session.layer.cancel(token);
         }
+    }
+}
+
+/// The identity the authorizer and the registry see: its kind and its name, `psk:<identity>`
+/// or `x509:<CN>`, so that a certificate whose CN equals a PSK identity is not mistaken for it.
+pub fn authorization_identity(identity: &PeerIdentity) -> String {
+    match identity {
+        PeerIdentity::Psk(id) => format!("psk:{}", String::from_utf8_lossy(id)),
+        PeerIdentity::Certificate { common_name } => format!("x509:{common_name}"),
+        other => format!("other:{other}"),
+    }
+}
+
+/// Authorization for `tether serve`: PSK identities bound to endpoint names, and
+/// certificates whose CN is the endpoint name (when certificates are accepted at all).
+#[derive(Debug, Clone, Default)]
+pub struct EndpointBindings {
+    /// PSK identity → the endpoint it may register.
+    pub psk: HashMap<String, String>,
+    /// Whether a client certificate's CN may register as that endpoint name.
+    pub certificate_cn_is_endpoint: bool,
+}
+
+impl EndpointAuthorizer for EndpointBindings {
+    fn allows(&self, identity: &str, endpoint: &str) -> bool {
+        if let Some(psk) = identity.strip_prefix("psk:") {
+            return self.psk.get(psk).is_some_and(|e| e == endpoint);
+        }
+        if let Some(cn) = identity.strip_prefix("x509:") {
+            return self.certificate_cn_is_endpoint && cn == endpoint;
+        }
+        false
     }
 }
 

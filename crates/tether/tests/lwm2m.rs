@@ -27,8 +27,10 @@ async fn lwm2m_server() -> Lwm2mServer {
     let context = DtlsContext::server(ServerConfig::psk(store()).session(session())).unwrap();
     let dtls =
         DtlsServer::bind("127.0.0.1:0".parse().unwrap(), context, server_config(PoolConfig::default())).await.unwrap();
-    let authorizer: HashMap<String, String> =
-        [("identity", "urn:dev:1"), ("other", "urn:dev:2")].into_iter().map(|(a, b)| (a.into(), b.into())).collect();
+    let authorizer: HashMap<String, String> = [("psk:identity", "urn:dev:1"), ("psk:other", "urn:dev:2")]
+        .into_iter()
+        .map(|(a, b)| (a.into(), b.into()))
+        .collect();
     Lwm2mServer::start(
         Arc::new(dtls),
         Arc::new(authorizer),
@@ -147,7 +149,8 @@ async fn observe_delivers_notifications_until_cancelled() {
 async fn memory_lwm2m_server(net: &tether::MemoryNetwork, at: std::net::SocketAddr) -> Lwm2mServer {
     let context = DtlsContext::server(ServerConfig::psk(store()).session(session())).unwrap();
     let dtls = DtlsServer::serve(net.bind(at).unwrap(), context, server_config(PoolConfig::default())).unwrap();
-    let authorizer: HashMap<String, String> = [("identity".to_string(), "urn:dev:1".to_string())].into_iter().collect();
+    let authorizer: HashMap<String, String> =
+        [("psk:identity".to_string(), "urn:dev:1".to_string())].into_iter().collect();
     Lwm2mServer::start(
         Arc::new(dtls),
         Arc::new(authorizer),

@@ -27,8 +27,14 @@ pub struct Server {
 
 impl Server {
     pub fn start(data_dir: &Path) -> Self {
+        Self::start_with(data_dir, &[])
+    }
+
+    /// Starts with `extra` flags after the defaults of [`Server::start`].
+    pub fn start_with(data_dir: &Path, extra: &[&str]) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_tether"));
         command.args(["serve", "--coaps", "127.0.0.1:0", "--http", "127.0.0.1:0", "--data-dir"]).arg(data_dir);
+        command.args(extra);
         for i in 0..DEVICES {
             command.args(["--psk", &format!("device-{i}:{KEY}:urn:dev:{i}")]);
         }

@@ -27,3 +27,6 @@ pub use endpoint::{
 };
 pub use error::{AlertDescription, CloseReason, ConfigError, SendError};
 pub use session::{Event, PeerIdentity, SavedSession, Session, SessionStats, Transmit};
+
+/// Certificates, as the configs take them (OpenSSL's `X509`).
+pub use openssl::x509::X509;
