@@ -398,6 +398,7 @@ impl Actor {
                 departed = dtls.departed() => {
                     let Some(departed) = departed else { return };
                     self.sessions.remove(&departed.peer);
+                    self.last_heard.remove(&departed.peer);
                     self.fail_pending(departed.peer);
                 }
                 received = dtls.recv() => {
