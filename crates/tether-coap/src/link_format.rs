@@ -89,13 +89,20 @@ pub fn parse(input: &str) -> Result<Vec<Link>, LinkFormatError> {
                 if bytes.get(i) == Some(&b'"') {
                     let end =
                         input[i + 1..].find('"').ok_or(LinkFormatError { at: i, what: "a closing quote" })? + i + 1;
-                    let v = input[i + 1..end].to_string();
+                    let v = &input[i + 1..end];
+                    if v.chars().any(char::is_control) {
+                        return Err(LinkFormatError { at: i + 1, what: "a quoted string without control characters" });
+                    }
                     i = end + 1;
-                    Some(v)
+                    Some(v.to_string())
                 } else {
+                    // RFC 6690 ptoken: no quote, no control characters, no separators.
                     let start = i;
-                    while i < bytes.len() && !matches!(bytes[i], b',' | b';') && !bytes[i].is_ascii_whitespace() {
+                    while i < bytes.len() && is_ptoken_char(bytes[i]) {
                         i += 1;
+                    }
+                    if i == start {
+                        return Err(LinkFormatError { at: i, what: "a value" });
                     }
                     Some(input[start..i].to_string())
                 }
@@ -112,6 +119,11 @@ pub fn parse(input: &str) -> Result<Vec<Link>, LinkFormatError> {
             Some(_) => return Err(LinkFormatError { at: i, what: "',' or the end" }),
         }
     }
+}
+
+/// RFC 6690 §2 `ptokenchar`.
+fn is_ptoken_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'()*+-./:<=>?@[]^_`{|}~".contains(&b)
 }
 
 fn skip_ws(bytes: &[u8], mut i: usize) -> usize {
@@ -152,9 +164,21 @@ mod tests {
 
     #[test]
     fn malformed_documents_are_errors_not_panics() {
-        for bad in
-            ["<", "</1", "</1>,", "</1>;", "</1>;=3", "</1>;a=\"open", "/1", "</1> </2>", "<\u{e9}", "</1>;\u{e9}=1"]
-        {
+        for bad in [
+            "<",
+            "</1",
+            "</1>,",
+            "</1>;",
+            "</1>;=3",
+            "</1>;a=\"open",
+            "/1",
+            "</1> </2>",
+            "<\u{e9}",
+            "</1>;\u{e9}=1",
+            "</1>;a=",
+            "</>;rt=L/\u{1}\0\0\"\0",
+            "</>;rt=\"a\u{7}b\"",
+        ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }
         // Every prefix of a valid document parses or fails cleanly.
