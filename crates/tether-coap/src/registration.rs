@@ -95,16 +95,6 @@ pub trait EndpointAuthorizer: Send + Sync {
     fn allows(&self, identity: &str, endpoint: &str) -> bool;
 }
 
-/// The identity must equal the endpoint name (X.509 CN = endpoint).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct IdentityIsEndpoint;
-
-impl EndpointAuthorizer for IdentityIsEndpoint {
-    fn allows(&self, identity: &str, endpoint: &str) -> bool {
-        identity == endpoint
-    }
-}
-
 impl EndpointAuthorizer for HashMap<String, String> {
     /// A map from identity to the one endpoint name it may use.
     fn allows(&self, identity: &str, endpoint: &str) -> bool {

@@ -4,7 +4,6 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use tether_proto::dtls::{
     CloseReason, ConfigError, DtlsContext, Event, PeerIdentity, SavedSession, SendError, Session,
@@ -364,9 +363,4 @@ pub(crate) async fn sleep_until(deadline: Option<tokio::time::Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
-}
-
-/// The handshake timeout of a context, for callers that wait on connects.
-pub fn handshake_timeout(context: &DtlsContext) -> Duration {
-    context.session_config().handshake_timeout
 }

@@ -30,8 +30,8 @@ mod server;
 mod socket;
 pub mod store;
 
-pub use client::{handshake_timeout, ClientCounters, ConnectError, Connected, DtlsClient};
-pub use pool::{send_request, Dialer, PooledSession, RequestError, SessionPool};
+pub use client::{ClientCounters, ConnectError, Connected, DtlsClient};
+pub use pool::{Dialer, PooledSession, SessionPool};
 pub use resilient::{
     retry, ClientEvent, Connection, DisconnectReason, DtlsTransport, ResilientClient, ResilientConfig, ResilientError,
     RetryError, TcpConnection, TcpTransport, Transport, TransportError,

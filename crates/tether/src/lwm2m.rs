@@ -115,7 +115,6 @@ enum Command {
     },
     CancelObservation(u64, oneshot::Sender<bool>),
     Registrations(oneshot::Sender<Vec<Registration>>),
-    Restore(Vec<Registration>),
 }
 
 /// The LwM2M server. See the module docs.
@@ -184,11 +183,6 @@ impl Lwm2mServer {
             return Vec::new();
         }
         rx.await.unwrap_or_default()
-    }
-
-    /// Restores registrations loaded from storage (after a restart).
-    pub async fn restore(&self, registrations: Vec<Registration>) {
-        let _ = self.commands.send(Command::Restore(registrations)).await;
     }
 
     /// Read (`GET`) `path` (`/3/0/0`) on `endpoint`.
@@ -409,7 +403,6 @@ impl Actor {
                         session.layer.handle_datagram(now, &data);
                         self.drive(peer).await;
                     }
-                    self.apply_registry_events().await;
                     self.flush_queue(peer).await;
                 }
                 command = commands.recv() => match command {
@@ -498,11 +491,6 @@ impl Actor {
         match command {
             Command::Registrations(reply) => {
                 let _ = reply.send(self.registry.registrations().cloned().collect());
-            }
-            Command::Restore(registrations) => {
-                for registration in registrations {
-                    self.registry.restore(registration);
-                }
             }
             Command::Request { endpoint, mut request, negotiate, reply } => {
                 let Some(registration) = self.registry.get(&endpoint) else {
@@ -807,6 +795,3 @@ fn device_response(response: Packet) -> DeviceResponse {
     let content_format = response.get_first_option(CoapOption::ContentFormat).and_then(|v| decode_uint(v));
     DeviceResponse { code, content_format, payload: response.payload }
 }
-
-/// How long a device may take to answer one request, by default.
-pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(93);

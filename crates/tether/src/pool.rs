@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
-use tether_proto::dtls::{DtlsContext, SavedSession, SendError};
+use tether_proto::dtls::{DtlsContext, SavedSession};
 use tether_proto::pool::{
     Generation, PoolConfig, PoolConfigError, PoolEvent, PoolState, PoolStats, SessionRole, Traffic,
 };
@@ -448,30 +448,5 @@ async fn maintain(
         for client in to_close {
             client.close().await;
         }
-    }
-}
-
-/// Sends a request to `peer` through the pool: connect if needed, then send.
-pub async fn send_request(pool: &SessionPool, peer: SocketAddr, data: &[u8]) -> Result<(), RequestError> {
-    let session = pool.get_or_connect(peer).await?;
-    session.send(data).await?;
-    Ok(())
-}
-
-/// A pooled request failed.
-#[derive(Debug, Clone, thiserror::Error)]
-#[non_exhaustive]
-pub enum RequestError {
-    /// No session could be made.
-    #[error(transparent)]
-    Connect(#[from] ConnectError),
-    /// The session refused the send.
-    #[error(transparent)]
-    Send(#[from] ServerSendError),
-}
-
-impl From<SendError> for RequestError {
-    fn from(err: SendError) -> Self {
-        Self::Send(ServerSendError::Send(err))
     }
 }

@@ -332,7 +332,7 @@ impl Session {
         match self.state {
             State::Closed(_) => return,
             State::Handshaking { deadline } if now >= deadline => {
-                self.fail(CloseReason::HandshakeTimeout);
+                self.set_closed(CloseReason::HandshakeTimeout);
                 return;
             }
             _ => {}
@@ -342,7 +342,7 @@ impl Session {
             Ok(false) => {}
             Err(()) => {
                 let reason = classify_failure(self.stream.ssl(), None);
-                self.fail(reason);
+                self.set_closed(reason);
             }
         }
     }
@@ -366,7 +366,7 @@ impl Session {
             Ok(_) => Ok(()),
             Err(err) => {
                 let reason = CloseReason::Protocol(describe(&err));
-                self.fail(reason.clone());
+                self.set_closed(reason.clone());
                 Err(SendError::Closed(reason))
             }
         }
@@ -446,7 +446,7 @@ impl Session {
             Err(err) if err.code() == ErrorCode::WANT_READ || err.code() == ErrorCode::WANT_WRITE => {}
             Err(err) => {
                 let reason = classify_failure(self.stream.ssl(), Some(&err));
-                self.fail(reason);
+                self.set_closed(reason);
             }
         }
     }
@@ -477,7 +477,7 @@ impl Session {
                         Some(alert) => CloseReason::AlertReceived(alert),
                         None => CloseReason::Protocol(describe(&err)),
                     };
-                    self.fail(reason);
+                    self.set_closed(reason);
                     return;
                 }
             }
@@ -493,10 +493,6 @@ impl Session {
     fn abort_with_alert(&mut self, alert: AlertDescription, reason: CloseReason) {
         let sequence = self.next_plaintext_sequence();
         self.stream.get_mut().outgoing.push_back(record::fatal_alert(alert.0, sequence));
-        self.fail(reason);
-    }
-
-    fn fail(&mut self, reason: CloseReason) {
         self.set_closed(reason);
     }
 
