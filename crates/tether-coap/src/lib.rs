@@ -17,6 +17,7 @@
 pub use coap_lite;
 
 pub mod content;
+pub mod device;
 pub mod link_format;
 pub mod message;
 pub mod registration;

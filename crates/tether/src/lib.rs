@@ -12,6 +12,8 @@
 //!   operation.
 //! - [`lwm2m::Lwm2mServer`]: the LwM2M server runtime: registrations and server-initiated
 //!   requests over the session each device opened.
+//! - [`Lwm2mDevice`]: an LwM2M device on the resilient client: registration, updates, the
+//!   Server object's retry timers, answers and notifications for objects 0, 1 and 3.
 //!
 //! Time: this crate reads the clock only through `tokio::time::Instant`, so tests with
 //! `start_paused = true` drive every timer of the state machines except OpenSSL's own DTLS
@@ -22,6 +24,7 @@
 
 mod client;
 mod clock;
+mod device;
 pub mod lwm2m;
 pub mod metrics;
 mod pool;
@@ -31,6 +34,7 @@ mod socket;
 pub mod store;
 
 pub use client::{ClientCounters, ConnectError, Connected, DtlsClient};
+pub use device::{DeviceError, DeviceStatus, FixedPortTransport, Lwm2mDevice, Lwm2mDeviceConfig};
 pub use pool::{Dialer, PooledSession, SessionPool};
 pub use resilient::{
     retry, ClientEvent, Connection, DisconnectReason, DtlsTransport, ResilientClient, ResilientConfig, ResilientError,

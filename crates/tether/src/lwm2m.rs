@@ -317,6 +317,9 @@ fn decode_uint(bytes: &[u8]) -> Option<u16> {
 }
 
 struct Session {
+    /// The DTLS session's generation: a departure of an older session of the same peer
+    /// (replaced by a re-handshake from the same address) must not remove this one.
+    generation: tether_proto::pool::Generation,
     identity: Option<String>,
     layer: MessageLayer,
 }
@@ -379,7 +382,9 @@ impl Actor {
             let deadline = self.next_deadline();
             tokio::select! {
                 // Sessions before their data: a session's identity is known before its
-                // first request is authorized.
+                // first request is authorized. Data before departures: what a device sent
+                // just before closing (the 2.04 to a Reboot) is read before its session is
+                // forgotten.
                 biased;
                 accepted = dtls.accept() => {
                     let Some(accepted) = accepted else { return };
@@ -387,13 +392,7 @@ impl Actor {
                     self.seed = self.seed.wrapping_add(1);
                     let layer = MessageLayer::new(self.config.clone(), self.seed);
                     self.fail_pending(accepted.peer);
-                    self.sessions.insert(accepted.peer, Session { identity, layer });
-                }
-                departed = dtls.departed() => {
-                    let Some(departed) = departed else { return };
-                    self.sessions.remove(&departed.peer);
-                    self.last_heard.remove(&departed.peer);
-                    self.fail_pending(departed.peer);
+                    self.sessions.insert(accepted.peer, Session { generation: accepted.generation, identity, layer });
                 }
                 received = dtls.recv() => {
                     let Some((peer, data)) = received else { return };
@@ -404,6 +403,14 @@ impl Actor {
                         self.drive(peer).await;
                     }
                     self.flush_queue(peer).await;
+                }
+                departed = dtls.departed() => {
+                    let Some(departed) = departed else { return };
+                    if self.sessions.get(&departed.peer).is_some_and(|s| s.generation == departed.generation) {
+                        self.sessions.remove(&departed.peer);
+                        self.last_heard.remove(&departed.peer);
+                        self.fail_pending(departed.peer);
+                    }
                 }
                 command = commands.recv() => match command {
                     None => return,

@@ -56,11 +56,16 @@ impl Socket {
         }
     }
 
-    /// Restricts a UDP socket to one peer, so ICMP errors (port unreachable) surface.
+    /// Restricts the socket to one peer, so ICMP errors (port unreachable) surface: a send
+    /// to a port nobody listens on makes the next receive fail with `ConnectionRefused`, on
+    /// UDP and on a [`MemoryNetwork`] alike.
     pub async fn connect(&self, peer: SocketAddr) -> io::Result<()> {
         match self {
             Self::Udp(s) => s.connect(peer).await,
-            Self::Memory(_) => Ok(()),
+            Self::Memory(s) => {
+                *s.peer.lock().unwrap_or_else(|e| e.into_inner()) = Some(peer);
+                Ok(())
+            }
         }
     }
 
@@ -98,10 +103,13 @@ impl Socket {
     }
 }
 
-type Inbox = mpsc::UnboundedSender<(SocketAddr, Vec<u8>)>;
+/// A datagram, or `None` for a port-unreachable error.
+type Delivery = (SocketAddr, Option<Vec<u8>>);
+type Inbox = mpsc::UnboundedSender<Delivery>;
 
 /// An in-memory datagram network: lossless and instant unless an address is taken down.
-/// Datagrams to an address nobody has bound vanish, as UDP's do.
+/// Datagrams to an address nobody has bound vanish, as UDP's do; a connected socket is told
+/// (port unreachable), as on loopback. A down address answers nothing at all.
 #[derive(Debug, Clone, Default)]
 pub struct MemoryNetwork {
     inner: Arc<Mutex<NetworkInner>>,
@@ -137,7 +145,12 @@ impl MemoryNetwork {
         }
         let (tx, rx) = mpsc::unbounded_channel();
         inner.sockets.insert(addr, tx);
-        Ok(Socket::Memory(MemorySocket { addr, network: self.clone(), inbox: tokio::sync::Mutex::new(rx) }))
+        Ok(Socket::Memory(MemorySocket {
+            addr,
+            network: self.clone(),
+            peer: Mutex::new(None),
+            inbox: tokio::sync::Mutex::new(rx),
+        }))
     }
 
     /// Takes `addr` off the network (true) or back on (false): while down, everything it
@@ -157,7 +170,9 @@ impl MemoryNetwork {
 pub struct MemorySocket {
     addr: SocketAddr,
     network: MemoryNetwork,
-    inbox: tokio::sync::Mutex<mpsc::UnboundedReceiver<(SocketAddr, Vec<u8>)>>,
+    /// Set by `connect`: sends to it that nobody receives are reported.
+    peer: Mutex<Option<SocketAddr>>,
+    inbox: tokio::sync::Mutex<mpsc::UnboundedReceiver<Delivery>>,
 }
 
 impl MemorySocket {
@@ -166,20 +181,30 @@ impl MemorySocket {
         if inner.down.contains(&self.addr) || inner.down.contains(&to) {
             return;
         }
-        if let Some(inbox) = inner.sockets.get(&to) {
-            let _ = inbox.send((self.addr, datagram.to_vec()));
+        match inner.sockets.get(&to) {
+            Some(inbox) => {
+                let _ = inbox.send((self.addr, Some(datagram.to_vec())));
+            }
+            None if *self.peer.lock().unwrap_or_else(|e| e.into_inner()) == Some(to) => {
+                if let Some(own) = inner.sockets.get(&self.addr) {
+                    let _ = own.send((to, None));
+                }
+            }
+            None => {}
         }
     }
 
     async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
         let mut inbox = self.inbox.lock().await;
         let (from, datagram) = inbox.recv().await.ok_or(io::ErrorKind::NotConnected)?;
+        let datagram = datagram.ok_or(io::ErrorKind::ConnectionRefused)?;
         Ok(copy_out(buf, from, &datagram))
     }
 
     fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
         let mut inbox = self.inbox.try_lock().map_err(|_| io::Error::from(io::ErrorKind::WouldBlock))?;
         let (from, datagram) = inbox.try_recv().map_err(|_| io::Error::from(io::ErrorKind::WouldBlock))?;
+        let datagram = datagram.ok_or(io::ErrorKind::ConnectionRefused)?;
         Ok(copy_out(buf, from, &datagram))
     }
 }

@@ -1,0 +1,727 @@
+//! The LwM2M client (device) side, sans-IO: registration, updates before the lifetime runs
+//! out, the Server object's retry schedule, answers to the server's requests and
+//! notifications of observed values.
+//!
+//! Drive [`Lwm2mClient`] like tether's other state machines, with time passed in: inputs
+//! [`handle_connected`](Lwm2mClient::handle_connected),
+//! [`handle_connect_failed`](Lwm2mClient::handle_connect_failed),
+//! [`handle_disconnected`](Lwm2mClient::handle_disconnected),
+//! [`handle_datagram`](Lwm2mClient::handle_datagram) and
+//! [`handle_timeout`](Lwm2mClient::handle_timeout); outputs
+//! [`poll_transmit`](Lwm2mClient::poll_transmit) (send all of them first),
+//! [`poll_action`](Lwm2mClient::poll_action) (connect or disconnect the DTLS session),
+//! [`poll_event`](Lwm2mClient::poll_event) and [`poll_timeout`](Lwm2mClient::poll_timeout).
+//! The transport below is the driver's: the client only says when it needs a session and
+//! when the one it has must go.
+
+pub mod objects;
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use coap_lite::{CoapOption, MessageClass, Packet, RequestType, ResponseType};
+use tether_proto::resilience::{Backoff, BackoffConfig, Jitter};
+
+use crate::content::{format, Path};
+use crate::message::{CoapConfig, CoapEvent, IncomingRequest, MessageLayer, Token};
+pub use objects::{Attributes, DeviceInfo, Effect, Objects, RetryTimers};
+
+/// Settings of an [`Lwm2mClient`].
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Endpoint name (`ep=`).
+    pub endpoint: String,
+    /// Registration lifetime (`lt=`, /1/0/1). Default 300 s.
+    pub lifetime: Duration,
+    /// Fixed resources of the Device object.
+    pub info: DeviceInfo,
+    /// The server's URI, as the Security object holds it.
+    pub server_uri: String,
+    /// Whether the device authenticates with a certificate (else PSK).
+    pub certificate: bool,
+    /// The Server object's retry timers (/1/0/17–20).
+    pub retry: RetryTimers,
+    /// Randomisation of the retry delays, so a fleet does not come back in lockstep.
+    pub jitter: Jitter,
+    /// CoAP transmission parameters.
+    pub coap: CoapConfig,
+    /// Format of multi-value reads when the server does not ask (`ct=` in the registration).
+    /// Default SenML CBOR.
+    pub content_format: u16,
+    /// Re-handshake before sending after this much silence: NAT bindings typically expire
+    /// after 30–60 s of UDP silence, and a new handshake from the new address/port is
+    /// what lets the server reach the device again. `None` (default) never does.
+    pub rehandshake_after_idle: Option<Duration>,
+    /// How long a reboot (Execute /3/0/4) takes before the device connects again. Default 1 s.
+    pub reboot_time: Duration,
+    /// Seed of tokens, message IDs and jitter.
+    pub seed: u64,
+}
+
+impl ClientConfig {
+    /// Defaults for endpoint `endpoint` of server `server_uri`.
+    pub fn new(endpoint: impl Into<String>, server_uri: impl Into<String>) -> Self {
+        let endpoint = endpoint.into();
+        Self {
+            info: DeviceInfo::simulated(&endpoint),
+            endpoint,
+            lifetime: Duration::from_secs(300),
+            server_uri: server_uri.into(),
+            certificate: false,
+            retry: RetryTimers::default(),
+            jitter: Jitter::None,
+            coap: CoapConfig::default(),
+            content_format: format::SENML_CBOR,
+            rehandshake_after_idle: None,
+            reboot_time: Duration::from_secs(1),
+            seed: 0,
+        }
+    }
+}
+
+/// Something the driver must do with the DTLS session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Open a session (one handshake attempt); report with `handle_connected` or
+    /// `handle_connect_failed`.
+    Connect,
+    /// Close the session (close_notify).
+    Disconnect,
+}
+
+/// What happened to the device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DeviceEvent {
+    /// Registered; the server answered 2.01 with this location (`/rd/<id>`).
+    Registered {
+        /// The registration's location.
+        location: String,
+    },
+    /// A registration Update was acknowledged.
+    Updated,
+    /// An attempt (connect + Register or Update) failed; the next follows after `retry_in`.
+    AttemptFailed {
+        /// Why.
+        reason: String,
+        /// Sequence (1-based) and attempt within it (1-based).
+        sequence: u32,
+        /// Attempt within the sequence.
+        attempt: u32,
+        /// Delay before the next attempt.
+        retry_in: Duration,
+    },
+    /// Every attempt of every sequence failed: the device stops trying.
+    GaveUp {
+        /// The last failure.
+        reason: String,
+    },
+    /// The session was lost (server closed it or went away).
+    ConnectionLost,
+    /// Re-handshaking after `idle` of silence (NAT binding presumed gone).
+    Rehandshaking {
+        /// The silence.
+        idle: Duration,
+    },
+    /// Rebooting on the server's request.
+    Rebooting,
+    /// De-registered.
+    Deregistered,
+}
+
+/// Counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClientStats {
+    /// Sessions opened.
+    pub connects: u64,
+    /// Registrations acknowledged.
+    pub registrations: u64,
+    /// Updates acknowledged.
+    pub updates: u64,
+    /// Requests from the server answered.
+    pub requests_answered: u64,
+    /// Notifications sent.
+    pub notifications: u64,
+    /// Failed attempts.
+    pub failed_attempts: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exchange {
+    Register,
+    Update,
+    Deregister,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Not started, de-registered, or given up.
+    Stopped,
+    /// Waiting until the next attempt.
+    Waiting(Instant),
+    /// The driver is connecting.
+    Connecting,
+    /// Connected; `Register`/`Update`/`Deregister` outstanding, or idle (`None`) while registered.
+    Connected(Option<(Exchange, Token)>),
+}
+
+struct Observation {
+    request: IncomingRequest,
+    path: Path,
+    format: u16,
+    last_payload: Vec<u8>,
+    last_sent: Instant,
+    sequence: u32,
+}
+
+/// How often observed values are compared with what was last sent.
+const OBSERVE_CHECK: Duration = Duration::from_secs(1);
+/// Every n-th notification is confirmable, so a vanished observer is noticed.
+const CONFIRMABLE_EVERY: u32 = 10;
+/// MAX_TRANSMIT_WAIT with default CoAP parameters: an Update leaves at least this much of
+/// the lifetime for its retransmissions.
+const UPDATE_HEADROOM: Duration = Duration::from_secs(93);
+
+/// The device. See the module docs.
+pub struct Lwm2mClient {
+    config: ClientConfig,
+    objects: Objects,
+    layer: MessageLayer,
+    layers_made: u64,
+    phase: Phase,
+    location: Option<String>,
+    next_update: Option<Instant>,
+    /// Send an Update as soon as connected and idle (execute /1/0/8, lifetime written).
+    update_wanted: bool,
+    sequence: u32,
+    attempt: u32,
+    backoff: Backoff,
+    last_traffic: Instant,
+    observations: Vec<Observation>,
+    next_observe_check: Option<Instant>,
+    actions: VecDeque<Action>,
+    events: VecDeque<DeviceEvent>,
+    stats: ClientStats,
+}
+
+impl std::fmt::Debug for Lwm2mClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lwm2mClient")
+            .field("endpoint", &self.config.endpoint)
+            .field("phase", &self.phase)
+            .field("location", &self.location)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Lwm2mClient {
+    /// A device that booted at `now` (Unix time `unix_now`, for the Current Time resource).
+    pub fn new(
+        config: ClientConfig,
+        now: Instant,
+        unix_now: i64,
+    ) -> Result<Self, tether_proto::resilience::ResilienceConfigError> {
+        let objects = Objects::new(
+            config.info.clone(),
+            config.server_uri.clone(),
+            config.certificate,
+            config.lifetime,
+            config.retry,
+            now,
+            unix_now,
+        );
+        let backoff = Backoff::new(backoff_config(&config.retry, config.jitter), config.seed)?;
+        Ok(Self {
+            layer: MessageLayer::new(config.coap.clone(), config.seed),
+            layers_made: 1,
+            objects,
+            phase: Phase::Stopped,
+            location: None,
+            next_update: None,
+            update_wanted: false,
+            sequence: 1,
+            attempt: 1,
+            backoff,
+            last_traffic: now,
+            observations: Vec::new(),
+            next_observe_check: None,
+            actions: VecDeque::new(),
+            events: VecDeque::new(),
+            stats: ClientStats::default(),
+            config,
+        })
+    }
+
+    /// The endpoint name.
+    pub fn endpoint(&self) -> &str {
+        &self.config.endpoint
+    }
+
+    /// The objects (values, attributes, timers).
+    pub fn objects(&self) -> &Objects {
+        &self.objects
+    }
+
+    /// The registration location while registered.
+    pub fn location(&self) -> Option<&str> {
+        self.location.as_deref()
+    }
+
+    /// Whether the device is registered and connected.
+    pub fn is_registered(&self) -> bool {
+        self.location.is_some() && matches!(self.phase, Phase::Connected(_))
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> ClientStats {
+        self.stats
+    }
+
+    /// Starts registering: asks for a session.
+    pub fn start(&mut self, now: Instant) {
+        if self.phase == Phase::Stopped {
+            self.reset_schedule();
+            self.phase = Phase::Waiting(now);
+        }
+    }
+
+    /// De-registers (`DELETE /rd/<id>`) if registered and connected; otherwise just stops.
+    /// [`DeviceEvent::Deregistered`] follows the server's answer (or its absence).
+    pub fn deregister(&mut self, now: Instant) {
+        match (&self.location, self.phase) {
+            (Some(location), Phase::Connected(_)) => {
+                let request = request(RequestType::Delete, location);
+                self.exchange(now, Exchange::Deregister, request);
+            }
+            _ => {
+                let registered = self.location.is_some();
+                self.stop();
+                if !registered {
+                    self.events.push_back(DeviceEvent::Deregistered);
+                }
+            }
+        }
+    }
+
+    /// The driver connected a session.
+    pub fn handle_connected(&mut self, now: Instant) {
+        if self.phase != Phase::Connecting {
+            // Stopped meanwhile: the session is not wanted.
+            self.actions.push_back(Action::Disconnect);
+            return;
+        }
+        self.stats.connects += 1;
+        self.layer = MessageLayer::new(self.config.coap.clone(), self.config.seed.wrapping_add(self.layers_made));
+        self.layers_made += 1;
+        self.last_traffic = now;
+        self.phase = Phase::Connected(None);
+        match self.location.clone() {
+            Some(location) => self.send_update(now, &location),
+            None => self.send_register(now),
+        }
+    }
+
+    /// The driver's connection attempt failed.
+    pub fn handle_connect_failed(&mut self, now: Instant, reason: impl Into<String>) {
+        if self.phase == Phase::Connecting {
+            self.attempt_failed(now, reason.into());
+        }
+    }
+
+    /// The session ended without the client asking (server close_notify, fatal alert).
+    pub fn handle_disconnected(&mut self, now: Instant) {
+        if !matches!(self.phase, Phase::Connected(_)) {
+            return;
+        }
+        self.observations.clear();
+        if let Phase::Connected(Some((Exchange::Deregister, _))) = self.phase {
+            self.stop();
+            return;
+        }
+        self.events.push_back(DeviceEvent::ConnectionLost);
+        // Reconnect now, or with jitter within the first retry delay, so a fleet that lost
+        // its server at one instant does not come back at one instant; the schedule spaces
+        // out further attempts if the server is down.
+        self.reset_schedule();
+        let delay = match self.config.jitter {
+            Jitter::None => Duration::ZERO,
+            _ => self.backoff.delay(1).unwrap_or(Duration::ZERO),
+        };
+        self.backoff.reset();
+        self.phase = Phase::Waiting(now + delay);
+    }
+
+    /// A datagram of application data from the session.
+    pub fn handle_datagram(&mut self, now: Instant, datagram: &[u8]) {
+        if !matches!(self.phase, Phase::Connected(_)) {
+            return;
+        }
+        self.last_traffic = now;
+        self.layer.handle_datagram(now, datagram);
+        self.process(now);
+    }
+
+    /// Timers.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Phase::Waiting(at) = self.phase {
+            if at <= now {
+                self.phase = Phase::Connecting;
+                self.actions.push_back(Action::Connect);
+            }
+        }
+        if matches!(self.phase, Phase::Connected(_)) {
+            self.layer.handle_timeout(now);
+            self.process(now);
+        }
+        if self.next_update.is_some_and(|at| at <= now) {
+            self.update_wanted = true;
+        }
+        self.update_if_wanted(now);
+        if self.next_observe_check.is_some_and(|at| at <= now) {
+            self.notify_changes(now);
+        }
+    }
+
+    /// The next datagram to send on the session.
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        let datagram = self.layer.poll_transmit()?;
+        Some(datagram)
+    }
+
+    /// The next action for the driver, after every datagram from `poll_transmit` was sent.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<DeviceEvent> {
+        self.events.pop_front()
+    }
+
+    /// When `handle_timeout` is next due.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let waiting = match self.phase {
+            Phase::Waiting(at) => Some(at),
+            _ => None,
+        };
+        let connected = matches!(self.phase, Phase::Connected(_));
+        let update = match (self.phase, self.location.is_some()) {
+            (Phase::Connected(None), true) => self.next_update,
+            _ => None,
+        };
+        [waiting, connected.then(|| self.layer.poll_timeout()).flatten(), update, self.next_observe_check]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// The device's datagrams must be sent on the session now; called by the driver after
+    /// it sent one (for the NAT idle timer).
+    pub fn note_sent(&mut self, now: Instant) {
+        self.last_traffic = now;
+    }
+
+    fn stop(&mut self) {
+        if matches!(self.phase, Phase::Connected(_)) {
+            self.actions.push_back(Action::Disconnect);
+        }
+        if self.location.take().is_some() {
+            self.events.push_back(DeviceEvent::Deregistered);
+        }
+        self.phase = Phase::Stopped;
+        self.update_wanted = false;
+        self.next_update = None;
+        self.observations.clear();
+        self.next_observe_check = None;
+    }
+
+    fn reset_schedule(&mut self) {
+        self.sequence = 1;
+        self.attempt = 1;
+        self.backoff = Backoff::new(
+            backoff_config(&self.objects.retry, self.config.jitter),
+            self.config.seed ^ self.stats.failed_attempts,
+        )
+        .unwrap_or_else(|_| self.backoff.clone());
+    }
+
+    fn send_register(&mut self, now: Instant) {
+        let mut request = request(RequestType::Post, "/rd");
+        for query in [
+            format!("ep={}", self.config.endpoint),
+            format!("lt={}", self.objects.lifetime.as_secs()),
+            "lwm2m=1.1".to_string(),
+            format!("b={}", self.objects.binding()),
+        ] {
+            request.add_option(CoapOption::UriQuery, query.into_bytes());
+        }
+        request.add_option(CoapOption::ContentFormat, objects::encode_uint(format::LINK));
+        request.payload = self.objects.registration_links(self.config.content_format).into_bytes();
+        self.exchange(now, Exchange::Register, request);
+    }
+
+    fn send_update(&mut self, now: Instant, location: &str) {
+        let mut request = request(RequestType::Post, location);
+        request.add_option(CoapOption::UriQuery, format!("lt={}", self.objects.lifetime.as_secs()).into_bytes());
+        self.exchange(now, Exchange::Update, request);
+    }
+
+    fn exchange(&mut self, now: Instant, kind: Exchange, request: Packet) {
+        match self.layer.request(now, request, true, false) {
+            Ok(token) => {
+                self.last_traffic = now;
+                self.phase = Phase::Connected(Some((kind, token)));
+            }
+            // Only an oversized request fails to encode; an endpoint name that long is a
+            // configuration mistake the schedule cannot fix.
+            Err(err) => {
+                self.events.push_back(DeviceEvent::GaveUp { reason: err.to_string() });
+                self.stop();
+            }
+        }
+    }
+
+    /// Sends the wanted Update once no other exchange is outstanding.
+    fn update_if_wanted(&mut self, now: Instant) {
+        let (Phase::Connected(None), Some(location), true) = (self.phase, self.location.clone(), self.update_wanted)
+        else {
+            return;
+        };
+        self.update_wanted = false;
+        if !self.rehandshake_if_idle(now) {
+            self.send_update(now, &location);
+        }
+    }
+
+    /// Before a send after long silence: re-handshake (same port) instead, then Update.
+    fn rehandshake_if_idle(&mut self, now: Instant) -> bool {
+        let Some(limit) = self.config.rehandshake_after_idle else { return false };
+        let idle = now.saturating_duration_since(self.last_traffic);
+        if idle < limit {
+            return false;
+        }
+        self.events.push_back(DeviceEvent::Rehandshaking { idle });
+        self.actions.push_back(Action::Disconnect);
+        self.observations.clear();
+        self.phase = Phase::Connecting;
+        self.actions.push_back(Action::Connect);
+        true
+    }
+
+    fn attempt_failed(&mut self, now: Instant, reason: String) {
+        self.stats.failed_attempts += 1;
+        if matches!(self.phase, Phase::Connected(_)) {
+            // The session may be what is broken (a server that restarted has forgotten it).
+            self.actions.push_back(Action::Disconnect);
+            self.observations.clear();
+        }
+        let (sequence, attempt) = (self.sequence, self.attempt);
+        let retry_in = match self.backoff.delay(attempt) {
+            Some(delay) => {
+                self.attempt += 1;
+                delay
+            }
+            None if sequence < self.objects.retry.sequence_retry_count => {
+                self.sequence += 1;
+                self.attempt = 1;
+                self.backoff.reset();
+                self.objects.retry.sequence_delay
+            }
+            None => {
+                self.events.push_back(DeviceEvent::AttemptFailed {
+                    reason: reason.clone(),
+                    sequence,
+                    attempt,
+                    retry_in: Duration::ZERO,
+                });
+                self.events.push_back(DeviceEvent::GaveUp { reason });
+                self.location = None;
+                self.phase = Phase::Stopped;
+                return;
+            }
+        };
+        self.events.push_back(DeviceEvent::AttemptFailed { reason, sequence, attempt, retry_in });
+        self.phase = Phase::Waiting(now + retry_in);
+    }
+
+    fn registered(&mut self, now: Instant) {
+        let lifetime = self.objects.lifetime;
+        let headroom = (lifetime / 10).max(UPDATE_HEADROOM.min(lifetime / 2));
+        self.next_update = Some(now + lifetime.saturating_sub(headroom));
+        self.reset_schedule();
+        self.phase = Phase::Connected(None);
+        self.update_if_wanted(now);
+    }
+
+    fn process(&mut self, now: Instant) {
+        while let Some(event) = self.layer.poll_event() {
+            match event {
+                CoapEvent::Response { token, response } => self.on_response(now, token, &response),
+                CoapEvent::RequestFailed { token, reason } => {
+                    if let Phase::Connected(Some((kind, t))) = self.phase {
+                        if t == token {
+                            if kind == Exchange::Deregister {
+                                self.stop();
+                            } else {
+                                self.attempt_failed(now, format!("{kind:?}: {reason}"));
+                            }
+                        }
+                    }
+                }
+                CoapEvent::Request { id, request } => self.on_request(now, id, &request),
+                CoapEvent::ObservationCancelled { token } => self.observations.retain(|o| o.request.token() != token),
+                _ => {}
+            }
+        }
+    }
+
+    fn on_response(&mut self, now: Instant, token: Token, response: &Packet) {
+        let Phase::Connected(Some((kind, expected))) = self.phase else { return };
+        if token != expected {
+            return;
+        }
+        let code = match response.header.code {
+            MessageClass::Response(code) => code,
+            _ => ResponseType::UnKnown,
+        };
+        match (kind, code) {
+            (Exchange::Register, ResponseType::Created) => {
+                let location = response
+                    .get_option(CoapOption::LocationPath)
+                    .map(|segments| {
+                        segments.iter().map(|s| format!("/{}", String::from_utf8_lossy(s))).collect::<String>()
+                    })
+                    .unwrap_or_default();
+                if location.is_empty() {
+                    self.attempt_failed(now, "2.01 without Location-Path".into());
+                    return;
+                }
+                self.stats.registrations += 1;
+                self.location = Some(location.clone());
+                self.registered(now);
+                self.events.push_back(DeviceEvent::Registered { location });
+            }
+            (Exchange::Update, ResponseType::Changed) => {
+                self.stats.updates += 1;
+                self.registered(now);
+                self.events.push_back(DeviceEvent::Updated);
+            }
+            // The server no longer knows the registration (expired, or lost in a restart
+            // without a store): register anew on this session.
+            (Exchange::Update, ResponseType::NotFound | ResponseType::BadRequest | ResponseType::Forbidden) => {
+                self.location = None;
+                self.send_register(now);
+            }
+            (Exchange::Deregister, _) => self.stop(),
+            (kind, code) => self.attempt_failed(now, format!("{kind:?} answered {code:?}")),
+        }
+    }
+
+    fn on_request(&mut self, now: Instant, id: IncomingRequest, request: &Packet) {
+        let mut answer = objects::answer(&mut self.objects, now, request, self.config.content_format);
+        if answer.cancel_observation {
+            self.observations.retain(|o| o.request.token() != id.token());
+        }
+        if let Some((path, format)) =
+            answer.observe.filter(|_| answer.response.header.code == MessageClass::Response(ResponseType::Content))
+        {
+            self.observations.retain(|o| o.request.token() != id.token());
+            answer.response.set_observe_value(0);
+            self.observations.push(Observation {
+                request: id.clone(),
+                path,
+                format,
+                last_payload: answer.response.payload.clone(),
+                last_sent: now,
+                sequence: 0,
+            });
+            self.next_observe_check.get_or_insert(now + OBSERVE_CHECK);
+        }
+        if self.layer.respond(now, &id, answer.response).is_ok() {
+            self.stats.requests_answered += 1;
+        }
+        match answer.effect {
+            Some(Effect::Reboot) => self.reboot(now),
+            Some(Effect::UpdateRegistration) => {
+                self.update_wanted = true;
+                self.update_if_wanted(now);
+            }
+            None => {}
+        }
+    }
+
+    fn reboot(&mut self, now: Instant) {
+        self.events.push_back(DeviceEvent::Rebooting);
+        // The response is already queued: the driver sends it before disconnecting.
+        self.actions.push_back(Action::Disconnect);
+        self.observations.clear();
+        self.next_observe_check = None;
+        self.location = None;
+        self.next_update = None;
+        self.update_wanted = false;
+        self.objects.reboot(now);
+        self.reset_schedule();
+        self.phase = Phase::Waiting(now + self.config.reboot_time);
+    }
+
+    /// Sends a notification for each observation whose value changed (respecting `pmin`)
+    /// or whose `pmax` elapsed.
+    fn notify_changes(&mut self, now: Instant) {
+        self.next_observe_check = None;
+        if !matches!(self.phase, Phase::Connected(_)) || self.observations.is_empty() {
+            self.observations.clear();
+            return;
+        }
+        let mut due = Vec::new();
+        for (index, observation) in self.observations.iter().enumerate() {
+            let attributes = self.objects.attributes(&observation.path);
+            let since = now.saturating_duration_since(observation.last_sent);
+            if attributes.pmin.is_some_and(|pmin| since < pmin) {
+                continue;
+            }
+            let Ok((packet, _)) =
+                objects::read(&self.objects, now, &observation.path, Some(observation.format), observation.format)
+            else {
+                continue;
+            };
+            let changed = packet.payload != observation.last_payload;
+            let overdue = attributes.pmax.is_some_and(|pmax| since >= pmax);
+            if changed || overdue {
+                due.push((index, packet));
+            }
+        }
+        if !due.is_empty() && self.rehandshake_if_idle(now) {
+            return;
+        }
+        for (index, mut packet) in due {
+            let observation = &mut self.observations[index];
+            observation.sequence = (observation.sequence + 1) & 0xFF_FFFF;
+            packet.set_observe_value(observation.sequence);
+            let confirmable = observation.sequence % CONFIRMABLE_EVERY == 0;
+            observation.last_payload = packet.payload.clone();
+            observation.last_sent = now;
+            if self.layer.notify(now, &observation.request, packet, confirmable).is_ok() {
+                self.stats.notifications += 1;
+                self.last_traffic = now;
+            }
+        }
+        self.next_observe_check = Some(now + OBSERVE_CHECK);
+    }
+}
+
+fn backoff_config(retry: &RetryTimers, jitter: Jitter) -> BackoffConfig {
+    BackoffConfig::default()
+        .delays(retry.retry_timer.max(Duration::from_millis(1)), Duration::MAX)
+        .max_attempts(retry.retry_count.max(1))
+        .jitter(jitter)
+}
+
+/// A confirmable-to-be request to `path` (`/rd/5a3f`).
+fn request(method: RequestType, path: &str) -> Packet {
+    let mut packet = Packet::new();
+    packet.header.code = MessageClass::Request(method);
+    for segment in path.split('/').filter(|s| !s.is_empty()) {
+        packet.add_option(CoapOption::UriPath, segment.as_bytes().to_vec());
+    }
+    packet
+}

@@ -1,0 +1,646 @@
+//! A device's objects: Security (0), Server (1) and Device (3), with values that behave like
+//! a real device's (a clock that advances, a battery that drains, free memory that moves,
+//! an error code when the battery runs low), and the Read / Write / Execute / Discover /
+//! Write-Attributes semantics of OMA LwM2M 1.1 §6.3 over them.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use coap_lite::{CoapOption, MessageClass, Packet, RequestType, ResponseType};
+
+use crate::content::{self, format, Entry, Path, ResourceType, Value};
+use crate::link_format::Link;
+use crate::registration::{response, uri_path};
+
+/// Identification of a device (the Device object's fixed resources).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// /3/0/0 Manufacturer.
+    pub manufacturer: String,
+    /// /3/0/1 Model Number.
+    pub model: String,
+    /// /3/0/2 Serial Number.
+    pub serial: String,
+    /// /3/0/3 Firmware Version.
+    pub firmware_version: String,
+    /// /3/0/17 Device Type.
+    pub device_type: String,
+    /// /3/0/18 Hardware Version.
+    pub hardware_version: String,
+    /// /3/0/19 Software Version.
+    pub software_version: String,
+}
+
+impl DeviceInfo {
+    /// A simulated tether device whose serial number is derived from its endpoint name.
+    pub fn simulated(endpoint: &str) -> Self {
+        // FNV-1a: a stable serial per name, not a secret.
+        let hash =
+            endpoint.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        Self {
+            manufacturer: "tether".into(),
+            model: "tether-sim-1".into(),
+            serial: format!("TS-{:012X}", hash & 0xFFFF_FFFF_FFFF),
+            firmware_version: concat!("tether-fw ", env!("CARGO_PKG_VERSION")).into(),
+            device_type: "sensor".into(),
+            hardware_version: "rev-b".into(),
+            software_version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+}
+
+/// The Server object's registration retry timers (/1/x/17–20, LwM2M 1.1 §6.2.1.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryTimers {
+    /// /1/x/17 Communication Retry Count: attempts in one sequence. Default 5.
+    pub retry_count: u32,
+    /// /1/x/18 Communication Retry Timer: the delay after attempt n is this · 2^(n−1).
+    /// Default 60 s.
+    pub retry_timer: Duration,
+    /// /1/x/19 Communication Sequence Delay Timer: the pause between sequences. Default 24 h.
+    pub sequence_delay: Duration,
+    /// /1/x/20 Communication Sequence Retry Count: sequences before giving up. Default 1.
+    pub sequence_retry_count: u32,
+}
+
+impl Default for RetryTimers {
+    fn default() -> Self {
+        Self {
+            retry_count: 5,
+            retry_timer: Duration::from_secs(60),
+            sequence_delay: Duration::from_secs(86_400),
+            sequence_retry_count: 1,
+        }
+    }
+}
+
+/// Notification attributes set with Write-Attributes (LwM2M 1.1 §5.1.2).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Attributes {
+    /// Minimum period between notifications.
+    pub pmin: Option<Duration>,
+    /// Maximum period without a notification.
+    pub pmax: Option<Duration>,
+    /// Notify when the value rises above.
+    pub gt: Option<f64>,
+    /// Notify when the value falls below.
+    pub lt: Option<f64>,
+    /// Notify when the value moved by at least.
+    pub st: Option<f64>,
+}
+
+/// What answering a request asks of the device beyond the response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    /// Execute /3/0/4 (or factory reset /3/0/5): reboot once the response is out.
+    Reboot,
+    /// Execute /1/x/8, or the lifetime or binding was written: send an Update now.
+    UpdateRegistration,
+}
+
+/// The device's object instances. Values that change with time are computed from `now`.
+#[derive(Debug, Clone)]
+pub struct Objects {
+    info: DeviceInfo,
+    server_uri: String,
+    /// Security mode (/0/0/2): 0 PSK, 2 certificate.
+    security_mode: i64,
+    short_server_id: i64,
+    /// /1/0/1 in seconds.
+    pub lifetime: Duration,
+    default_pmin: i64,
+    default_pmax: i64,
+    notification_storing: bool,
+    binding: String,
+    /// /1/0/17–20.
+    pub retry: RetryTimers,
+    /// Monotonic instant at which the device (re)booted, and the Unix time then.
+    booted: Instant,
+    unix_at_boot: i64,
+    /// Seconds added to the clock by writes of /3/0/13.
+    clock_adjustment: i64,
+    utc_offset: String,
+    timezone: String,
+    errors_reset_at: Option<Instant>,
+    attributes: BTreeMap<Path, Attributes>,
+}
+
+/// Battery percentage lost per hour of uptime.
+const BATTERY_DRAIN_PER_HOUR: u64 = 10;
+/// Total memory in KiB (/3/0/21).
+const MEMORY_TOTAL_KIB: i64 = 1024;
+
+impl Objects {
+    /// Objects of a device that booted at `now` (Unix time `unix_now`).
+    pub fn new(
+        info: DeviceInfo,
+        server_uri: String,
+        certificate: bool,
+        lifetime: Duration,
+        retry: RetryTimers,
+        now: Instant,
+        unix_now: i64,
+    ) -> Self {
+        Self {
+            info,
+            server_uri,
+            security_mode: if certificate { 2 } else { 0 },
+            short_server_id: 1,
+            lifetime,
+            default_pmin: 0,
+            default_pmax: 0,
+            notification_storing: true,
+            binding: "U".into(),
+            retry,
+            booted: now,
+            unix_at_boot: unix_now,
+            clock_adjustment: 0,
+            utc_offset: "+00:00".into(),
+            timezone: "Etc/UTC".into(),
+            errors_reset_at: None,
+            attributes: BTreeMap::new(),
+        }
+    }
+
+    /// The device rebooted at `now`: volatile state (uptime, attributes) starts again.
+    pub fn reboot(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.booted).as_secs() as i64;
+        self.unix_at_boot += elapsed;
+        self.booted = now;
+        self.errors_reset_at = None;
+        self.attributes.clear();
+    }
+
+    /// The object instances registered (`</1/0>,</3/0>`): the Security object is never
+    /// listed (LwM2M 1.1 §6.2.1).
+    pub fn registration_links(&self, content_format: u16) -> String {
+        format!("</>;rt=\"oma.lwm2m\";ct={content_format},</1>;ver=1.1,</1/0>,</3>;ver=1.1,</3/0>")
+    }
+
+    /// The server URI the Security object holds (/0/0/0); visible to the device only.
+    pub fn server_uri(&self) -> &str {
+        &self.server_uri
+    }
+
+    /// The security mode (/0/0/2): 0 PSK, 2 certificate; visible to the device only.
+    pub fn security_mode(&self) -> i64 {
+        self.security_mode
+    }
+
+    /// The binding (/1/0/7).
+    pub fn binding(&self) -> &str {
+        &self.binding
+    }
+
+    /// Attributes set on `path`, if any.
+    pub fn attributes(&self, path: &Path) -> Attributes {
+        self.attributes.get(path).copied().unwrap_or_default()
+    }
+
+    /// Battery level in percent at `now`.
+    pub fn battery_level(&self, now: Instant) -> i64 {
+        let hours_x100 = now.saturating_duration_since(self.booted).as_secs() * BATTERY_DRAIN_PER_HOUR * 100 / 3600;
+        (100 - (hours_x100 / 100) as i64).max(3)
+    }
+
+    /// Every value of the readable resources under `path`, or the response code why not.
+    pub fn read(&self, now: Instant, path: &Path) -> Result<Vec<Entry>, ResponseType> {
+        if path.object == 0 {
+            // Only a Bootstrap-Server may touch the Security object (LwM2M 1.1 §E.1): its
+            // key material never leaves the device.
+            return Err(ResponseType::Unauthorized);
+        }
+        if !matches!(path.object, 1 | 3) {
+            return Err(ResponseType::NotFound);
+        }
+        if path.instance.is_some_and(|i| i != 0) {
+            return Err(ResponseType::NotFound);
+        }
+        let mut entries = Vec::new();
+        for &resource in resources(path.object) {
+            if path.resource.is_some_and(|r| r != resource) {
+                continue;
+            }
+            match self.value(now, path.object, resource) {
+                Some(Resource::Single(value)) => {
+                    if path.resource_instance.is_some() {
+                        return Err(ResponseType::NotFound);
+                    }
+                    entries.push(Entry { path: at(path.object, resource, None), value });
+                }
+                Some(Resource::Multiple(values)) => {
+                    for (instance, value) in values {
+                        if path.resource_instance.is_some_and(|ri| ri != instance) {
+                            continue;
+                        }
+                        entries.push(Entry { path: at(path.object, resource, Some(instance)), value });
+                    }
+                }
+                None if path.resource.is_some() => return Err(ResponseType::MethodNotAllowed),
+                None => {}
+            }
+        }
+        if entries.is_empty() {
+            return Err(ResponseType::NotFound);
+        }
+        Ok(entries)
+    }
+
+    fn value(&self, now: Instant, object: u16, resource: u16) -> Option<Resource> {
+        use Resource::{Multiple, Single};
+        let uptime = now.saturating_duration_since(self.booted).as_secs() as i64;
+        let battery = self.battery_level(now);
+        let value = match (object, resource) {
+            (1, 0) => Single(Value::Integer(self.short_server_id)),
+            (1, 1) => Single(Value::Integer(self.lifetime.as_secs() as i64)),
+            (1, 2) => Single(Value::Integer(self.default_pmin)),
+            (1, 3) => Single(Value::Integer(self.default_pmax)),
+            (1, 6) => Single(Value::Boolean(self.notification_storing)),
+            (1, 7) => Single(Value::String(self.binding.clone())),
+            (1, 17) => Single(Value::Unsigned(u64::from(self.retry.retry_count))),
+            (1, 18) => Single(Value::Unsigned(self.retry.retry_timer.as_secs())),
+            (1, 19) => Single(Value::Unsigned(self.retry.sequence_delay.as_secs())),
+            (1, 20) => Single(Value::Unsigned(u64::from(self.retry.sequence_retry_count))),
+            (3, 0) => Single(Value::String(self.info.manufacturer.clone())),
+            (3, 1) => Single(Value::String(self.info.model.clone())),
+            (3, 2) => Single(Value::String(self.info.serial.clone())),
+            (3, 3) => Single(Value::String(self.info.firmware_version.clone())),
+            // Power sources: 1 internal battery, 5 USB.
+            (3, 6) => Multiple(vec![(0, Value::Integer(1)), (1, Value::Integer(5))]),
+            // Voltage (mV) and current (mA) per power source.
+            (3, 7) => Multiple(vec![(0, Value::Integer(3300 + battery * 9)), (1, Value::Integer(5000))]),
+            (3, 8) => Multiple(vec![(0, Value::Integer(40 + uptime % 7)), (1, Value::Integer(0))]),
+            (3, 9) => Single(Value::Integer(battery)),
+            // Free memory moves as the firmware allocates and frees.
+            (3, 10) => Single(Value::Integer(MEMORY_TOTAL_KIB / 2 + (uptime * 37 % 101) - 50)),
+            (3, 11) => Multiple(vec![(0, Value::Integer(self.error_code(now)))]),
+            (3, 13) => Single(Value::Time(self.unix_at_boot + uptime + self.clock_adjustment)),
+            (3, 14) => Single(Value::String(self.utc_offset.clone())),
+            (3, 15) => Single(Value::String(self.timezone.clone())),
+            (3, 16) => Single(Value::String("U".into())),
+            (3, 17) => Single(Value::String(self.info.device_type.clone())),
+            (3, 18) => Single(Value::String(self.info.hardware_version.clone())),
+            (3, 19) => Single(Value::String(self.info.software_version.clone())),
+            // Battery status: 0 normal, 4 low.
+            (3, 20) => Single(Value::Integer(if battery < 10 { 4 } else { 0 })),
+            (3, 21) => Single(Value::Integer(MEMORY_TOTAL_KIB)),
+            _ => return None,
+        };
+        Some(value)
+    }
+
+    /// Error code /3/0/11: 1 (low battery) below 10 %, unless reset since it appeared.
+    fn error_code(&self, now: Instant) -> i64 {
+        let low = self.battery_level(now) < 10;
+        let reset = self.errors_reset_at.is_some_and(|at| self.battery_level(at) < 10);
+        if low && !reset {
+            1
+        } else {
+            0
+        }
+    }
+
+    /// Writes `entries` (already decoded). `replace` is a PUT (the whole instance or resource).
+    pub fn write(&mut self, now: Instant, entries: &[Entry]) -> Result<Option<Effect>, ResponseType> {
+        // Check everything before changing anything: a write applies whole or not at all.
+        for entry in entries {
+            if !writable(&entry.path) {
+                return Err(if entry.path.object == 0 {
+                    ResponseType::Unauthorized
+                } else {
+                    ResponseType::MethodNotAllowed
+                });
+            }
+            if !value_fits(&entry.path, &entry.value) {
+                return Err(ResponseType::BadRequest);
+            }
+        }
+        let mut effect = None;
+        for entry in entries {
+            match (entry.path.object, entry.path.resource, &entry.value) {
+                (1, Some(1), value) => {
+                    self.lifetime = Duration::from_secs(as_u64(value).unwrap_or(0));
+                    effect = Some(Effect::UpdateRegistration);
+                }
+                (1, Some(2), value) => self.default_pmin = as_u64(value).unwrap_or(0) as i64,
+                (1, Some(3), value) => self.default_pmax = as_u64(value).unwrap_or(0) as i64,
+                (1, Some(6), Value::Boolean(b)) => self.notification_storing = *b,
+                (1, Some(7), Value::String(binding)) => {
+                    self.binding = binding.clone();
+                    effect = Some(Effect::UpdateRegistration);
+                }
+                (1, Some(17), value) => self.retry.retry_count = as_u64(value).unwrap_or(1).max(1) as u32,
+                (1, Some(18), value) => self.retry.retry_timer = Duration::from_secs(as_u64(value).unwrap_or(0)),
+                (1, Some(19), value) => self.retry.sequence_delay = Duration::from_secs(as_u64(value).unwrap_or(0)),
+                (1, Some(20), value) => self.retry.sequence_retry_count = as_u64(value).unwrap_or(1).max(1) as u32,
+                (3, Some(13), value) => {
+                    let wanted = match value {
+                        Value::Time(t) | Value::Integer(t) => *t,
+                        _ => 0,
+                    };
+                    let uptime = now.saturating_duration_since(self.booted).as_secs() as i64;
+                    self.clock_adjustment = wanted - (self.unix_at_boot + uptime);
+                }
+                (3, Some(14), Value::String(v)) => self.utc_offset = v.clone(),
+                (3, Some(15), Value::String(v)) => self.timezone = v.clone(),
+                _ => {}
+            }
+        }
+        Ok(effect)
+    }
+
+    /// Executes `path`.
+    pub fn execute(&mut self, now: Instant, path: &Path) -> Result<Option<Effect>, ResponseType> {
+        match (path.object, path.instance, path.resource, path.resource_instance) {
+            (0, ..) => Err(ResponseType::Unauthorized),
+            // Reboot and factory reset (a simulated device has nothing else to reset).
+            (3, Some(0), Some(4 | 5), None) => Ok(Some(Effect::Reboot)),
+            (3, Some(0), Some(12), None) => {
+                self.errors_reset_at = Some(now);
+                Ok(None)
+            }
+            (1, Some(0), Some(8), None) => Ok(Some(Effect::UpdateRegistration)),
+            (1 | 3, Some(0), Some(r), None) if resources(path.object).contains(&r) => {
+                Err(ResponseType::MethodNotAllowed)
+            }
+            (1 | 3, Some(0), None, None) | (1 | 3, None, None, None) => Err(ResponseType::MethodNotAllowed),
+            _ => Err(ResponseType::NotFound),
+        }
+    }
+
+    /// Write-Attributes: `pmin`, `pmax`, `gt`, `lt`, `st` from query items (`name=value`,
+    /// or `name` alone to remove).
+    pub fn write_attributes(&mut self, path: &Path, items: &[String]) -> Result<(), ResponseType> {
+        if path.object == 0 {
+            return Err(ResponseType::Unauthorized);
+        }
+        if self.read(self.booted, path).is_err() && path.resource.is_none_or(|r| !resources(path.object).contains(&r)) {
+            return Err(ResponseType::NotFound);
+        }
+        let mut attributes = self.attributes(path);
+        for item in items {
+            let (name, value) = match item.split_once('=') {
+                Some((name, value)) => (name, Some(value)),
+                None => (item.as_str(), None),
+            };
+            let number = match value.map(str::parse::<f64>) {
+                Some(Ok(v)) if v.is_finite() && v >= 0.0 || matches!(name, "gt" | "lt") => {
+                    value.and_then(|v| v.parse().ok())
+                }
+                Some(_) => return Err(ResponseType::BadRequest),
+                None => None,
+            };
+            let seconds = number.map(Duration::from_secs_f64);
+            match name {
+                "pmin" => attributes.pmin = seconds,
+                "pmax" => attributes.pmax = seconds,
+                "gt" => attributes.gt = number,
+                "lt" => attributes.lt = number,
+                "st" => attributes.st = number,
+                _ => return Err(ResponseType::BadRequest),
+            }
+        }
+        if let (Some(min), Some(max)) = (attributes.pmin, attributes.pmax) {
+            if max < min {
+                return Err(ResponseType::BadRequest);
+            }
+        }
+        self.attributes.insert(*path, attributes);
+        Ok(())
+    }
+
+    /// Discover (LwM2M 1.1 §5.4.2): the instances and resources under `path` as link format,
+    /// with the attributes attached to each.
+    pub fn discover(&self, path: &Path) -> Result<String, ResponseType> {
+        if path.object == 0 {
+            return Err(ResponseType::Unauthorized);
+        }
+        if !matches!(path.object, 1 | 3) || path.instance.is_some_and(|i| i != 0) || path.resource_instance.is_some() {
+            return Err(ResponseType::NotFound);
+        }
+        let mut links = Vec::new();
+        let object = Path { object: path.object, instance: None, resource: None, resource_instance: None };
+        let instance = Path { instance: Some(0), ..object };
+        if path.instance.is_none() {
+            links.push(self.link(&object, vec![("ver".into(), Some("1.1".into()))]));
+        }
+        if path.resource.is_none() {
+            links.push(self.link(&instance, Vec::new()));
+        }
+        for &resource in resources(path.object) {
+            if path.resource.is_some_and(|r| r != resource) {
+                continue;
+            }
+            let mut extra = Vec::new();
+            if let Some(Resource::Multiple(values)) = self.value(self.booted, path.object, resource) {
+                extra.push(("dim".into(), Some(values.len().to_string())));
+            }
+            links.push(self.link(&at(path.object, resource, None), extra));
+        }
+        if path.resource.is_some() && links.is_empty() {
+            return Err(ResponseType::NotFound);
+        }
+        Ok(links.iter().map(ToString::to_string).collect::<Vec<_>>().join(","))
+    }
+
+    fn link(&self, path: &Path, mut attributes: Vec<(String, Option<String>)>) -> Link {
+        let set = self.attributes(path);
+        let seconds = |d: Duration| Some(format!("{}", d.as_secs_f64()));
+        for (name, value) in [
+            ("pmin", set.pmin.and_then(seconds)),
+            ("pmax", set.pmax.and_then(seconds)),
+            ("gt", set.gt.map(|v| v.to_string())),
+            ("lt", set.lt.map(|v| v.to_string())),
+            ("st", set.st.map(|v| v.to_string())),
+        ] {
+            if let Some(value) = value {
+                attributes.push((name.into(), Some(value)));
+            }
+        }
+        Link { target: path.to_string(), attributes }
+    }
+}
+
+enum Resource {
+    Single(Value),
+    Multiple(Vec<(u16, Value)>),
+}
+
+/// Resource IDs of an object, readable or executable.
+fn resources(object: u16) -> &'static [u16] {
+    match object {
+        1 => &[0, 1, 2, 3, 6, 7, 8, 17, 18, 19, 20],
+        3 => &[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21],
+        _ => &[],
+    }
+}
+
+fn writable(path: &Path) -> bool {
+    match (path.object, path.instance, path.resource) {
+        (1, Some(0), Some(r)) => matches!(r, 1 | 2 | 3 | 6 | 7 | 17..=20),
+        (3, Some(0), Some(r)) => matches!(r, 13..=15),
+        _ => false,
+    }
+}
+
+fn value_fits(path: &Path, value: &Value) -> bool {
+    let Some(kind) = path.resource_type() else { return false };
+    match (kind, value) {
+        (ResourceType::String, Value::String(_)) | (ResourceType::Boolean, Value::Boolean(_)) => true,
+        (ResourceType::Integer | ResourceType::Unsigned | ResourceType::Time, v) => {
+            as_u64(v).is_some() || matches!(v, Value::Integer(_) | Value::Time(_))
+        }
+        _ => false,
+    }
+}
+
+fn as_u64(value: &Value) -> Option<u64> {
+    match value {
+        Value::Integer(v) | Value::Time(v) => u64::try_from(*v).ok(),
+        Value::Unsigned(v) => Some(*v),
+        _ => None,
+    }
+}
+
+fn at(object: u16, resource: u16, resource_instance: Option<u16>) -> Path {
+    Path { object, instance: Some(0), resource: Some(resource), resource_instance }
+}
+
+/// A request the device answered, and what else it asks for.
+#[derive(Debug)]
+pub struct Answer {
+    /// The response to send.
+    pub response: Packet,
+    /// What the device does once the response is out.
+    pub effect: Option<Effect>,
+    /// The request is an Observe registration on this path in this format.
+    pub observe: Option<(Path, u16)>,
+    /// The request cancels an observation (Observe 1).
+    pub cancel_observation: bool,
+}
+
+/// Answers one request from the server. `preferred` is the format for multi-value reads
+/// when the server does not ask for one.
+pub fn answer(objects: &mut Objects, now: Instant, request: &Packet, preferred: u16) -> Answer {
+    let plain = |code| Answer { response: response(code), effect: None, observe: None, cancel_observation: false };
+    let segments = uri_path(request);
+    let Ok(path) = Path::parse(&segments.join("/")) else {
+        return plain(if segments.is_empty() { ResponseType::MethodNotAllowed } else { ResponseType::NotFound });
+    };
+    let accept = request.get_first_option(CoapOption::Accept).and_then(|v| uint(v));
+    let content_format = request.get_first_option(CoapOption::ContentFormat).and_then(|v| uint(v));
+    let MessageClass::Request(method) = request.header.code else { return plain(ResponseType::BadRequest) };
+    match method {
+        RequestType::Get if accept == Some(format::LINK) => match objects.discover(&path) {
+            Ok(links) => {
+                let mut packet = response(ResponseType::Content);
+                packet.add_option(CoapOption::ContentFormat, encode_uint(format::LINK));
+                packet.payload = links.into_bytes();
+                Answer { response: packet, effect: None, observe: None, cancel_observation: false }
+            }
+            Err(code) => plain(code),
+        },
+        RequestType::Get => {
+            let observe = request.get_observe_value().and_then(Result::ok);
+            match read(objects, now, &path, accept, preferred) {
+                Ok((packet, chosen)) => Answer {
+                    response: packet,
+                    effect: None,
+                    observe: (observe == Some(0)).then_some((path, chosen)),
+                    cancel_observation: observe == Some(1),
+                },
+                Err(code) => plain(code),
+            }
+        }
+        RequestType::Put if request.payload.is_empty() && content_format.is_none() => {
+            let items: Vec<String> = request
+                .get_option(CoapOption::UriQuery)
+                .map(|q| q.iter().map(|v| String::from_utf8_lossy(v).into_owned()).collect())
+                .unwrap_or_default();
+            match objects.write_attributes(&path, &items) {
+                Ok(()) => plain(ResponseType::Changed),
+                Err(code) => plain(code),
+            }
+        }
+        RequestType::Put | RequestType::Post if path.resource.is_none() || content_format.is_some() => {
+            if path.instance.is_none() {
+                // Create: the device's objects are single-instance.
+                return plain(if path.object == 0 {
+                    ResponseType::Unauthorized
+                } else {
+                    ResponseType::MethodNotAllowed
+                });
+            }
+            let cf = content_format.unwrap_or(format::TEXT);
+            let entries = match content::decode(cf, &path, &request.payload) {
+                Ok(entries) => entries,
+                Err(content::ContentError::Unsupported(_)) => return plain(ResponseType::UnsupportedContentFormat),
+                Err(_) => return plain(ResponseType::BadRequest),
+            };
+            if entries.iter().any(|e| !within(&path, &e.path)) {
+                return plain(ResponseType::BadRequest);
+            }
+            match objects.write(now, &entries) {
+                Ok(effect) => Answer { effect, ..plain(ResponseType::Changed) },
+                Err(code) => plain(code),
+            }
+        }
+        RequestType::Post => match objects.execute(now, &path) {
+            Ok(effect) => Answer { effect, ..plain(ResponseType::Changed) },
+            Err(code) => plain(code),
+        },
+        RequestType::Delete => {
+            plain(if path.object == 0 { ResponseType::Unauthorized } else { ResponseType::MethodNotAllowed })
+        }
+        _ => plain(ResponseType::MethodNotAllowed),
+    }
+}
+
+/// Reads `path` and encodes it: in `accept` if given, else text for one plain value and
+/// `preferred` for several. Returns the response and the format chosen.
+pub fn read(
+    objects: &Objects,
+    now: Instant,
+    path: &Path,
+    accept: Option<u16>,
+    preferred: u16,
+) -> Result<(Packet, u16), ResponseType> {
+    let entries = objects.read(now, path)?;
+    let single = entries.len() == 1 && entries[0].path.resource_instance.is_none() && path.resource.is_some();
+    let chosen = accept.unwrap_or(if single { format::TEXT } else { preferred });
+    let acceptable = match chosen {
+        format::TEXT => single,
+        format::OPAQUE => single && matches!(entries[0].value, Value::Opaque(_)),
+        format::TLV | format::SENML_JSON | format::SENML_CBOR => true,
+        _ => false,
+    };
+    if !acceptable {
+        return Err(ResponseType::NotAcceptable);
+    }
+    let payload = content::encode(chosen, path, &entries).map_err(|_| ResponseType::InternalServerError)?;
+    let mut packet = response(ResponseType::Content);
+    packet.add_option(CoapOption::ContentFormat, encode_uint(chosen));
+    packet.payload = payload;
+    Ok((packet, chosen))
+}
+
+/// Whether `inner` lies at or under `outer`.
+fn within(outer: &Path, inner: &Path) -> bool {
+    inner.object == outer.object
+        && outer.instance.is_none_or(|i| inner.instance == Some(i))
+        && outer.resource.is_none_or(|r| inner.resource == Some(r))
+        && outer.resource_instance.is_none_or(|ri| inner.resource_instance == Some(ri))
+}
+
+fn uint(bytes: &[u8]) -> Option<u16> {
+    (bytes.len() <= 2).then(|| bytes.iter().fold(0u16, |acc, b| (acc << 8) | u16::from(*b)))
+}
+
+/// A CoAP uint option value.
+pub fn encode_uint(value: u16) -> Vec<u8> {
+    match value {
+        0 => Vec::new(),
+        1..=255 => vec![value as u8],
+        _ => value.to_be_bytes().to_vec(),
+    }
+}

@@ -1,0 +1,355 @@
+//! `Lwm2mDevice`: an LwM2M device over DTLS, on the resilient client.
+//!
+//! The protocol is [`tether_coap::device::Lwm2mClient`] (sans-IO); this task drives it over
+//! a [`ResilientClient`] whose transport keeps one local UDP port for the device's whole
+//! life, as a deployed device does: a new handshake (after a reboot, a lost session, or a
+//! NAT timeout) comes from the same port, and the server replaces the old session with it
+//! (RFC 6347 §4.2.8). The Server object's retry timers are the only retry loop: the
+//! resilient client makes one attempt per `connect` and its breaker never second-guesses
+//! the LwM2M schedule.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tether_coap::device::{Action, ClientConfig, ClientStats, DeviceEvent, Lwm2mClient};
+use tether_proto::dtls::{DtlsContext, SavedSession};
+use tether_proto::resilience::{BackoffConfig, BreakerConfig, ResilienceConfigError};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+use crate::client::{sleep_until, DtlsClient};
+use crate::clock;
+use crate::resilient::{ResilientClient, ResilientConfig, Transport, TransportError};
+use crate::socket::{MemoryNetwork, Socket};
+
+/// DTLS to the server from one fixed local port, resuming the last session when it can.
+#[derive(Debug)]
+pub struct FixedPortTransport {
+    server: SocketAddr,
+    context: Arc<DtlsContext>,
+    local: LocalPort,
+    saved: Mutex<Option<SavedSession>>,
+}
+
+#[derive(Debug)]
+enum LocalPort {
+    /// A UDP socket bound once; each session gets a handle to it.
+    Udp(std::net::UdpSocket),
+    /// An address on an in-memory network, bound again for each session.
+    Memory(MemoryNetwork, SocketAddr),
+}
+
+impl FixedPortTransport {
+    /// Binds `local` (port 0 picks one) for talking to `server` over UDP.
+    pub fn bind(local: SocketAddr, server: SocketAddr, context: Arc<DtlsContext>) -> std::io::Result<Self> {
+        let socket = std::net::UdpSocket::bind(local)?;
+        socket.set_nonblocking(true)?;
+        // Connected, so ICMP port-unreachable surfaces as a refused handshake.
+        socket.connect(server)?;
+        Ok(Self { server, context, local: LocalPort::Udp(socket), saved: Mutex::new(None) })
+    }
+
+    /// Takes a port on an in-memory network (tests on paused time).
+    pub fn bind_memory(
+        network: &MemoryNetwork,
+        local: SocketAddr,
+        server: SocketAddr,
+        context: Arc<DtlsContext>,
+    ) -> std::io::Result<Self> {
+        let addr = network.bind(local)?.local_addr()?;
+        Ok(Self { server, context, local: LocalPort::Memory(network.clone(), addr), saved: Mutex::new(None) })
+    }
+
+    /// The local address every handshake comes from.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        match &self.local {
+            LocalPort::Udp(socket) => socket.local_addr(),
+            LocalPort::Memory(_, addr) => Ok(*addr),
+        }
+    }
+}
+
+impl Transport for FixedPortTransport {
+    type Connection = DtlsClient;
+
+    async fn connect(&self) -> Result<DtlsClient, TransportError> {
+        // The previous session's task has ended before a new connect (the device closed or
+        // lost it), so the port has one reader at a time.
+        let socket = match &self.local {
+            LocalPort::Udp(socket) => Socket::Udp(tokio::net::UdpSocket::from_std(socket.try_clone()?)?),
+            LocalPort::Memory(network, addr) => {
+                let socket = network.bind(*addr)?;
+                socket.connect(self.server).await?;
+                socket
+            }
+        };
+        let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let client = DtlsClient::connect_on(socket, self.server, &self.context, saved.as_ref()).await?;
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = client.connection().saved_session.clone();
+        Ok(client)
+    }
+}
+
+/// Settings of an [`Lwm2mDevice`].
+#[derive(Debug, Clone)]
+pub struct Lwm2mDeviceConfig {
+    /// The LwM2M client: endpoint, lifetime, objects, retry timers, jitter.
+    pub client: ClientConfig,
+    /// The server's CoAPs address.
+    pub server: SocketAddr,
+    /// The DTLS client context (PSK or certificate).
+    pub context: Arc<DtlsContext>,
+    /// Local address to bind; port 0 picks one. Default `127.0.0.1:0` for a loopback server,
+    /// else `0.0.0.0:0`.
+    pub local: Option<SocketAddr>,
+    /// Run on this in-memory network instead of UDP (tests on paused time).
+    pub memory: Option<MemoryNetwork>,
+}
+
+impl Lwm2mDeviceConfig {
+    /// A device described by `client` for the server at `server`, over UDP.
+    pub fn new(client: ClientConfig, server: SocketAddr, context: Arc<DtlsContext>) -> Self {
+        Self { client, server, context, local: None, memory: None }
+    }
+}
+
+/// What a device is doing, for dashboards and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceStatus {
+    /// The registration location while registered.
+    pub location: Option<String>,
+    /// Whether it is registered and connected.
+    pub registered: bool,
+    /// Whether it has given up (every retry sequence failed).
+    pub gave_up: bool,
+    /// Counters.
+    pub stats: ClientStats,
+}
+
+enum Command {
+    Deregister(oneshot::Sender<()>),
+}
+
+/// A running device. Dropping it stops the device at once (no de-registration); use
+/// [`deregister`](Self::deregister) to leave politely.
+#[derive(Debug)]
+pub struct Lwm2mDevice {
+    endpoint: String,
+    local_addr: SocketAddr,
+    commands: mpsc::Sender<Command>,
+    events: broadcast::Sender<DeviceEvent>,
+    status: watch::Receiver<DeviceStatus>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Events buffered per subscriber.
+const EVENT_QUEUE: usize = 256;
+
+impl Lwm2mDevice {
+    /// Starts a device: binds its port and begins registering.
+    pub fn start(config: Lwm2mDeviceConfig) -> Result<Self, DeviceError> {
+        let local = config.local.unwrap_or_else(|| {
+            if config.server.ip().is_loopback() {
+                SocketAddr::new(config.server.ip(), 0)
+            } else if config.server.is_ipv4() {
+                SocketAddr::from(([0, 0, 0, 0], 0))
+            } else {
+                SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
+            }
+        });
+        let transport = match &config.memory {
+            Some(network) => {
+                FixedPortTransport::bind_memory(network, local, config.server, Arc::clone(&config.context))?
+            }
+            None => FixedPortTransport::bind(local, config.server, Arc::clone(&config.context))?,
+        };
+        let local_addr = transport.local_addr()?;
+        // One attempt per connect: the Server object's schedule is the retry loop; a breaker
+        // that opens after n failures would skip attempts the schedule promises.
+        let handshake_timeout = config.context.session_config().handshake_timeout;
+        let resilient = ResilientClient::new(
+            transport,
+            ResilientConfig {
+                backoff: BackoffConfig::default().max_attempts(1),
+                breaker: BreakerConfig { failure_threshold: u32::MAX, ..BreakerConfig::default() },
+                // Longer than the handshake's own deadline, so the handshake ends itself
+                // (and releases the socket) before the attempt is abandoned.
+                attempt_timeout: handshake_timeout + Duration::from_secs(1),
+                seed: config.client.seed,
+            },
+        )?;
+        let endpoint = config.client.endpoint.clone();
+        let unix_now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        let client = Lwm2mClient::new(config.client, clock::now(), unix_now)?;
+        let (commands, command_rx) = mpsc::channel(8);
+        let (events, _) = broadcast::channel(EVENT_QUEUE);
+        let (status_tx, status) = watch::channel(DeviceStatus::default());
+        let driver = Driver { client, resilient, events: events.clone(), status: status_tx };
+        let task = tokio::spawn(driver.run(command_rx));
+        Ok(Self { endpoint, local_addr, commands, events, status, task })
+    }
+
+    /// The endpoint name.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// The local UDP address every handshake comes from.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Subscribes to events.
+    pub fn events(&self) -> broadcast::Receiver<DeviceEvent> {
+        self.events.subscribe()
+    }
+
+    /// The status now.
+    pub fn status(&self) -> DeviceStatus {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver of status changes.
+    pub fn watch_status(&self) -> watch::Receiver<DeviceStatus> {
+        self.status.clone()
+    }
+
+    /// Waits until registered (or given up); returns the location, `None` if it gave up.
+    pub async fn registered(&self) -> Option<String> {
+        let mut status = self.status.clone();
+        let result = status.wait_for(|s| s.registered || s.gave_up).await.ok()?;
+        result.location.clone().filter(|_| result.registered)
+    }
+
+    /// De-registers (`DELETE /rd/<id>`), closes the session and stops.
+    pub async fn deregister(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Deregister(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+impl Drop for Lwm2mDevice {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A device could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DeviceError {
+    /// The local socket could not be bound.
+    #[error("cannot bind the device's socket: {0}")]
+    Io(#[from] std::io::Error),
+    /// The retry timers are invalid.
+    #[error(transparent)]
+    Config(#[from] ResilienceConfigError),
+}
+
+struct Driver {
+    client: Lwm2mClient,
+    resilient: ResilientClient<FixedPortTransport>,
+    events: broadcast::Sender<DeviceEvent>,
+    status: watch::Sender<DeviceStatus>,
+}
+
+impl Driver {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        self.client.start(clock::now());
+        let mut deregistering: Option<oneshot::Sender<()>> = None;
+        let mut gave_up = false;
+        loop {
+            self.client.handle_timeout(clock::now());
+            self.flush().await;
+            while let Some(event) = self.client.poll_event() {
+                match &event {
+                    DeviceEvent::GaveUp { reason } => {
+                        tracing::warn!(endpoint = self.client.endpoint(), %reason, "registration gave up");
+                        gave_up = true;
+                    }
+                    DeviceEvent::Deregistered => {
+                        if let Some(done) = deregistering.take() {
+                            let _ = done.send(());
+                        }
+                    }
+                    _ => {}
+                }
+                let _ = self.events.send(event);
+            }
+            self.publish_status(gave_up);
+            if gave_up && deregistering.is_some() {
+                deregistering = None;
+            }
+            let connection = self.resilient.connection();
+            let deadline = self.client.poll_timeout().map(clock::deadline);
+            tokio::select! {
+                received = async { connection.as_ref()?.recv().await }, if connection.is_some() => match received {
+                    Some(datagram) => self.client.handle_datagram(clock::now(), &datagram),
+                    None => {
+                        self.resilient.disconnect().await;
+                        self.client.handle_disconnected(clock::now());
+                    }
+                },
+                _ = sleep_until(deadline) => {}
+                command = commands.recv() => match command {
+                    Some(Command::Deregister(done)) => {
+                        deregistering = Some(done);
+                        self.client.deregister(clock::now());
+                    }
+                    None => {
+                        self.resilient.disconnect().await;
+                        return;
+                    }
+                },
+            }
+        }
+    }
+
+    /// Sends the client's datagrams and carries out its actions, datagrams first: a
+    /// response (to a reboot, say) goes out before the disconnect that follows it.
+    async fn flush(&mut self) {
+        loop {
+            match self.resilient.connection() {
+                Some(connection) => {
+                    while let Some(datagram) = self.client.poll_transmit() {
+                        // Lost like any datagram if the session just closed; CoAP retransmits.
+                        let _ = connection.send(&datagram).await;
+                        self.client.note_sent(clock::now());
+                    }
+                }
+                None => while self.client.poll_transmit().is_some() {},
+            }
+            let Some(action) = self.client.poll_action() else { return };
+            match action {
+                Action::Disconnect => self.resilient.disconnect().await,
+                Action::Connect => {
+                    // A lost session may still be the current one; let it go first.
+                    self.resilient.disconnect().await;
+                    match self.resilient.connect().await {
+                        Ok(()) => self.client.handle_connected(clock::now()),
+                        Err(err) => self.client.handle_connect_failed(clock::now(), err.to_string()),
+                    }
+                }
+            }
+        }
+    }
+
+    fn publish_status(&self, gave_up: bool) {
+        let status = DeviceStatus {
+            location: self.client.location().map(str::to_string),
+            registered: self.client.is_registered(),
+            gave_up,
+            stats: self.client.stats(),
+        };
+        self.status.send_if_modified(|current| {
+            let changed = *current != status;
+            if changed {
+                *current = status;
+            }
+            changed
+        });
+    }
+}
