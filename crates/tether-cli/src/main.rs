@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod api;
 mod bench;
+mod device;
 mod echo;
 mod serve;
 
@@ -23,6 +24,9 @@ enum Command {
     /// The LwM2M server over CoAP over DTLS, with its REST API, on embedded defaults
     /// (CoAPs 127.0.0.1:5684, HTTP 127.0.0.1:8080, SQLite under ./tether-data).
     Serve(serve::ServeArgs),
+    /// An LwM2M device, or a fleet (`--count N`), against a server; by default the
+    /// development device of `tether serve`'s embedded defaults.
+    Device(device::DeviceArgs),
     /// A DTLS echo server (PSK) for trying peers against tether's engine.
     Echo {
         /// Address to listen on.
@@ -93,6 +97,14 @@ fn main() -> Result<()> {
             let settings = serve::Settings::resolve(&args)?;
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(serve::run(settings))
+        }
+        Command::Device(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into()),
+                )
+                .init();
+            device::run(args)
         }
         Command::Echo { listen, psk_identity, psk_key } => echo(listen, &psk_identity, &psk_key),
         Command::Bench { target } => bench(target),

@@ -1,0 +1,313 @@
+//! `tether device`: one LwM2M device, or a fleet of them in one process (one UDP socket per
+//! device, one shared runtime), against a server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tether::{Lwm2mDevice, Lwm2mDeviceConfig};
+use tether_coap::device::{ClientConfig as DeviceConfig, ClientStats, RetryTimers};
+use tether_proto::dtls::{CertifiedKey, ClientConfig, DtlsContext, PskKey, X509};
+use tether_proto::resilience::Jitter;
+
+use crate::serve::{DEV_ENDPOINT, DEV_IDENTITY, DEV_KEY_HEX};
+
+/// Flags of `tether device`.
+#[derive(Debug, clap::Args)]
+pub struct DeviceArgs {
+    /// The server, `coaps://HOST:PORT` (HOST an IP address).
+    #[arg(long, default_value = "coaps://127.0.0.1:5684")]
+    pub server: String,
+    /// Endpoint name; with `--count N`, devices are NAME-0 … NAME-(N-1).
+    #[arg(long, default_value = DEV_ENDPOINT)]
+    pub endpoint: String,
+    /// PSK identity; with `--count N`, identities are ID-0 … ID-(N-1), all with the same key.
+    #[arg(long, default_value = DEV_IDENTITY)]
+    pub psk_identity: String,
+    /// PSK key in hex. Default: the public development key `tether serve` accepts.
+    #[arg(long, default_value = DEV_KEY_HEX)]
+    pub psk_key: String,
+    /// Authenticate with this certificate (PEM) instead of a PSK; its CN is the endpoint name.
+    #[arg(long, value_name = "FILE", requires_all = ["private_key", "server_ca"])]
+    pub certificate: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub private_key: Option<PathBuf>,
+    /// CA certificates (PEM) the server's certificate must chain to.
+    #[arg(long, value_name = "FILE")]
+    pub server_ca: Option<PathBuf>,
+    /// Name the server's certificate must carry. Default: none checked beyond the chain.
+    #[arg(long)]
+    pub server_name: Option<String>,
+    /// Devices to run.
+    #[arg(long, default_value_t = 1)]
+    pub count: usize,
+    /// Devices started per second (0: all at once).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+    /// Registration lifetime in seconds.
+    #[arg(long, default_value_t = 300)]
+    pub lifetime: u64,
+    /// Communication Retry Timer (/1/0/18) in seconds: attempt n waits this · 2^(n−1).
+    #[arg(long, default_value_t = 60.0)]
+    pub retry_timer: f64,
+    /// Communication Retry Count (/1/0/17): attempts per sequence.
+    #[arg(long, default_value_t = 5)]
+    pub retry_count: u32,
+    /// Communication Sequence Delay Timer (/1/0/19) in seconds.
+    #[arg(long, default_value_t = 86_400.0)]
+    pub sequence_delay: f64,
+    /// Communication Sequence Retry Count (/1/0/20).
+    #[arg(long, default_value_t = 1)]
+    pub sequence_retry_count: u32,
+    /// Randomise retry delays (full jitter), so a fleet does not return in lockstep.
+    #[arg(long)]
+    pub jitter: bool,
+    /// Re-handshake before sending after this many seconds of silence (NAT timeout).
+    #[arg(long, value_name = "SECONDS")]
+    pub nat_timeout: Option<f64>,
+    /// Run this many seconds, then de-register and exit (default: until SIGINT/SIGTERM).
+    #[arg(long, value_name = "SECONDS")]
+    pub duration: Option<f64>,
+    /// Write the `[[psk]]` entries of this fleet (identity, key, endpoint) to FILE, for
+    /// `tether serve --security FILE`, and exit.
+    #[arg(long, value_name = "FILE")]
+    pub write_security: Option<PathBuf>,
+}
+
+impl DeviceArgs {
+    fn names(&self, i: usize) -> (String, String) {
+        if self.count == 1 {
+            (self.endpoint.clone(), self.psk_identity.clone())
+        } else {
+            (format!("{}-{i}", self.endpoint), format!("{}-{i}", self.psk_identity))
+        }
+    }
+
+    fn validate(&self) -> Result<SocketAddr> {
+        if self.count == 0 || self.count > 100_000 {
+            bail!("--count must be between 1 and 100000, got {}", self.count);
+        }
+        if !(self.rate >= 0.0 && self.rate.is_finite()) {
+            bail!("--rate must be a non-negative number of devices per second");
+        }
+        if self.lifetime == 0 {
+            bail!("--lifetime must be at least 1 second");
+        }
+        if self.retry_count == 0 || self.sequence_retry_count == 0 {
+            bail!("--retry-count and --sequence-retry-count must be at least 1");
+        }
+        for (name, value) in [("--retry-timer", self.retry_timer), ("--sequence-delay", self.sequence_delay)] {
+            if !(value >= 0.0 && value <= 1e7) {
+                bail!("{name} must be between 0 and 10000000 seconds, got {value}");
+            }
+        }
+        if self.certificate.is_some() && self.count > 1 {
+            bail!("--certificate names one device; a fleet (--count > 1) authenticates with PSK identities");
+        }
+        let Some(rest) = self.server.strip_prefix("coaps://") else {
+            bail!("--server {:?}: expected coaps://HOST:PORT", self.server);
+        };
+        rest.trim_end_matches('/')
+            .parse()
+            .with_context(|| format!("--server {:?}: HOST:PORT with HOST an IP address", self.server))
+    }
+
+    fn context(&self, identity: &str) -> Result<Arc<DtlsContext>> {
+        let config = match (&self.certificate, &self.private_key, &self.server_ca) {
+            (Some(cert), Some(key), Some(ca)) => {
+                let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+                let certified = CertifiedKey::from_pem(&read(cert)?, &read(key)?)
+                    .map_err(|e| anyhow::anyhow!("--certificate/--private-key: {e}"))?;
+                let anchors = X509::stack_from_pem(&read(ca)?).map_err(|e| anyhow::anyhow!("--server-ca: {e}"))?;
+                let mut config = ClientConfig::x509(anchors).certificate(certified);
+                if let Some(name) = &self.server_name {
+                    config = config.server_name(name.clone());
+                }
+                config
+            }
+            _ => {
+                let key = PskKey::from_hex(&self.psk_key).map_err(|e| anyhow::anyhow!("--psk-key: {e}"))?;
+                ClientConfig::psk(identity, key)
+            }
+        };
+        Ok(DtlsContext::client(config)?)
+    }
+
+    fn device_config(&self, i: usize, server: SocketAddr, context: Arc<DtlsContext>) -> Lwm2mDeviceConfig {
+        let (endpoint, _) = self.names(i);
+        let mut client = DeviceConfig::new(endpoint, self.server.clone());
+        client.lifetime = Duration::from_secs(self.lifetime);
+        client.certificate = self.certificate.is_some();
+        client.retry = RetryTimers {
+            retry_count: self.retry_count,
+            retry_timer: Duration::from_secs_f64(self.retry_timer),
+            sequence_delay: Duration::from_secs_f64(self.sequence_delay),
+            sequence_retry_count: self.sequence_retry_count,
+        };
+        client.jitter = if self.jitter { Jitter::Full } else { Jitter::None };
+        client.rehandshake_after_idle = self.nat_timeout.map(Duration::from_secs_f64);
+        client.seed = rand::random::<u64>() ^ i as u64;
+        Lwm2mDeviceConfig::new(client, server, context)
+    }
+}
+
+/// Runs the devices until `--duration` or a signal; prints progress and a summary.
+pub fn run(args: DeviceArgs) -> Result<()> {
+    let server = args.validate()?;
+    if let Some(path) = &args.write_security {
+        return write_security(&args, path);
+    }
+    // One UDP socket per device (two while a session is open): lift the soft limit.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(fleet(args, server))
+}
+
+fn write_security(args: &DeviceArgs, path: &PathBuf) -> Result<()> {
+    PskKey::from_hex(&args.psk_key).map_err(|e| anyhow::anyhow!("--psk-key: {e}"))?;
+    let mut text = String::from("# PSK entries of a tether device fleet, for `tether serve --security`.\n");
+    for i in 0..args.count {
+        let (endpoint, identity) = args.names(i);
+        text.push_str(&format!(
+            "\n[[psk]]\nidentity = {identity:?}\nkey = {:?}\nendpoint = {endpoint:?}\n",
+            args.psk_key
+        ));
+    }
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    println!("tether device: wrote {} PSK entries to {}", args.count, path.display());
+    Ok(())
+}
+
+async fn fleet(args: DeviceArgs, server: SocketAddr) -> Result<()> {
+    let started = Instant::now();
+    let mut devices = Vec::with_capacity(args.count);
+    for i in 0..args.count {
+        if args.rate > 0.0 {
+            let due = started + Duration::from_secs_f64(i as f64 / args.rate);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let (_, identity) = args.names(i);
+        let context = args.context(&identity)?;
+        devices.push(Lwm2mDevice::start(args.device_config(i, server, context))?);
+    }
+    println!("tether device: {} device(s) started against {server}", devices.len());
+
+    let progress = indicatif::ProgressBar::new(args.count as u64).with_style(
+        indicatif::ProgressStyle::with_template("{spinner} registering {pos}/{len} [{bar:40}] {elapsed} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let watches: Vec<_> = devices.iter().map(Lwm2mDevice::watch_status).collect();
+    let deadline = args.duration.map(|d| started + Duration::from_secs_f64(d));
+    let mut signals = Signals::new();
+    let mut all_registered_at = None;
+    let mut stopped_by = "duration";
+    loop {
+        let registered = watches.iter().filter(|w| w.borrow().registered).count();
+        let gave_up = watches.iter().filter(|w| w.borrow().gave_up).count();
+        progress.set_position(registered as u64);
+        if gave_up > 0 {
+            progress.set_message(format!("{gave_up} gave up"));
+        }
+        if all_registered_at.is_none() && registered == args.count {
+            let elapsed = started.elapsed();
+            all_registered_at = Some(elapsed);
+            progress.finish_and_clear();
+            let rate = if args.count > 1 {
+                format!(" ({:.0} registrations/s)", registered as f64 / elapsed.as_secs_f64())
+            } else {
+                String::new()
+            };
+            println!("tether device: {registered}/{} registered in {:.2} s{rate}", args.count, elapsed.as_secs_f64());
+        }
+        if gave_up + registered == args.count && gave_up == args.count {
+            stopped_by = "every device gave up";
+            break;
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = signals.recv() => { stopped_by = "signal"; break; }
+        }
+    }
+    progress.finish_and_clear();
+
+    // Leave politely, within bounds: de-register every device, 10 s at most.
+    let before = summary(&devices);
+    let leaving: Vec<_> = devices.iter().map(|d| d.deregister()).collect();
+    let _ = tokio::time::timeout(Duration::from_secs(10), futures::future::join_all(leaving)).await;
+    print_summary(&args, &before, all_registered_at, started.elapsed(), stopped_by);
+    if before.registered == 0 {
+        bail!("no device registered");
+    }
+    Ok(())
+}
+
+struct Summary {
+    registered: usize,
+    gave_up: usize,
+    stats: ClientStats,
+}
+
+fn summary(devices: &[Lwm2mDevice]) -> Summary {
+    let mut total = Summary { registered: 0, gave_up: 0, stats: ClientStats::default() };
+    for device in devices {
+        let status = device.status();
+        total.registered += usize::from(status.registered);
+        total.gave_up += usize::from(status.gave_up);
+        let s = status.stats;
+        total.stats.connects += s.connects;
+        total.stats.registrations += s.registrations;
+        total.stats.updates += s.updates;
+        total.stats.requests_answered += s.requests_answered;
+        total.stats.notifications += s.notifications;
+        total.stats.failed_attempts += s.failed_attempts;
+    }
+    total
+}
+
+fn print_summary(args: &DeviceArgs, s: &Summary, all_at: Option<Duration>, ran: Duration, stopped_by: &str) {
+    println!("tether device: summary after {:.1} s (stopped by {stopped_by})", ran.as_secs_f64());
+    println!("  devices                {}", args.count);
+    println!("  registered at the end  {}", s.registered);
+    match all_at {
+        Some(at) => println!("  all registered after   {:.2} s", at.as_secs_f64()),
+        None => println!("  all registered after   never ({} gave up)", s.gave_up),
+    }
+    println!("  handshakes             {}", s.stats.connects);
+    println!("  registrations          {}", s.stats.registrations);
+    println!("  updates                {}", s.stats.updates);
+    println!("  failed attempts        {}", s.stats.failed_attempts);
+    println!("  requests answered      {}", s.stats.requests_answered);
+    println!("  notifications sent     {}", s.stats.notifications);
+}
+
+/// SIGINT and SIGTERM.
+pub struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    /// Listens for both.
+    pub fn new() -> Self {
+        Self { term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok() }
+    }
+
+    /// The next one.
+    pub async fn recv(&mut self) {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async {
+                match self.term.as_mut() {
+                    Some(term) => { term.recv().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => {}
+        }
+    }
+}
