@@ -68,6 +68,9 @@ pub struct DeviceArgs {
     /// Re-handshake before sending after this many seconds of silence (NAT timeout).
     #[arg(long, value_name = "SECONDS")]
     pub nat_timeout: Option<f64>,
+    /// Never resume a session: every handshake is a full one.
+    #[arg(long)]
+    pub no_resume: bool,
     /// Run this many seconds, then de-register and exit (default: until SIGINT/SIGTERM).
     #[arg(long, value_name = "SECONDS")]
     pub duration: Option<f64>,
@@ -100,7 +103,7 @@ impl DeviceArgs {
             bail!("--retry-count and --sequence-retry-count must be at least 1");
         }
         for (name, value) in [("--retry-timer", self.retry_timer), ("--sequence-delay", self.sequence_delay)] {
-            if !(value >= 0.0 && value <= 1e7) {
+            if !(0.0..=1e7).contains(&value) {
                 bail!("{name} must be between 0 and 10000000 seconds, got {value}");
             }
         }
@@ -150,7 +153,9 @@ impl DeviceArgs {
         client.jitter = if self.jitter { Jitter::Full } else { Jitter::None };
         client.rehandshake_after_idle = self.nat_timeout.map(Duration::from_secs_f64);
         client.seed = rand::random::<u64>() ^ i as u64;
-        Lwm2mDeviceConfig::new(client, server, context)
+        let mut config = Lwm2mDeviceConfig::new(client, server, context);
+        config.resume = !self.no_resume;
+        config
     }
 }
 

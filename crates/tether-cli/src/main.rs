@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod api;
 mod bench;
+mod demo;
 mod device;
 mod echo;
 mod serve;
@@ -27,6 +28,17 @@ enum Command {
     /// An LwM2M device, or a fleet (`--count N`), against a server; by default the
     /// development device of `tether serve`'s embedded defaults.
     Device(device::DeviceArgs),
+    /// An LwM2M server and three devices in one process on loopback: reads of /3/0/0,
+    /// /3/0/1 and /3/0/2 on each, whether each reused its session, and what a new handshake
+    /// per request would cost, measured in the run.
+    Demo {
+        /// Rounds of reads (each reads three resources of every device).
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
+        /// Reads measured per mode for the latency comparison.
+        #[arg(long, default_value_t = 30)]
+        samples: usize,
+    },
     /// A DTLS echo server (PSK) for trying peers against tether's engine.
     Echo {
         /// Address to listen on.
@@ -60,6 +72,27 @@ enum BenchTarget {
         /// Bytes per record in the round-trip figure.
         #[arg(long, default_value_t = 100)]
         payload: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// LwM2M end to end: N devices (a `tether device` child process) register; the server
+    /// reads /3/0/0 from all of them over their pooled sessions, then with a new handshake
+    /// per read, each for a bounded time. Reports registrations/s, reads/s, latency, server
+    /// CPU per read and server memory per device.
+    Lwm2m {
+        /// Devices in the fleet.
+        #[arg(long, default_value_t = 1000)]
+        devices: usize,
+        /// Seconds per read phase.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Reads in flight at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// tokio worker threads of the server (1: a current-thread runtime).
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -106,6 +139,12 @@ fn main() -> Result<()> {
                 .init();
             device::run(args)
         }
+        Command::Demo { rounds, samples } => {
+            if rounds == 0 || rounds > 1000 || samples == 0 || samples > 100_000 {
+                anyhow::bail!("--rounds must be between 1 and 1000 and --samples between 1 and 100000");
+            }
+            demo::run(rounds, samples)
+        }
         Command::Echo { listen, psk_identity, psk_key } => echo(listen, &psk_identity, &psk_key),
         Command::Bench { target } => bench(target),
     }
@@ -124,6 +163,23 @@ fn bench(target: BenchTarget) -> Result<()> {
                 bench::dtls::DtlsBenchOptions { duration: Duration::from_secs_f64(seconds), sessions, payload };
             let figures = bench::dtls::run(&options)?;
             report(json, "tether bench dtls (loopback, this machine, this run)", &figures)
+        }
+        BenchTarget::Lwm2m { devices, seconds, concurrency, threads, json } => {
+            if devices == 0 || devices > 20_000 {
+                anyhow::bail!("--devices must be between 1 and 20000, got {devices}");
+            }
+            if !(seconds > 0.0 && seconds <= 600.0) {
+                anyhow::bail!("--seconds must be between 0 and 600, got {seconds}");
+            }
+            if concurrency == 0 || concurrency > 10_000 {
+                anyhow::bail!("--concurrency must be between 1 and 10000, got {concurrency}");
+            }
+            if threads == 0 || threads > 64 {
+                anyhow::bail!("--threads must be between 1 and 64, got {threads}");
+            }
+            let options = bench::lwm2m::Lwm2mBenchOptions { devices, seconds, concurrency, threads };
+            let figures = bench::lwm2m::run(&options)?;
+            report(json, "tether bench lwm2m (loopback, this machine, this run)", &figures)
         }
         BenchTarget::Pool { requests, payload, max_seconds, threads, json } => {
             if requests == 0 || payload == 0 || payload > 1000 {

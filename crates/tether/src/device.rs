@@ -28,7 +28,8 @@ pub struct FixedPortTransport {
     server: SocketAddr,
     context: Arc<DtlsContext>,
     local: LocalPort,
-    saved: Mutex<Option<SavedSession>>,
+    /// The session to resume next time; `None` inside when resumption is off.
+    saved: Option<Mutex<Option<SavedSession>>>,
 }
 
 #[derive(Debug)]
@@ -46,7 +47,7 @@ impl FixedPortTransport {
         socket.set_nonblocking(true)?;
         // Connected, so ICMP port-unreachable surfaces as a refused handshake.
         socket.connect(server)?;
-        Ok(Self { server, context, local: LocalPort::Udp(socket), saved: Mutex::new(None) })
+        Ok(Self { server, context, local: LocalPort::Udp(socket), saved: Some(Mutex::new(None)) })
     }
 
     /// Takes a port on an in-memory network (tests on paused time).
@@ -57,7 +58,14 @@ impl FixedPortTransport {
         context: Arc<DtlsContext>,
     ) -> std::io::Result<Self> {
         let addr = network.bind(local)?.local_addr()?;
-        Ok(Self { server, context, local: LocalPort::Memory(network.clone(), addr), saved: Mutex::new(None) })
+        Ok(Self { server, context, local: LocalPort::Memory(network.clone(), addr), saved: Some(Mutex::new(None)) })
+    }
+
+    /// Whether a new handshake offers the last session for an abbreviated handshake
+    /// (default on).
+    pub fn resume(mut self, resume: bool) -> Self {
+        self.saved = resume.then(|| Mutex::new(None));
+        self
     }
 
     /// The local address every handshake comes from.
@@ -83,9 +91,11 @@ impl Transport for FixedPortTransport {
                 socket
             }
         };
-        let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let saved = self.saved.as_ref().and_then(|s| s.lock().unwrap_or_else(|e| e.into_inner()).clone());
         let client = DtlsClient::connect_on(socket, self.server, &self.context, saved.as_ref()).await?;
-        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = client.connection().saved_session.clone();
+        if let Some(slot) = &self.saved {
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = client.connection().saved_session.clone();
+        }
         Ok(client)
     }
 }
@@ -104,12 +114,14 @@ pub struct Lwm2mDeviceConfig {
     pub local: Option<SocketAddr>,
     /// Run on this in-memory network instead of UDP (tests on paused time).
     pub memory: Option<MemoryNetwork>,
+    /// Resume the last session on a new handshake (abbreviated handshake). Default true.
+    pub resume: bool,
 }
 
 impl Lwm2mDeviceConfig {
     /// A device described by `client` for the server at `server`, over UDP.
     pub fn new(client: ClientConfig, server: SocketAddr, context: Arc<DtlsContext>) -> Self {
-        Self { client, server, context, local: None, memory: None }
+        Self { client, server, context, local: None, memory: None, resume: true }
     }
 }
 
@@ -162,7 +174,8 @@ impl Lwm2mDevice {
                 FixedPortTransport::bind_memory(network, local, config.server, Arc::clone(&config.context))?
             }
             None => FixedPortTransport::bind(local, config.server, Arc::clone(&config.context))?,
-        };
+        }
+        .resume(config.resume);
         let local_addr = transport.local_addr()?;
         // One attempt per connect: the Server object's schedule is the retry loop; a breaker
         // that opens after n failures would skip attempts the schedule promises.

@@ -153,6 +153,8 @@ impl Lwm2mServer {
             config: config.coap.clone(),
             seed: config.seed,
             sessions: HashMap::new(),
+            timers: std::collections::BTreeSet::new(),
+            timer_of: HashMap::new(),
             pending: HashMap::new(),
             observations: HashMap::new(),
             next_observation: 1,
@@ -363,6 +365,10 @@ struct Actor {
     config: CoapConfig,
     seed: u64,
     sessions: HashMap<SocketAddr, Session>,
+    /// Each session's next CoAP timer, ordered: the loop finds the earliest and the due ones
+    /// without looking at every session.
+    timers: std::collections::BTreeSet<(std::time::Instant, SocketAddr)>,
+    timer_of: HashMap<SocketAddr, std::time::Instant>,
     pending: HashMap<(SocketAddr, Token), Waiting>,
     observations: HashMap<(SocketAddr, Token), (u64, mpsc::Sender<DeviceResponse>)>,
     next_observation: u64,
@@ -408,6 +414,9 @@ impl Actor {
                     let Some(departed) = departed else { return };
                     if self.sessions.get(&departed.peer).is_some_and(|s| s.generation == departed.generation) {
                         self.sessions.remove(&departed.peer);
+                        if let Some(at) = self.timer_of.remove(&departed.peer) {
+                            self.timers.remove(&(at, departed.peer));
+                        }
                         self.last_heard.remove(&departed.peer);
                         self.fail_pending(departed.peer);
                     }
@@ -420,12 +429,16 @@ impl Actor {
                     let now = clock::now();
                     self.expire_queued(now);
                     self.registry.handle_timeout(now);
-                    let peers: Vec<SocketAddr> = self.sessions.keys().copied().collect();
-                    for peer in peers {
+                    while let Some(&(at, peer)) = self.timers.first() {
+                        if at > now {
+                            break;
+                        }
+                        self.timers.pop_first();
+                        self.timer_of.remove(&peer);
                         if let Some(session) = self.sessions.get_mut(&peer) {
                             session.layer.handle_timeout(now);
+                            self.drive(peer).await;
                         }
-                        self.drive(peer).await;
                     }
                 }
             }
@@ -434,7 +447,7 @@ impl Actor {
     }
 
     fn next_deadline(&self) -> Option<std::time::Instant> {
-        let layers = self.sessions.values().filter_map(|s| s.layer.poll_timeout()).min();
+        let layers = self.timers.first().map(|(at, _)| *at);
         let queued = self.queued.values().filter_map(|q| q.front().map(|(at, _)| *at)).min();
         [self.registry.poll_timeout(), layers, queued].into_iter().flatten().min()
     }
@@ -566,8 +579,19 @@ impl Actor {
         }
     }
 
-    /// Sends a session's datagrams and acts on its CoAP events.
+    /// Sends a session's datagrams, acts on its CoAP events, and files its next timer.
     async fn drive(&mut self, peer: SocketAddr) {
+        self.drive_events(peer).await;
+        if let Some(old) = self.timer_of.remove(&peer) {
+            self.timers.remove(&(old, peer));
+        }
+        if let Some(at) = self.sessions.get(&peer).and_then(|s| s.layer.poll_timeout()) {
+            self.timers.insert((at, peer));
+            self.timer_of.insert(peer, at);
+        }
+    }
+
+    async fn drive_events(&mut self, peer: SocketAddr) {
         loop {
             let Some(session) = self.sessions.get_mut(&peer) else {
                 return;
@@ -578,8 +602,8 @@ impl Actor {
             }
             let event = session.layer.poll_event();
             for datagram in outgoing {
-                // A failed send is a lost datagram; CoAP retransmission covers it.
-                let _ = self.dtls.send_to(peer, &datagram).await;
+                // A refused send is a lost datagram; CoAP retransmission covers it.
+                let _ = self.dtls.queue_to(peer, datagram).await;
             }
             let Some(event) = event else { return };
             match event {

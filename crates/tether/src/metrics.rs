@@ -77,6 +77,12 @@ pub fn render(pool: &PoolStats, endpoint: Option<&EndpointStats>) -> String {
             &plain(e.handshakes_completed as f64),
         );
         metric(
+            "tether_dtls_handshakes_resumed_total",
+            "counter",
+            "Completed handshakes that resumed a session.",
+            &plain(e.handshakes_resumed as f64),
+        );
+        metric(
             "tether_dtls_handshakes_failed_total",
             "counter",
             "Handshakes failed or timed out.",

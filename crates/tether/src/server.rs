@@ -152,7 +152,8 @@ pub struct ServerStats {
 }
 
 enum Command {
-    SendTo(SocketAddr, Vec<u8>, oneshot::Sender<Result<(), ServerSendError>>),
+    /// Data for a peer, and where to report the outcome (if anyone waits for it).
+    SendTo(SocketAddr, Vec<u8>, Option<oneshot::Sender<Result<(), ServerSendError>>>),
     Close(SocketAddr, oneshot::Sender<bool>),
     SetIdentity(SocketAddr, String, oneshot::Sender<bool>),
     Lookup(String, oneshot::Sender<Option<SocketAddr>>),
@@ -242,8 +243,15 @@ impl DtlsServer {
     /// Sends application data to `peer` on its established session.
     pub async fn send_to(&self, peer: SocketAddr, data: &[u8]) -> Result<(), ServerSendError> {
         let (tx, rx) = oneshot::channel();
-        self.command(Command::SendTo(peer, data.to_vec(), tx)).await?;
+        self.command(Command::SendTo(peer, data.to_vec(), Some(tx))).await?;
         rx.await.unwrap_or(Err(ServerSendError::ShutDown))
+    }
+
+    /// Queues application data for `peer` without waiting for the outcome, for protocols
+    /// that recover lost datagrams themselves (CoAP retransmits): a refused send is a lost
+    /// datagram. Waits only while the server's command queue is full.
+    pub async fn queue_to(&self, peer: SocketAddr, data: Vec<u8>) -> Result<(), ServerSendError> {
+        self.command(Command::SendTo(peer, data, None)).await
     }
 
     /// Closes `peer`'s session (close_notify). False if it had none.
@@ -362,7 +370,9 @@ impl Actor {
                         self.pool.record(now, peer, *generation, traffic);
                     }
                 }
-                let _ = reply.send(result);
+                if let Some(reply) = reply {
+                    let _ = reply.send(result);
+                }
             }
             Command::Close(peer, reply) => {
                 let handle = self.endpoint.established(peer);

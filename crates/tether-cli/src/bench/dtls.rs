@@ -16,6 +16,7 @@ use tether_proto::dtls::{
     Session, SessionConfig, StaticPskStore,
 };
 
+use super::rss_bytes;
 use super::{percentiles_us, Figure};
 
 /// What to measure and for how long.
@@ -275,13 +276,6 @@ fn udp_round_trips(server: SocketAddr, duration: Duration, payload: usize) -> Re
         latencies.push(began.elapsed());
     }
     Ok((latencies.len() as f64 / start.elapsed().as_secs_f64(), latencies))
-}
-
-/// Resident memory of this process in bytes.
-fn rss_bytes() -> Result<f64> {
-    let statm = std::fs::read_to_string("/proc/self/statm")?;
-    let pages: f64 = statm.split_whitespace().nth(1).context("statm")?.parse()?;
-    Ok(pages * 4096.0)
 }
 
 /// RSS growth per established server session, over `count` sessions held at once.

@@ -2,6 +2,7 @@
 //! same run.
 
 pub mod dtls;
+pub mod lwm2m;
 pub mod pool;
 
 use serde::Serialize;
@@ -40,6 +41,42 @@ impl Figure {
     }
 }
 
+impl Figure {
+    /// A figure with no baseline that means anything beside it.
+    pub fn alone(name: impl Into<String>, value: f64, unit: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            value,
+            unit,
+            baseline: "-".into(),
+            baseline_value: f64::NAN,
+            ratio: f64::NAN,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Resident set size of this process, in bytes.
+pub fn rss_bytes() -> anyhow::Result<f64> {
+    let statm = std::fs::read_to_string("/proc/self/statm")?;
+    let pages: f64 = statm.split_whitespace().nth(1).ok_or_else(|| anyhow::anyhow!("statm"))?.parse()?;
+    Ok(pages * 4096.0)
+}
+
+/// CPU time (user + system) this process has used, in seconds (clock-tick resolution).
+pub fn cpu_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).ok_or_else(|| anyhow::anyhow!("stat"))?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields
+        .get(11)
+        .zip(fields.get(12))
+        .map_or(Ok(0.0), |(u, s)| Ok::<f64, std::num::ParseFloatError>(u.parse::<f64>()? + s.parse::<f64>()?))?;
+    // USER_HZ is 100 on Linux.
+    Ok(ticks / 100.0)
+}
+
 /// Prints figures as an aligned table.
 pub fn print_table(title: &str, figures: &[Figure]) {
     println!("{title}");
@@ -48,10 +85,14 @@ pub fn print_table(title: &str, figures: &[Figure]) {
         "figure", "value", "unit", "baseline (same run)", "baseline", "ratio"
     );
     for f in figures {
-        println!(
-            "{:<34} {:>14.1} {:<10} {:<34} {:>14.1} {:>7.2}x",
-            f.name, f.value, f.unit, f.baseline, f.baseline_value, f.ratio
-        );
+        if f.baseline_value.is_nan() {
+            println!("{:<34} {:>14.1} {:<10} {:<34} {:>14} {:>8}", f.name, f.value, f.unit, f.baseline, "-", "-");
+        } else {
+            println!(
+                "{:<34} {:>14.1} {:<10} {:<34} {:>14.1} {:>7.2}x",
+                f.name, f.value, f.unit, f.baseline, f.baseline_value, f.ratio
+            );
+        }
         if !f.detail.is_empty() {
             println!("    {}", f.detail);
         }

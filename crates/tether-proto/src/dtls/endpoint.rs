@@ -172,6 +172,8 @@ pub struct EndpointStats {
     pub sessions_created: u64,
     /// Handshakes that completed.
     pub handshakes_completed: u64,
+    /// Of those, abbreviated handshakes that resumed a session.
+    pub handshakes_resumed: u64,
     /// Handshakes that failed or timed out.
     pub handshakes_failed: u64,
     /// Sessions replaced by a new handshake from the same address.
@@ -539,13 +541,14 @@ impl Endpoint {
         let replaced = slot.established.replace(handle);
         self.handshakes -= 1;
         self.stats.handshakes_completed += 1;
-        if let Some(EndpointEvent::Connected { replaced: r, .. }) = self
+        if let Some(EndpointEvent::Connected { replaced: r, resumed, .. }) = self
             .events
             .iter_mut()
             .rev()
             .find(|e| matches!(e, EndpointEvent::Connected { handle: h, .. } if *h == handle))
         {
             *r = replaced;
+            self.stats.handshakes_resumed += u64::from(*resumed);
         }
         if let Some(old) = replaced {
             self.stats.sessions_replaced += 1;
