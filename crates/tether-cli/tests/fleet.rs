@@ -82,6 +82,73 @@ async fn a_fleet_of_1000_registers_and_every_device_answers_a_rest_read() {
     let _ = std::fs::remove_dir_all(&data);
 }
 
+/// SIGKILL of `tether serve` under a running fleet, then a restart on the same port and data:
+/// every registration is restored from SQLite, and every device is back on a session of the
+/// new process by its next Update (it re-handshakes first after 5 s of silence, as behind a
+/// NAT), so REST reads reach all of them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_sigkill_and_restart_the_fleet_is_reachable_again() {
+    const DEVICES: usize = 200;
+    let data = std::env::temp_dir().join(format!("tether-fleet-kill-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    std::fs::create_dir_all(&data).unwrap();
+    let security = data.join("fleet.toml");
+    let count = DEVICES.to_string();
+    let fleet_args = ["--count", &count, "--endpoint", "k", "--psk-identity", "k", "--psk-key", KEY];
+    let written = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .arg("device")
+        .args(fleet_args)
+        .arg("--write-security")
+        .arg(&security)
+        .status()
+        .unwrap();
+    assert!(written.success());
+    let server = Server::start_with(&data, &["--security", security.to_str().unwrap()]);
+    let coaps = server.coaps.to_string();
+    let mut devices = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .arg("device")
+        .args(fleet_args)
+        .args(["--server", &format!("coaps://{coaps}"), "--duration", "300", "--lifetime", "20"])
+        .args(["--nat-timeout", "5", "--retry-timer", "1", "--jitter"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    loop {
+        let (_, clients) = http(server.http, "GET", "/api/clients", None).await;
+        if clients.as_array().unwrap().len() == DEVICES {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    server.sigkill();
+    let server = Server::start_on(&coaps, &data, &["--security", security.to_str().unwrap()]);
+    let (_, clients) = http(server.http, "GET", "/api/clients", None).await;
+    assert_eq!(clients.as_array().unwrap().len(), DEVICES, "every acknowledged registration restored");
+    let restarted = Instant::now();
+    loop {
+        let (_, pool) = http(server.http, "GET", "/api/pool", None).await;
+        if pool["sessions"].as_u64() == Some(DEVICES as u64) {
+            break;
+        }
+        // Updates are due 10 s after registering (lifetime 20 s); each comes after a new
+        // handshake because the device has been silent for more than 5 s.
+        assert!(restarted.elapsed() < Duration::from_secs(40), "{pool}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for i in 0..DEVICES {
+        let (status, read) = http(server.http, "GET", &format!("/api/clients/k-{i}/3/0/0"), None).await;
+        assert_eq!(status, 200, "k-{i}: {read}");
+    }
+    let _ = devices.kill();
+    let _ = devices.wait();
+    drop(server);
+    let _ = std::fs::remove_dir_all(&data);
+}
+
 #[test]
 fn bad_device_flags_are_named() {
     for (args, expected) in [

@@ -32,8 +32,13 @@ impl Server {
 
     /// Starts with `extra` flags after the defaults of [`Server::start`].
     pub fn start_with(data_dir: &Path, extra: &[&str]) -> Self {
+        Self::start_on("127.0.0.1:0", data_dir, extra)
+    }
+
+    /// Starts with CoAPs on `coaps` (to come back on the same port after a kill).
+    pub fn start_on(coaps: &str, data_dir: &Path, extra: &[&str]) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_tether"));
-        command.args(["serve", "--coaps", "127.0.0.1:0", "--http", "127.0.0.1:0", "--data-dir"]).arg(data_dir);
+        command.args(["serve", "--coaps", coaps, "--http", "127.0.0.1:0", "--data-dir"]).arg(data_dir);
         command.args(extra);
         for i in 0..DEVICES {
             command.args(["--psk", &format!("device-{i}:{KEY}:urn:dev:{i}")]);
