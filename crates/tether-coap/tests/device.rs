@@ -233,6 +233,22 @@ fn registers_with_its_objects_and_updates_before_the_lifetime_runs_out() {
 }
 
 #[test]
+fn an_update_answered_after_a_retransmission_is_sent_once() {
+    let mut h = Harness::new(config("dev-1"));
+    h.run_until(Duration::from_secs(206));
+    // The Update at 207 s is lost; its retransmission (2–3 s later) gets through.
+    h.up = false;
+    h.run_until(Duration::from_secs(208));
+    h.up = true;
+    h.run_until(Duration::from_secs(220));
+    let updates = h.registry_events.iter().filter(|e| matches!(e, RegistryEvent::Updated { .. })).count();
+    assert_eq!(updates, 1);
+    assert_eq!(h.events_named("Updated").len(), 1);
+    h.run_until(Duration::from_secs(420));
+    assert_eq!(h.events_named("Updated").len(), 2, "the next one a lifetime's worth later");
+}
+
+#[test]
 fn retries_follow_the_server_object_timers_then_give_up() {
     let mut config = config("dev-1");
     config.retry = RetryTimers {

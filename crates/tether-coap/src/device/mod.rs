@@ -461,6 +461,8 @@ impl Lwm2mClient {
     }
 
     fn send_update(&mut self, now: Instant, location: &str) {
+        // Due again only once this one is answered (`registered`).
+        self.next_update = None;
         let mut request = request(RequestType::Post, location);
         request.add_option(CoapOption::UriQuery, format!("lt={}", self.objects.lifetime.as_secs()).into_bytes());
         self.exchange(now, Exchange::Update, request);
