@@ -210,7 +210,7 @@ async fn fleet(args: DeviceArgs, server: SocketAddr) -> Result<()> {
     let mut signals = Signals::new();
     let mut all_registered_at = None;
     let mut stopped_by = "duration";
-    loop {
+    let report_progress = |all_registered_at: &mut Option<Duration>| {
         let registered = watches.iter().filter(|w| w.borrow().registered).count();
         let gave_up = watches.iter().filter(|w| w.borrow().gave_up).count();
         progress.set_position(registered as u64);
@@ -219,7 +219,7 @@ async fn fleet(args: DeviceArgs, server: SocketAddr) -> Result<()> {
         }
         if all_registered_at.is_none() && registered == args.count {
             let elapsed = started.elapsed();
-            all_registered_at = Some(elapsed);
+            *all_registered_at = Some(elapsed);
             progress.finish_and_clear();
             let rate = if args.count > 1 {
                 format!(" ({:.0} registrations/s)", registered as f64 / elapsed.as_secs_f64())
@@ -228,7 +228,11 @@ async fn fleet(args: DeviceArgs, server: SocketAddr) -> Result<()> {
             };
             println!("tether device: {registered}/{} registered in {:.2} s{rate}", args.count, elapsed.as_secs_f64());
         }
-        if gave_up + registered == args.count && gave_up == args.count {
+        gave_up
+    };
+    loop {
+        let gave_up = report_progress(&mut all_registered_at);
+        if gave_up == args.count {
             stopped_by = "every device gave up";
             break;
         }
@@ -240,6 +244,7 @@ async fn fleet(args: DeviceArgs, server: SocketAddr) -> Result<()> {
             _ = signals.recv() => { stopped_by = "signal"; break; }
         }
     }
+    report_progress(&mut all_registered_at);
     progress.finish_and_clear();
 
     // Leave politely, within bounds: de-register every device, 10 s at most.

@@ -58,5 +58,36 @@ async fn certificate_cn_is_the_endpoint_name() {
     .unwrap();
     let client = DtlsClient::connect(server.coaps, &psk).await.unwrap();
     assert_eq!(register(client, "urn:dev:psk").await, ResponseType::Created, "PSK devices on the same server");
+
+    // `tether device` with a certificate (CN urn:dev:cli) registers, answers a read, leaves.
+    let cli_cert = ca.issue("urn:dev:cli", validity).unwrap();
+    std::fs::write(data.join("cli.pem"), cli_cert.chain[0].to_pem().unwrap()).unwrap();
+    std::fs::write(data.join("cli.key"), cli_cert.key.private_key_to_pem_pkcs8().unwrap()).unwrap();
+    let device = std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["device", "--server", &format!("coaps://{}", server.coaps), "--endpoint", "urn:dev:cli"])
+        .arg("--certificate")
+        .arg(data.join("cli.pem"))
+        .arg("--private-key")
+        .arg(data.join("cli.key"))
+        .arg("--server-ca")
+        .arg(data.join("ca.pem"))
+        .args(["--server-name", "localhost", "--duration", "30"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let read = loop {
+        let (status, read) = support::http(server.http, "GET", "/api/clients/urn:dev:cli/3/0/0", None).await;
+        if status == 200 || std::time::Instant::now() > deadline {
+            break read;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(read["values"]["/3/0/0"].as_str(), Some("tether"), "{read}");
+    let _ = std::process::Command::new("kill").args(["-TERM", &device.id().to_string()]).status();
+    let output = device.wait_with_output().unwrap();
+    assert!(output.status.success());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("tether device: 1/1 registered in"), "{stdout}");
     let _ = std::fs::remove_dir_all(&data);
 }
