@@ -277,6 +277,7 @@ fn summary(devices: &[Lwm2mDevice]) -> Summary {
         total.stats.requests_answered += s.requests_answered;
         total.stats.notifications += s.notifications;
         total.stats.failed_attempts += s.failed_attempts;
+        total.stats.executions += s.executions;
     }
     total
 }

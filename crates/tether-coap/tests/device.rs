@@ -124,7 +124,7 @@ impl Harness {
                         self.client.handle_connected(self.now);
                     }
                     Action::Connect => self.client.handle_connect_failed(self.now, "connection refused"),
-                    Action::Disconnect => self.connected = false,
+                    Action::Disconnect | Action::Abandon => self.connected = false,
                 }
             }
             while let Some(event) = self.client.poll_event() {
@@ -451,7 +451,7 @@ fn reboot_answers_first_then_reconnects_and_registers_anew() {
     let first = h.client.location().unwrap().to_string();
     h.log.clear();
     assert_eq!(code(&h.request(request(RequestType::Post, "/3/0/4"))), ResponseType::Changed);
-    assert_eq!(h.log, ["datagram", "Disconnect"], "the 2.04 leaves before the session closes");
+    assert_eq!(h.log, ["datagram", "Abandon"], "the 2.04 leaves before the device goes dark");
     h.run_until(Duration::from_secs(2));
     assert_eq!(h.connects.len(), 2);
     assert_ne!(h.client.location().unwrap(), first);

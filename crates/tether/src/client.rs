@@ -106,6 +106,7 @@ pub struct ClientCounters {
 enum Command {
     Send(Vec<u8>),
     Close(oneshot::Sender<()>),
+    Abandon(oneshot::Sender<()>),
 }
 
 /// Received application data waiting for [`DtlsClient::recv`].
@@ -228,6 +229,16 @@ impl DtlsClient {
         }
     }
 
+    /// Stops without a word to the peer, as at a power loss: no close_notify, the peer
+    /// keeps its side until it times out or a new handshake from this address replaces it.
+    /// Whatever was sent before is sent first. Idempotent.
+    pub async fn abandon(&self) {
+        let (reply, done) = oneshot::channel();
+        if self.commands.send(Command::Abandon(reply)).await.is_ok() {
+            let _ = done.await;
+        }
+    }
+
     /// True once closed, by either side.
     pub fn is_closed(&self) -> bool {
         self.closed.borrow().is_some()
@@ -293,6 +304,11 @@ impl Driver {
                     Some(Command::Close(reply)) => {
                         self.session.close(clock::now());
                         closing = Some(reply);
+                    }
+                    Some(Command::Abandon(reply)) => {
+                        closing = Some(reply);
+                        let _ = self.closed.send(Some(CloseReason::Local));
+                        break;
                     }
                     None => self.session.close(clock::now()),
                 },

@@ -338,6 +338,12 @@ impl Driver {
             let Some(action) = self.client.poll_action() else { return };
             match action {
                 Action::Disconnect => self.resilient.disconnect().await,
+                Action::Abandon => {
+                    if let Some(connection) = self.resilient.connection() {
+                        connection.abandon().await;
+                    }
+                    self.resilient.disconnect().await;
+                }
                 Action::Connect => {
                     // A lost session may still be the current one; let it go first.
                     self.resilient.disconnect().await;

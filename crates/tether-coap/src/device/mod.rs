@@ -87,6 +87,10 @@ pub enum Action {
     Connect,
     /// Close the session (close_notify).
     Disconnect,
+    /// Drop the session without a word, as a device losing power does (a reboot): the
+    /// server keeps its side until the device's next handshake from the same address
+    /// replaces it (RFC 6347 §4.2.8).
+    Abandon,
 }
 
 /// What happened to the device.
@@ -142,6 +146,8 @@ pub struct ClientStats {
     pub requests_answered: u64,
     /// Notifications sent.
     pub notifications: u64,
+    /// Executes run (a repeated request is answered from the CoAP cache, not run again).
+    pub executions: u64,
     /// Failed attempts.
     pub failed_attempts: u64,
 }
@@ -642,6 +648,7 @@ impl Lwm2mClient {
         if self.layer.respond(now, &id, answer.response).is_ok() {
             self.stats.requests_answered += 1;
         }
+        self.stats.executions += u64::from(answer.executed);
         match answer.effect {
             Some(Effect::Reboot) => self.reboot(now),
             Some(Effect::UpdateRegistration) => {
@@ -654,8 +661,8 @@ impl Lwm2mClient {
 
     fn reboot(&mut self, now: Instant) {
         self.events.push_back(DeviceEvent::Rebooting);
-        // The response is already queued: the driver sends it before disconnecting.
-        self.actions.push_back(Action::Disconnect);
+        // The response is already queued: the driver sends it before going dark.
+        self.actions.push_back(Action::Abandon);
         self.observations.clear();
         self.next_observe_check = None;
         self.location = None;

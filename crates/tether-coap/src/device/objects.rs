@@ -517,12 +517,20 @@ pub struct Answer {
     pub observe: Option<(Path, u16)>,
     /// The request cancels an observation (Observe 1).
     pub cancel_observation: bool,
+    /// The request was an Execute that ran.
+    pub executed: bool,
 }
 
 /// Answers one request from the server. `preferred` is the format for multi-value reads
 /// when the server does not ask for one.
 pub fn answer(objects: &mut Objects, now: Instant, request: &Packet, preferred: u16) -> Answer {
-    let plain = |code| Answer { response: response(code), effect: None, observe: None, cancel_observation: false };
+    let plain = |code| Answer {
+        response: response(code),
+        effect: None,
+        observe: None,
+        cancel_observation: false,
+        executed: false,
+    };
     let segments = uri_path(request);
     let Ok(path) = Path::parse(&segments.join("/")) else {
         return plain(if segments.is_empty() { ResponseType::MethodNotAllowed } else { ResponseType::NotFound });
@@ -536,7 +544,7 @@ pub fn answer(objects: &mut Objects, now: Instant, request: &Packet, preferred: 
                 let mut packet = response(ResponseType::Content);
                 packet.add_option(CoapOption::ContentFormat, encode_uint(format::LINK));
                 packet.payload = links.into_bytes();
-                Answer { response: packet, effect: None, observe: None, cancel_observation: false }
+                Answer { response: packet, effect: None, observe: None, cancel_observation: false, executed: false }
             }
             Err(code) => plain(code),
         },
@@ -548,6 +556,7 @@ pub fn answer(objects: &mut Objects, now: Instant, request: &Packet, preferred: 
                     effect: None,
                     observe: (observe == Some(0)).then_some((path, chosen)),
                     cancel_observation: observe == Some(1),
+                    executed: false,
                 },
                 Err(code) => plain(code),
             }
@@ -586,7 +595,7 @@ pub fn answer(objects: &mut Objects, now: Instant, request: &Packet, preferred: 
             }
         }
         RequestType::Post => match objects.execute(now, &path) {
-            Ok(effect) => Answer { effect, ..plain(ResponseType::Changed) },
+            Ok(effect) => Answer { effect, executed: true, ..plain(ResponseType::Changed) },
             Err(code) => plain(code),
         },
         RequestType::Delete => {

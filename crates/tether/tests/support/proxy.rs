@@ -1,0 +1,193 @@
+//! A loopback impairment proxy between real UDP sockets: drops, duplicates, reorders and
+//! delays datagrams in both directions, decided by a seeded generator.
+//!
+//! Clients send to [`Proxy::addr`]; each client address gets its own upstream socket, so the
+//! server sees one stable address per client (the address a reboot or a forged datagram
+//! would come from: [`Proxy::inject_upstream`]).
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::net::UdpSocket;
+
+/// What the proxy does to each datagram, in each direction.
+#[derive(Debug, Clone, Copy)]
+pub struct Impairment {
+    /// Probability a datagram is dropped.
+    pub loss: f64,
+    /// Probability a forwarded datagram is sent twice.
+    pub duplicate: f64,
+    /// Probability a datagram is held back behind later ones (by `reorder_by`).
+    pub reorder: f64,
+    /// How long a reordered datagram is held back.
+    pub reorder_by: Duration,
+    /// Delay of every datagram.
+    pub delay: Duration,
+    /// Extra random delay, uniform in [0, jitter).
+    pub jitter: Duration,
+    /// Seed of every decision.
+    pub seed: u64,
+}
+
+impl Impairment {
+    /// `loss` with 5 % duplication and 10 % reordering, 1 ms ± 1 ms of delay.
+    pub fn lossy(loss: f64, seed: u64) -> Self {
+        Self {
+            loss,
+            duplicate: 0.05,
+            reorder: 0.10,
+            reorder_by: Duration::from_millis(15),
+            delay: Duration::from_millis(1),
+            jitter: Duration::from_millis(1),
+            seed,
+        }
+    }
+}
+
+/// Counters.
+#[derive(Debug, Default)]
+pub struct ProxyStats {
+    /// Datagrams received from either side.
+    pub received: AtomicU64,
+    /// Dropped.
+    pub dropped: AtomicU64,
+    /// Extra copies sent.
+    pub duplicated: AtomicU64,
+    /// Held back behind later datagrams.
+    pub reordered: AtomicU64,
+}
+
+/// A running proxy; its tasks end when it is dropped.
+pub struct Proxy {
+    addr: SocketAddr,
+    upstreams: Arc<Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>>,
+    /// Counters.
+    pub stats: Arc<ProxyStats>,
+    tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        for task in self.tasks.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+}
+
+struct Impairer {
+    config: Impairment,
+    rng: Mutex<StdRng>,
+    stats: Arc<ProxyStats>,
+}
+
+impl Impairer {
+    /// Sends `datagram` to `to` on `socket` as impaired: maybe not, maybe twice, later.
+    fn forward(self: &Arc<Self>, socket: &Arc<UdpSocket>, to: Option<SocketAddr>, datagram: Vec<u8>) {
+        self.stats.received.fetch_add(1, Ordering::Relaxed);
+        let (copies, delays) = {
+            let mut rng = self.rng.lock().unwrap();
+            if rng.gen_bool(self.config.loss) {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            let copies = if rng.gen_bool(self.config.duplicate) { 2 } else { 1 };
+            let delays: Vec<Duration> = (0..copies)
+                .map(|_| {
+                    let jitter = self.config.jitter.mul_f64(rng.gen::<f64>());
+                    let held = if rng.gen_bool(self.config.reorder) { self.config.reorder_by } else { Duration::ZERO };
+                    self.config.delay + jitter + held
+                })
+                .collect();
+            (copies, delays)
+        };
+        if copies == 2 {
+            self.stats.duplicated.fetch_add(1, Ordering::Relaxed);
+        }
+        for delay in delays {
+            if delay > self.config.delay + self.config.jitter {
+                self.stats.reordered.fetch_add(1, Ordering::Relaxed);
+            }
+            let socket = Arc::clone(socket);
+            let datagram = datagram.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let _ = match to {
+                    Some(to) => socket.send_to(&datagram, to).await,
+                    None => socket.send(&datagram).await,
+                };
+            });
+        }
+    }
+}
+
+impl Proxy {
+    /// A proxy on 127.0.0.1 in front of `server`.
+    pub async fn start(server: SocketAddr, config: Impairment) -> Self {
+        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let addr = front.local_addr().unwrap();
+        let stats = Arc::new(ProxyStats::default());
+        let impairer = Arc::new(Impairer {
+            config,
+            rng: Mutex::new(StdRng::seed_from_u64(config.seed)),
+            stats: Arc::clone(&stats),
+        });
+        let upstreams: Arc<Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>> = Arc::default();
+        let tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (map, task_list) = (Arc::clone(&upstreams), Arc::clone(&tasks));
+        let front_task = tokio::spawn(async move {
+            let mut buf = vec![0u8; 65_536];
+            loop {
+                let Ok((n, client)) = front.recv_from(&mut buf).await else { continue };
+                let existing = map.lock().unwrap().get(&client).cloned();
+                let upstream = match existing {
+                    Some(upstream) => upstream,
+                    None => {
+                        let upstream = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+                        upstream.connect(server).await.unwrap();
+                        map.lock().unwrap().insert(client, Arc::clone(&upstream));
+                        // Server → client, impaired the same way.
+                        let (reader, front, impairer) =
+                            (Arc::clone(&upstream), Arc::clone(&front), Arc::clone(&impairer));
+                        task_list.lock().unwrap().push(tokio::spawn(async move {
+                            let mut buf = vec![0u8; 65_536];
+                            loop {
+                                match reader.recv(&mut buf).await {
+                                    Ok(n) => impairer.forward(&front, Some(client), buf[..n].to_vec()),
+                                    // Port unreachable while the server is away: keep going.
+                                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                                }
+                            }
+                        }));
+                        upstream
+                    }
+                };
+                impairer.forward(&upstream, None, buf[..n].to_vec());
+            }
+        });
+        tasks.lock().unwrap().push(front_task);
+        Self { addr, upstreams, stats, tasks }
+    }
+
+    /// Where clients send.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The address the server sees for `client`, once it has sent something.
+    pub fn upstream_addr_of(&self, client: SocketAddr) -> Option<SocketAddr> {
+        self.upstreams.lock().unwrap().get(&client).and_then(|s| s.local_addr().ok())
+    }
+
+    /// Sends `datagram` to the server from `client`'s upstream address, unimpaired: a
+    /// datagram forged with the device's source address.
+    pub async fn inject_upstream(&self, client: SocketAddr, datagram: &[u8]) {
+        let upstream = self.upstreams.lock().unwrap().get(&client).cloned().expect("client seen by the proxy");
+        upstream.send(datagram).await.unwrap();
+    }
+}
