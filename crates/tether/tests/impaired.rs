@@ -102,7 +102,7 @@ async fn lossy_fleet(loss: f64, seed: u64) -> Outcome {
     }
     let mut outcome =
         Outcome { reads_ok: 0, reads_timed_out: 0, executes_ok: 0, executes_timed_out: 0, report: String::new() };
-    let mut executes_acknowledged = vec![false; DEVICES];
+    let mut executes_acknowledged = [false; DEVICES];
     for (i, task) in tasks.into_iter().enumerate() {
         for (kind, result) in task.await.unwrap() {
             match (kind, result) {
