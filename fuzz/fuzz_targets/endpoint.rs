@@ -73,7 +73,15 @@ fuzz_target!(|data: &[u8]| {
     while endpoint.poll_event().is_some() {}
     while endpoint.poll_transmit().is_some() {}
 
-    // The input: datagrams of [source selector][length][bytes].
+    // Real datagrams to mutate: a fresh ClientHello and an application record of the
+    // established session (the fuzzer alone rarely builds a record the engine parses deeply).
+    let hello = Session::client(&contexts.client, now).unwrap().poll_transmit().unwrap().contents;
+    established.send(now, b"fuzz").unwrap();
+    let record = established.poll_transmit().unwrap().contents;
+
+    // The input: datagrams of [selector][length][bytes]. The selector picks the source
+    // (established peer, peer mid-handshake, stranger) and whether the bytes are sent as
+    // they are or XORed into the real ClientHello or application record.
     let mut rest = data;
     while rest.len() >= 2 {
         let source = match rest[0] % 3 {
@@ -82,7 +90,22 @@ fuzz_target!(|data: &[u8]| {
             _ => STRANGER,
         };
         let len = usize::from(rest[1]).min(rest.len() - 2);
-        endpoint.handle(now, source, &rest[2..2 + len]);
+        let bytes = &rest[2..2 + len];
+        let datagram = match (rest[0] / 3) % 3 {
+            0 => bytes.to_vec(),
+            kind => {
+                let mut base = if kind == 1 { hello.clone() } else { record.clone() };
+                for (i, b) in bytes.iter().enumerate() {
+                    let at = i % base.len();
+                    base[at] ^= b;
+                }
+                if bytes.len() > base.len() {
+                    base.truncate(bytes.len() % base.len());
+                }
+                base
+            }
+        };
+        endpoint.handle(now, source, &datagram);
         rest = &rest[2 + len..];
     }
     while let Some(event) = endpoint.poll_event() {

@@ -64,6 +64,18 @@ impl Server {
         Self { child, coaps: coaps.unwrap(), http: http.unwrap() }
     }
 
+    /// The process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory in KiB (VmRSS).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
     pub fn sigkill(mut self) {
         self.child.kill().unwrap(); // SIGKILL
         self.child.wait().unwrap();
@@ -99,4 +111,80 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>
     let status = response[9..12].parse().unwrap();
     let json = response.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
     (status, serde_json::from_str(json).unwrap_or(Value::Null))
+}
+
+/// `tether device` fleet of `count` devices named `name-i` (PSK identity the same), as a
+/// child process ended by its PID when dropped.
+pub struct Fleet {
+    pub child: Child,
+}
+
+impl Fleet {
+    /// Writes the fleet's security file into `dir` and returns its path.
+    pub fn security_file(dir: &Path, name: &str, count: usize) -> std::path::PathBuf {
+        let path = dir.join(format!("{name}.toml"));
+        let status = Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args([
+                "device",
+                "--count",
+                &count.to_string(),
+                "--endpoint",
+                name,
+                "--psk-identity",
+                name,
+                "--psk-key",
+                KEY,
+            ])
+            .arg("--write-security")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        path
+    }
+
+    /// Starts the fleet against `server` with `extra` flags.
+    pub fn start(server: SocketAddr, name: &str, count: usize, extra: &[&str]) -> Self {
+        let child = Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args([
+                "device",
+                "--count",
+                &count.to_string(),
+                "--endpoint",
+                name,
+                "--psk-identity",
+                name,
+                "--psk-key",
+                KEY,
+            ])
+            .args(["--server", &format!("coaps://{server}"), "--duration", "600"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        Self { child }
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until `server` lists `count` registrations.
+pub async fn wait_registered(server: &Server, count: usize, within: Duration) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let (_, clients) = http(server.http, "GET", "/api/clients", None).await;
+        let n = clients.as_array().map_or(0, Vec::len);
+        if n == count {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{n} of {count} registered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
