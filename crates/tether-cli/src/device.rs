@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use tether::{Lwm2mDevice, Lwm2mDeviceConfig};
-use tether_coap::device::{ClientConfig as DeviceConfig, ClientStats, RetryTimers};
+use tether_coap::device::{ClientConfig as DeviceConfig, ClientStats, RetryTimers, SecurityMode};
 use tether_proto::dtls::{CertifiedKey, ClientConfig, DtlsContext, PskKey, X509};
 use tether_proto::resilience::Jitter;
 
@@ -143,7 +143,9 @@ impl DeviceArgs {
         let (endpoint, _) = self.names(i);
         let mut client = DeviceConfig::new(endpoint, self.server.clone());
         client.lifetime = Duration::from_secs(self.lifetime);
-        client.certificate = self.certificate.is_some();
+        if self.certificate.is_some() {
+            client.security = SecurityMode::Certificate;
+        }
         client.retry = RetryTimers {
             retry_count: self.retry_count,
             retry_timer: Duration::from_secs_f64(self.retry_timer),

@@ -307,6 +307,24 @@ fn jitter_spreads_retries_below_the_formula() {
 }
 
 #[test]
+fn with_jitter_updates_of_devices_registered_together_spread_out_and_never_come_late() {
+    let mut first_updates = std::collections::BTreeSet::new();
+    for seed in 0..50 {
+        let mut config = config("dev-1");
+        config.seed = seed;
+        config.jitter = Jitter::Full;
+        let mut h = Harness::new(config);
+        h.run_until(Duration::from_secs(300));
+        let updated = h.events_named("Updated");
+        let first = updated[0];
+        // 300 s lifetime, 93 s headroom: due at 207 s, up to 46.5 s earlier with jitter.
+        assert!(first <= Duration::from_secs(207) && first >= Duration::from_millis(160_500), "{first:?}");
+        first_updates.insert(first.as_secs());
+    }
+    assert!(first_updates.len() > 25, "50 devices updated in {} distinct seconds", first_updates.len());
+}
+
+#[test]
 fn an_update_the_server_no_longer_knows_registers_anew() {
     let mut h = Harness::new(config("dev-1"));
     let first = h.registry.get("dev-1").unwrap().id.clone();

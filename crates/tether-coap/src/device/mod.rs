@@ -24,7 +24,7 @@ use tether_proto::resilience::{Backoff, BackoffConfig, Jitter};
 
 use crate::content::{format, Path};
 use crate::message::{CoapConfig, CoapEvent, IncomingRequest, MessageLayer, Token};
-pub use objects::{Attributes, DeviceInfo, Effect, Objects, RetryTimers};
+pub use objects::{Attributes, DeviceInfo, Effect, Objects, RetryTimers, SecurityMode};
 
 /// Settings of an [`Lwm2mClient`].
 #[derive(Debug, Clone)]
@@ -37,11 +37,12 @@ pub struct ClientConfig {
     pub info: DeviceInfo,
     /// The server's URI, as the Security object holds it.
     pub server_uri: String,
-    /// Whether the device authenticates with a certificate (else PSK).
-    pub certificate: bool,
+    /// How the device authenticates (PSK by default).
+    pub security: SecurityMode,
     /// The Server object's retry timers (/1/0/17–20).
     pub retry: RetryTimers,
-    /// Randomisation of the retry delays, so a fleet does not come back in lockstep.
+    /// Randomisation of the retry delays, so a fleet does not come back in lockstep; when on,
+    /// Updates also come up to half their headroom early, at random.
     pub jitter: Jitter,
     /// CoAP transmission parameters.
     pub coap: CoapConfig,
@@ -67,7 +68,7 @@ impl ClientConfig {
             endpoint,
             lifetime: Duration::from_secs(300),
             server_uri: server_uri.into(),
-            certificate: false,
+            security: SecurityMode::PreSharedKey,
             retry: RetryTimers::default(),
             jitter: Jitter::None,
             coap: CoapConfig::default(),
@@ -202,6 +203,8 @@ pub struct Lwm2mClient {
     sequence: u32,
     attempt: u32,
     backoff: Backoff,
+    /// Spreads Update times when jitter is on.
+    rng: rand_chacha::ChaCha8Rng,
     last_traffic: Instant,
     observations: Vec<Observation>,
     next_observe_check: Option<Instant>,
@@ -230,7 +233,7 @@ impl Lwm2mClient {
         let objects = Objects::new(
             config.info.clone(),
             config.server_uri.clone(),
-            config.certificate,
+            config.security,
             config.lifetime,
             config.retry,
             now,
@@ -248,6 +251,7 @@ impl Lwm2mClient {
             sequence: 1,
             attempt: 1,
             backoff,
+            rng: rand::SeedableRng::seed_from_u64(config.seed ^ 0x05ee_d0f0_da7e),
             last_traffic: now,
             observations: Vec::new(),
             next_observe_check: None,
@@ -554,7 +558,12 @@ impl Lwm2mClient {
 
     fn registered(&mut self, now: Instant) {
         let lifetime = self.objects.lifetime;
-        let headroom = (lifetime / 10).max(UPDATE_HEADROOM.min(lifetime / 2));
+        let mut headroom = (lifetime / 10).max(UPDATE_HEADROOM.min(lifetime / 2));
+        if self.config.jitter != Jitter::None {
+            // Earlier by up to half the headroom, never later: devices that registered in
+            // the same second do not all update in the same second ever after.
+            headroom += headroom.mul_f64(rand::Rng::gen_range(&mut self.rng, 0.0..0.5));
+        }
         self.next_update = Some(now + lifetime.saturating_sub(headroom));
         self.reset_schedule();
         self.phase = Phase::Connected(None);

@@ -74,6 +74,26 @@ impl Default for RetryTimers {
     }
 }
 
+/// How the device authenticates to the server (the Security object's mode, /0/0/2).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SecurityMode {
+    /// Pre-shared key (mode 0).
+    #[default]
+    PreSharedKey,
+    /// X.509 certificate (mode 2).
+    Certificate,
+}
+
+impl SecurityMode {
+    /// The resource value.
+    pub fn value(self) -> i64 {
+        match self {
+            Self::PreSharedKey => 0,
+            Self::Certificate => 2,
+        }
+    }
+}
+
 /// Notification attributes set with Write-Attributes (LwM2M 1.1 §5.1.2).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Attributes {
@@ -135,7 +155,7 @@ impl Objects {
     pub fn new(
         info: DeviceInfo,
         server_uri: String,
-        certificate: bool,
+        security: SecurityMode,
         lifetime: Duration,
         retry: RetryTimers,
         now: Instant,
@@ -144,7 +164,7 @@ impl Objects {
         Self {
             info,
             server_uri,
-            security_mode: if certificate { 2 } else { 0 },
+            security_mode: security.value(),
             short_server_id: 1,
             lifetime,
             default_pmin: 0,
