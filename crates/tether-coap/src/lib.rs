@@ -5,6 +5,7 @@
 //! - [`content`]: LwM2M content formats (text, opaque, TLV, SenML JSON, SenML CBOR) to and
 //!   from typed values, with the resource types of the core objects 0, 1 and 3.
 //! - [`link_format`]: CoRE link format (RFC 6690), as LwM2M registration bodies use it.
+//! - [`packet`]: requests and uint option values.
 //! - [`registration`]: the LwM2M registration interface: requests, authorization, the registry
 //!   with lifetimes.
 //!
@@ -20,4 +21,5 @@ pub mod content;
 pub mod device;
 pub mod link_format;
 pub mod message;
+pub mod packet;
 pub mod registration;

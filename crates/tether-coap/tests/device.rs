@@ -10,6 +10,7 @@ use tether_coap::coap_lite::{CoapOption, MessageClass, Packet, RequestType, Resp
 use tether_coap::content::{self, format, Path, Value};
 use tether_coap::device::{Action, ClientConfig, DeviceEvent, Lwm2mClient, RetryTimers};
 use tether_coap::message::{CoapConfig, CoapEvent, MessageLayer, Token};
+use tether_coap::packet;
 use tether_coap::registration::{Registry, RegistryEvent};
 use tether_proto::resilience::Jitter;
 
@@ -182,25 +183,11 @@ fn get(path: &str, accept: Option<u16>) -> Packet {
 }
 
 fn request(method: RequestType, path: &str) -> Packet {
-    let mut packet = Packet::new();
-    packet.header.code = MessageClass::Request(method);
-    for segment in path.split('/').filter(|s| !s.is_empty()) {
-        packet.add_option(CoapOption::UriPath, segment.as_bytes().to_vec());
-    }
-    packet
+    packet::request(method, path, None, Vec::new())
 }
 
 fn uint(value: u16) -> Vec<u8> {
-    let bytes = value.to_be_bytes();
-    if bytes[0] == 0 {
-        if bytes[1] == 0 {
-            Vec::new()
-        } else {
-            vec![bytes[1]]
-        }
-    } else {
-        bytes.to_vec()
-    }
+    packet::encode_uint(u32::from(value))
 }
 
 fn code(packet: &Packet) -> ResponseType {
@@ -211,7 +198,7 @@ fn code(packet: &Packet) -> ResponseType {
 }
 
 fn content_format(packet: &Packet) -> u16 {
-    packet.get_first_option(CoapOption::ContentFormat).map_or(0, |v| v.iter().fold(0, |a, b| (a << 8) | u16::from(*b)))
+    packet.get_first_option(CoapOption::ContentFormat).and_then(|v| packet::decode_uint(v)).unwrap_or(0)
 }
 
 #[test]

@@ -281,25 +281,9 @@ impl Lwm2mServer {
     }
 }
 
-/// A request with `path`'s segments as Uri-Path options.
-pub fn build(method: RequestType, path: &str, content_format: Option<u16>, payload: Vec<u8>) -> Packet {
-    let mut packet = Packet::new();
-    packet.header.code = MessageClass::Request(method);
-    for segment in path.split('/').filter(|s| !s.is_empty()) {
-        packet.add_option(CoapOption::UriPath, segment.as_bytes().to_vec());
-    }
-    if let Some(cf) = content_format {
-        packet.add_option(CoapOption::ContentFormat, encode_uint(u32::from(cf)));
-    }
-    packet.payload = payload;
-    packet
-}
-
-fn encode_uint(value: u32) -> Vec<u8> {
-    let bytes = value.to_be_bytes();
-    let first = bytes.iter().position(|b| *b != 0).unwrap_or(4);
-    bytes[first..].to_vec()
-}
+/// A request with `path`'s segments as Uri-Path options (`tether_coap::packet::request`).
+pub use tether_coap::packet::request as build;
+use tether_coap::packet::{decode_uint, encode_uint};
 
 /// A Block2 option's (number, more, size exponent).
 fn block2(value: &[u8]) -> Option<(u32, bool, u8)> {
@@ -309,13 +293,6 @@ fn block2(value: &[u8]) -> Option<(u32, bool, u8)> {
     let v = value.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b));
     let szx = (v & 0x7) as u8;
     (szx < 7).then_some((v >> 4, v & 0x8 != 0, szx))
-}
-
-fn decode_uint(bytes: &[u8]) -> Option<u16> {
-    if bytes.len() > 2 {
-        return None;
-    }
-    Some(bytes.iter().fold(0u16, |acc, b| (acc << 8) | u16::from(*b)))
 }
 
 struct Session {

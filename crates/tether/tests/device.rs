@@ -69,7 +69,7 @@ async fn the_device_answers_every_format_and_the_servers_decoders_agree() {
     let mut fixed = Vec::new();
     for cf in [format::TLV, format::SENML_JSON, format::SENML_CBOR] {
         let mut request = build(RequestType::Get, "/3/0", None, Vec::new());
-        request.add_option(CoapOption::Accept, cf.to_be_bytes().iter().copied().skip_while(|b| *b == 0).collect());
+        request.add_option(CoapOption::Accept, tether_coap::packet::encode_uint(u32::from(cf)));
         let answer = server.request("dev-0", request).await.unwrap();
         assert_eq!((answer.code, answer.content_format), (ResponseType::Content, Some(cf)));
         let entries = content::decode(cf, &base, &answer.payload).unwrap();

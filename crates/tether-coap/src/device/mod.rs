@@ -24,6 +24,7 @@ use tether_proto::resilience::{Backoff, BackoffConfig, Jitter};
 
 use crate::content::{format, Path};
 use crate::message::{CoapConfig, CoapEvent, IncomingRequest, MessageLayer, Token};
+use crate::packet::{encode_uint, request};
 pub use objects::{Attributes, DeviceInfo, Effect, Objects, RetryTimers, SecurityMode};
 
 /// Settings of an [`Lwm2mClient`].
@@ -300,7 +301,7 @@ impl Lwm2mClient {
     pub fn deregister(&mut self, now: Instant) {
         match (&self.location, self.phase) {
             (Some(location), Phase::Connected(_)) => {
-                let request = request(RequestType::Delete, location);
+                let request = request(RequestType::Delete, location, None, Vec::new());
                 self.exchange(now, Exchange::Deregister, request);
             }
             _ => {
@@ -456,7 +457,7 @@ impl Lwm2mClient {
     }
 
     fn send_register(&mut self, now: Instant) {
-        let mut request = request(RequestType::Post, "/rd");
+        let mut request = request(RequestType::Post, "/rd", None, Vec::new());
         for query in [
             format!("ep={}", self.config.endpoint),
             format!("lt={}", self.objects.lifetime.as_secs()),
@@ -465,7 +466,7 @@ impl Lwm2mClient {
         ] {
             request.add_option(CoapOption::UriQuery, query.into_bytes());
         }
-        request.add_option(CoapOption::ContentFormat, objects::encode_uint(format::LINK));
+        request.add_option(CoapOption::ContentFormat, encode_uint(u32::from(format::LINK)));
         request.payload = self.objects.registration_links(self.config.content_format).into_bytes();
         self.exchange(now, Exchange::Register, request);
     }
@@ -473,7 +474,7 @@ impl Lwm2mClient {
     fn send_update(&mut self, now: Instant, location: &str) {
         // Due again only once this one is answered (`registered`).
         self.next_update = None;
-        let mut request = request(RequestType::Post, location);
+        let mut request = request(RequestType::Post, location, None, Vec::new());
         request.add_option(CoapOption::UriQuery, format!("lt={}", self.objects.lifetime.as_secs()).into_bytes());
         self.exchange(now, Exchange::Update, request);
     }
@@ -732,14 +733,4 @@ fn backoff_config(retry: &RetryTimers, jitter: Jitter) -> BackoffConfig {
         .delays(retry.retry_timer.max(Duration::from_millis(1)), Duration::MAX)
         .max_attempts(retry.retry_count.max(1))
         .jitter(jitter)
-}
-
-/// A confirmable-to-be request to `path` (`/rd/5a3f`).
-fn request(method: RequestType, path: &str) -> Packet {
-    let mut packet = Packet::new();
-    packet.header.code = MessageClass::Request(method);
-    for segment in path.split('/').filter(|s| !s.is_empty()) {
-        packet.add_option(CoapOption::UriPath, segment.as_bytes().to_vec());
-    }
-    packet
 }

@@ -10,6 +10,7 @@ use coap_lite::{CoapOption, MessageClass, Packet, RequestType, ResponseType};
 
 use crate::content::{self, format, Entry, Path, ResourceType, Value};
 use crate::link_format::Link;
+use crate::packet::{decode_uint, encode_uint};
 use crate::registration::{response, uri_path};
 
 /// Identification of a device (the Device object's fixed resources).
@@ -555,14 +556,14 @@ pub fn answer(objects: &mut Objects, now: Instant, request: &Packet, preferred: 
     let Ok(path) = Path::parse(&segments.join("/")) else {
         return plain(if segments.is_empty() { ResponseType::MethodNotAllowed } else { ResponseType::NotFound });
     };
-    let accept = request.get_first_option(CoapOption::Accept).and_then(|v| uint(v));
-    let content_format = request.get_first_option(CoapOption::ContentFormat).and_then(|v| uint(v));
+    let accept = request.get_first_option(CoapOption::Accept).and_then(|v| decode_uint(v));
+    let content_format = request.get_first_option(CoapOption::ContentFormat).and_then(|v| decode_uint(v));
     let MessageClass::Request(method) = request.header.code else { return plain(ResponseType::BadRequest) };
     match method {
         RequestType::Get if accept == Some(format::LINK) => match objects.discover(&path) {
             Ok(links) => {
                 let mut packet = response(ResponseType::Content);
-                packet.add_option(CoapOption::ContentFormat, encode_uint(format::LINK));
+                packet.add_option(CoapOption::ContentFormat, encode_uint(u32::from(format::LINK)));
                 packet.payload = links.into_bytes();
                 Answer { response: packet, effect: None, observe: None, cancel_observation: false, executed: false }
             }
@@ -648,7 +649,7 @@ pub fn read(
     }
     let payload = content::encode(chosen, path, &entries).map_err(|_| ResponseType::InternalServerError)?;
     let mut packet = response(ResponseType::Content);
-    packet.add_option(CoapOption::ContentFormat, encode_uint(chosen));
+    packet.add_option(CoapOption::ContentFormat, encode_uint(u32::from(chosen)));
     packet.payload = payload;
     Ok((packet, chosen))
 }
@@ -659,17 +660,4 @@ fn within(outer: &Path, inner: &Path) -> bool {
         && outer.instance.is_none_or(|i| inner.instance == Some(i))
         && outer.resource.is_none_or(|r| inner.resource == Some(r))
         && outer.resource_instance.is_none_or(|ri| inner.resource_instance == Some(ri))
-}
-
-fn uint(bytes: &[u8]) -> Option<u16> {
-    (bytes.len() <= 2).then(|| bytes.iter().fold(0u16, |acc, b| (acc << 8) | u16::from(*b)))
-}
-
-/// A CoAP uint option value.
-pub fn encode_uint(value: u16) -> Vec<u8> {
-    match value {
-        0 => Vec::new(),
-        1..=255 => vec![value as u8],
-        _ => value.to_be_bytes().to_vec(),
-    }
 }
