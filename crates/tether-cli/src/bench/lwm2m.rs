@@ -239,7 +239,7 @@ pub async fn pooled_reads(
 }
 
 /// Reads that each need a new handshake: the server closes the device's session, the
-/// device re-handshakes (resuming its session) and sends an Update, then the server reads.
+/// device re-handshakes and sends an Update, then the server reads.
 /// The latency runs from the close to the read's answer.
 pub async fn fresh_session_reads(
     server: &Lwm2mServer,
