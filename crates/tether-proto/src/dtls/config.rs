@@ -3,17 +3,19 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use openssl::pkey::{PKey, Private};
 use openssl::ssl::{
-    SslContext, SslContextBuilder, SslMethod, SslOptions, SslSessionCacheMode, SslVerifyMode, SslVersion,
+    ExtensionContext, SslAlert, SslContext, SslContextBuilder, SslMethod, SslOptions, SslRef, SslSessionCacheMode,
+    SslVerifyMode, SslVersion,
 };
 use openssl::x509::store::X509StoreBuilder;
 use openssl::x509::X509;
 
 use super::error::ConfigError;
+use super::resumption::ResumptionCache;
 
 /// Which end of the handshake a session plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +58,21 @@ impl CipherSuite {
     /// Whether the suite authenticates with a pre-shared key.
     pub fn is_psk(self) -> bool {
         matches!(self, Self::PskAes128Ccm8 | Self::PskAes128GcmSha256)
+    }
+
+    /// The suite's IANA code point.
+    pub fn iana(self) -> u16 {
+        match self {
+            Self::PskAes128Ccm8 => 0xc0a8,
+            Self::PskAes128GcmSha256 => 0x00a8,
+            Self::EcdheEcdsaAes128Ccm8 => 0xc0ae,
+            Self::EcdheEcdsaAes128GcmSha256 => 0xc02b,
+        }
+    }
+
+    /// Looks a suite up by its IANA code point.
+    pub fn from_iana(code: u16) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.iana() == code)
     }
 
     /// Looks a suite up by its OpenSSL name.
@@ -285,6 +302,11 @@ pub struct ClientConfig {
     /// Offer Extended Master Secret (RFC 7627). Default true. Turn it off only to reproduce
     /// peers that lack it, such as node-dtls-client.
     pub offer_extended_master_secret: bool,
+    /// Offer a DTLS Connection ID (RFC 9146) with this value: the CID the server is to put
+    /// in the records it sends here. Empty: this side needs none (one session per socket)
+    /// but the server's own CID is used, so the session survives a change of this side's
+    /// address or port. Default `None`: not offered. At most 255 bytes.
+    pub connection_id: Option<Vec<u8>>,
 }
 
 impl Default for ClientConfig {
@@ -296,6 +318,7 @@ impl Default for ClientConfig {
             certificate: None,
             server_name: None,
             offer_extended_master_secret: true,
+            connection_id: None,
         }
     }
 }
@@ -326,6 +349,12 @@ impl ClientConfig {
     /// Requires the server certificate to name `name`.
     pub fn server_name(mut self, name: impl Into<String>) -> Self {
         self.server_name = Some(name.into());
+        self
+    }
+
+    /// Offers a DTLS Connection ID (see [`ClientConfig::connection_id`]).
+    pub fn connection_id(mut self, cid: impl Into<Vec<u8>>) -> Self {
+        self.connection_id = Some(cid.into());
         self
     }
 }
@@ -433,6 +462,10 @@ pub struct DtlsContext {
     pub(crate) ssl: SslContext,
     pub(crate) role: Role,
     pub(crate) session: SessionConfig,
+    /// A client's Connection ID offer.
+    pub(crate) connection_id: Option<Vec<u8>>,
+    /// A server's sessions for abbreviated handshakes.
+    pub(crate) resumption: Option<Arc<Mutex<ResumptionCache>>>,
 }
 
 impl fmt::Debug for DtlsContext {
@@ -480,7 +513,17 @@ impl DtlsContext {
         if !config.offer_extended_master_secret {
             builder.set_options(SslOptions::from_bits_retain(NO_EXTENDED_MASTER_SECRET));
         }
-        Ok(Arc::new(Self { ssl: builder.build(), role: Role::Client, session: config.session }))
+        if config.connection_id.as_ref().is_some_and(|cid| cid.len() > 255) {
+            return Err(ConfigError::InvalidConnectionId("at most 255 bytes"));
+        }
+        add_connection_id_extension(&mut builder)?;
+        Ok(Arc::new(Self {
+            ssl: builder.build(),
+            role: Role::Client,
+            session: config.session,
+            connection_id: config.connection_id,
+            resumption: None,
+        }))
     }
 
     /// Compiles a server configuration.
@@ -523,13 +566,19 @@ impl DtlsContext {
                 builder.set_verify(mode);
             }
         }
-        if config.session_cache_size == 0 {
+        // Sessions to resume live in tether's cache, not OpenSSL's: established sessions
+        // leave OpenSSL (see `resumption`).
+        let resumption = if config.session_cache_size == 0 {
             builder.set_session_cache_mode(SslSessionCacheMode::OFF);
+            None
         } else {
-            builder.set_session_cache_mode(SslSessionCacheMode::SERVER);
-            builder.set_session_cache_size(i32::try_from(config.session_cache_size).unwrap_or(i32::MAX));
-        }
+            builder.set_session_cache_mode(SslSessionCacheMode::SERVER | SslSessionCacheMode::NO_INTERNAL);
+            let cache = Arc::new(Mutex::new(ResumptionCache::new(config.session_cache_size as usize)));
+            super::ffi::serve_sessions_from(&mut builder, Arc::clone(&cache));
+            Some(cache)
+        };
         builder.set_session_id_context(b"tether-dtls")?;
+        add_connection_id_extension(&mut builder)?;
         // DTLSv1_listen requires both callbacks. The endpoint checks cookies itself before a
         // session exists and leaves the verified cookie on the new SSL for OpenSSL to
         // compare; OpenSSL is never asked to generate one.
@@ -537,7 +586,13 @@ impl DtlsContext {
         builder.set_cookie_verify_cb(|ssl, cookie| {
             ssl.ex_data(verified_cookie_index()).is_some_and(|expected| expected.0 == cookie)
         });
-        Ok(Arc::new(Self { ssl: builder.build(), role: Role::Server, session: config.session }))
+        Ok(Arc::new(Self {
+            ssl: builder.build(),
+            role: Role::Server,
+            session: config.session,
+            connection_id: None,
+            resumption,
+        }))
     }
 
     /// The role of sessions made from this context.
@@ -549,6 +604,91 @@ impl DtlsContext {
     pub fn session_config(&self) -> &SessionConfig {
         &self.session
     }
+
+    /// Sessions held for abbreviated handshakes (a server with a session cache).
+    pub fn resumable_sessions(&self) -> usize {
+        self.resumption.as_ref().map_or(0, |cache| lock(cache).len())
+    }
+
+    /// The resumption entry (OpenSSL's DER of the session) of `session_id`, to persist.
+    pub fn resumption_entry(&self, session_id: &[u8]) -> Option<Vec<u8>> {
+        self.resumption.as_ref().and_then(|cache| lock(cache).get(session_id).map(<[u8]>::to_vec))
+    }
+
+    /// Stores a resumption entry (from [`DtlsContext::resumption_entry`], after a restart).
+    pub fn insert_resumption_entry(&self, session_id: &[u8], der: Vec<u8>) {
+        if let Some(cache) = &self.resumption {
+            lock(cache).insert(session_id, der.into_boxed_slice());
+        }
+    }
+
+    pub(crate) fn forget_resumption_entry(&self, session_id: &[u8]) {
+        if let Some(cache) = &self.resumption {
+            lock(cache).remove(session_id);
+        }
+    }
+}
+
+/// Locks the resumption cache; a panic elsewhere cannot leave it half-updated (every
+/// operation is a single map update), so a poisoned lock is taken as it is.
+pub(crate) fn lock(cache: &Mutex<ResumptionCache>) -> std::sync::MutexGuard<'_, ResumptionCache> {
+    cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The `connection_id` extension's code point (RFC 9146 §3).
+const CONNECTION_ID_EXTENSION: u16 = 54;
+
+/// Connection IDs of one handshake, kept on its `SSL`: the one this side asks for (set
+/// before the handshake) and the peer's (parsed from its hello).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ConnectionIds {
+    pub(crate) ours: Option<Vec<u8>>,
+    pub(crate) peer: Option<Vec<u8>>,
+}
+
+pub(crate) fn connection_id_index() -> openssl::ex_data::Index<openssl::ssl::Ssl, ConnectionIds> {
+    static INDEX: OnceLock<openssl::ex_data::Index<openssl::ssl::Ssl, ConnectionIds>> = OnceLock::new();
+    *INDEX.get_or_init(|| openssl::ssl::Ssl::new_ex_index().expect("ssl ex_data index"))
+}
+
+/// Registers the `connection_id` extension (RFC 9146) with OpenSSL as a custom extension:
+/// `opaque cid<0..2^8-1>` in ClientHello and ServerHello. A client offers the CID on its
+/// `SSL`; a server answers only a client that offered, and only when the endpoint gave the
+/// session a CID of its own.
+fn add_connection_id_extension(builder: &mut SslContextBuilder) -> Result<(), ConfigError> {
+    let context = ExtensionContext::DTLS_ONLY
+        | ExtensionContext::TLS1_2_AND_BELOW_ONLY
+        | ExtensionContext::CLIENT_HELLO
+        | ExtensionContext::TLS1_2_SERVER_HELLO;
+    builder.add_custom_ext(
+        CONNECTION_ID_EXTENSION,
+        context,
+        |ssl: &mut SslRef, context, _| -> Result<Option<Vec<u8>>, SslAlert> {
+            let Some(ids) = ssl.ex_data(connection_id_index()) else { return Ok(None) };
+            let answering = context.contains(ExtensionContext::TLS1_2_SERVER_HELLO);
+            if answering && ids.peer.is_none() {
+                return Ok(None);
+            }
+            Ok(ids.ours.as_ref().map(|cid| {
+                let mut data = Vec::with_capacity(1 + cid.len());
+                data.push(cid.len() as u8);
+                data.extend_from_slice(cid);
+                data
+            }))
+        },
+        |ssl: &mut SslRef, _, data: &[u8], _| -> Result<(), SslAlert> {
+            let (len, cid) = data.split_first().ok_or(SslAlert::DECODE_ERROR)?;
+            if usize::from(*len) != cid.len() {
+                return Err(SslAlert::DECODE_ERROR);
+            }
+            match ssl.ex_data_mut(connection_id_index()) {
+                Some(ids) => ids.peer = Some(cid.to_vec()),
+                None => ssl.set_ex_data(connection_id_index(), ConnectionIds { ours: None, peer: Some(cid.to_vec()) }),
+            }
+            Ok(())
+        },
+    )?;
+    Ok(())
 }
 
 /// `SSL_OP_NO_EXTENDED_MASTER_SECRET` (OpenSSL 3.0), which the crate does not name.

@@ -16,6 +16,9 @@ pub enum ConfigError {
     /// A PSK identity or key is empty or too long.
     #[error("invalid pre-shared key: {0}")]
     InvalidPsk(&'static str),
+    /// A Connection ID setting is out of range.
+    #[error("invalid connection id: {0}")]
+    InvalidConnectionId(&'static str),
     /// The MTU is outside 256..=65507 bytes.
     #[error("mtu {0} is outside 256..=65507 bytes")]
     InvalidMtu(u16),
@@ -59,6 +62,11 @@ pub enum SendError {
     /// The payload is empty; DTLS would send an empty record no peer can act on.
     #[error("empty payload")]
     Empty,
+    /// The record sequence numbers reserved on disk are used up until the next checkpoint
+    /// writes a new reservation (a restored session never reuses a sequence number). The
+    /// session stays open; try again after the checkpoint.
+    #[error("record sequence numbers await a durable reservation")]
+    SequenceReservation,
 }
 
 /// Why a session ended. Sticky: once set it never changes.

@@ -34,7 +34,6 @@ extern "C" {
     fn BIO_ADDR_new() -> *mut BIO_ADDR;
     fn BIO_ADDR_free(addr: *mut BIO_ADDR);
     fn DTLS_set_timer_cb(ssl: *mut SSL, cb: TimerCallback);
-    fn DTLS_get_data_mtu(ssl: *const SSL) -> usize;
     fn SSL_CTX_use_psk_identity_hint(ctx: *mut SSL_CTX, hint: *const std::os::raw::c_char) -> c_int;
 }
 
@@ -70,13 +69,6 @@ unsafe extern "C" fn retransmit_trampoline(ssl: *mut SSL, timer_us: c_uint) -> c
     // not outlive this call. The callee cannot unwind (no panicking operations).
     let ssl = unsafe { SslRef::from_ptr(ssl) };
     super::config::next_retransmit_us(ssl, timer_us)
-}
-
-/// The largest plaintext one record can carry with the negotiated suite and the set MTU
-/// (`DTLS_get_data_mtu`); 0 before keys are negotiated.
-pub(crate) fn data_mtu(ssl: &SslRef) -> usize {
-    // SAFETY: `ssl` is live; the call only reads it.
-    unsafe { DTLS_get_data_mtu(ssl.as_ptr()) }
 }
 
 /// Time left on OpenSSL's DTLS retransmission timer (`DTLSv1_get_timeout`), or `None` when
@@ -128,6 +120,21 @@ pub(crate) fn set_session(
     // SAFETY: the caller (Session::start_client) only passes sessions saved from a session
     // of the same DtlsContext, hence the same SSL_CTX, which is what SSL_set_session requires.
     unsafe { ssl.set_session(session) }
+}
+
+/// Makes a server context resume sessions from `cache` (OpenSSL's get-session callback,
+/// asked for a session ID a client offers when the internal cache is off).
+pub(crate) fn serve_sessions_from(
+    builder: &mut SslContextBuilder,
+    cache: std::sync::Arc<std::sync::Mutex<super::resumption::ResumptionCache>>,
+) {
+    let lookup = move |_: &mut SslRef, session_id: &[u8]| {
+        let cache = super::config::lock(&cache);
+        cache.get(session_id).and_then(|der| openssl::ssl::SslSession::from_der(der).ok())
+    };
+    // SAFETY: the callback returns sessions decoded from DER, which belong to no context;
+    // the requirement is only that a returned session not belong to a *different* context.
+    unsafe { builder.set_get_session_callback(lookup) }
 }
 
 /// Sets the PSK identity hint a server sends (`SSL_CTX_use_psk_identity_hint`).

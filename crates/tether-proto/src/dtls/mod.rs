@@ -13,9 +13,15 @@ mod endpoint;
 mod error;
 #[allow(unsafe_code, reason = "the one module that calls libssl functions the crate lacks")]
 mod ffi;
+mod handshake;
+pub mod keys;
 pub mod pki;
 pub mod record;
+mod record_layer;
+mod replay;
+mod resumption;
 mod session;
+mod snapshot;
 
 pub use config::{
     CertifiedKey, CipherSuite, ClientAuth, ClientConfig, DtlsContext, PskKey, PskStore, RetransmitPolicy, Role,
@@ -23,10 +29,12 @@ pub use config::{
 };
 pub use cookie::CookieKeys;
 pub use endpoint::{
-    DropReason, Endpoint, EndpointConfig, EndpointEvent, EndpointStats, EndpointTransmit, SessionHandle,
+    Checkpoint, DropReason, Endpoint, EndpointConfig, EndpointEvent, EndpointStats, EndpointTransmit, RestoreError,
+    SessionHandle,
 };
 pub use error::{AlertDescription, CloseReason, ConfigError, SendError};
 pub use session::{Event, PeerIdentity, SavedSession, Session, SessionStats, Transmit};
+pub use snapshot::{SessionSnapshot, SnapshotError};
 
 /// Certificates, as the configs take them (OpenSSL's `X509`).
 pub use openssl::x509::X509;

@@ -21,6 +21,9 @@ pub enum ContentType {
     Handshake,
     /// `application_data` (23).
     ApplicationData,
+    /// `tls12_cid` (25): an encrypted record carrying a connection ID (RFC 9146); its real
+    /// content type is inside the ciphertext.
+    Tls12Cid,
 }
 
 impl ContentType {
@@ -30,17 +33,25 @@ impl ContentType {
             21 => Some(Self::Alert),
             22 => Some(Self::Handshake),
             23 => Some(Self::ApplicationData),
+            25 => Some(Self::Tls12Cid),
             _ => None,
         }
     }
 
-    fn byte(self) -> u8 {
+    /// The byte on the wire.
+    pub fn byte(self) -> u8 {
         match self {
             Self::ChangeCipherSpec => 20,
             Self::Alert => 21,
             Self::Handshake => 22,
             Self::ApplicationData => 23,
+            Self::Tls12Cid => 25,
         }
+    }
+
+    /// The content type of `byte`, if it is one of these.
+    pub fn from_wire(byte: u8) -> Option<Self> {
+        Self::from_byte(byte)
     }
 }
 
@@ -55,20 +66,41 @@ pub struct Record<'a> {
     pub epoch: u16,
     /// The 48-bit record sequence number.
     pub sequence: u64,
+    /// The connection ID of a `tls12_cid` record; empty for every other record.
+    pub cid: &'a [u8],
     /// The record's fragment (ciphertext after epoch 0).
     pub fragment: &'a [u8],
+    /// The whole record as it was on the wire, header included.
+    pub raw: &'a [u8],
 }
 
-const DTLS_1_0: u16 = 0xfeff;
-const DTLS_1_2: u16 = 0xfefd;
+impl Record<'_> {
+    /// The record's epoch and sequence number as one 64-bit value (RFC 6347 §4.1: the
+    /// `seq_num` of the MAC, and the explicit nonce tether sends).
+    pub fn epoch_and_sequence(&self) -> u64 {
+        (u64::from(self.epoch) << 48) | self.sequence
+    }
+}
+
+/// The record version of DTLS 1.0 (`{254, 255}`).
+pub const DTLS_1_0: u16 = 0xfeff;
+/// The record version of DTLS 1.2 (`{254, 253}`).
+pub const DTLS_1_2: u16 = 0xfefd;
 
 /// Splits a datagram into records. `None` if any record is truncated, has an unknown content
 /// type or a version other than DTLS 1.0/1.2: such a datagram is not DTLS and is dropped whole.
+/// `tls12_cid` records count as unknown here; see [`parse_records_with_cid`].
 pub fn parse_records(datagram: &[u8]) -> Option<Vec<Record<'_>>> {
+    parse_records_with_cid(datagram, None)
+}
+
+/// Like [`parse_records`], with `tls12_cid` records (RFC 9146) accepted when `cid_len` says
+/// how long the receiver's connection ID is: their header has no length for it.
+pub fn parse_records_with_cid(datagram: &[u8], cid_len: Option<usize>) -> Option<Vec<Record<'_>>> {
     let mut records = Vec::new();
     let mut rest = datagram;
     while !rest.is_empty() {
-        let (record, tail) = parse_record(rest)?;
+        let (record, tail) = parse_record(rest, cid_len)?;
         records.push(record);
         rest = tail;
     }
@@ -83,14 +115,24 @@ pub fn first_record_epoch(datagram: &[u8]) -> Option<u16> {
     let mut rest = datagram;
     let mut first = None;
     while !rest.is_empty() {
-        let (record, tail) = parse_record(rest)?;
+        let (record, tail) = parse_record(rest, None)?;
         first.get_or_insert(record.epoch);
         rest = tail;
     }
     first
 }
 
-fn parse_record(bytes: &[u8]) -> Option<(Record<'_>, &[u8])> {
+/// The connection ID of a datagram whose first record is a `tls12_cid` record with a
+/// `cid_len`-byte CID; `None` for any other datagram. Reads only the first header: the
+/// session the CID names checks the rest.
+pub fn leading_cid(datagram: &[u8], cid_len: usize) -> Option<&[u8]> {
+    if datagram.first() != Some(&ContentType::Tls12Cid.byte()) {
+        return None;
+    }
+    datagram.get(RECORD_HEADER_LEN - 2..RECORD_HEADER_LEN - 2 + cid_len)
+}
+
+fn parse_record(bytes: &[u8], cid_len: Option<usize>) -> Option<(Record<'_>, &[u8])> {
     let header = bytes.get(..RECORD_HEADER_LEN)?;
     let content_type = ContentType::from_byte(header[0])?;
     let version = u16::from_be_bytes([header[1], header[2]]);
@@ -99,11 +141,35 @@ fn parse_record(bytes: &[u8]) -> Option<(Record<'_>, &[u8])> {
     }
     let epoch = u16::from_be_bytes([header[3], header[4]]);
     let sequence = read_u48(&header[5..11]);
-    let length = usize::from(u16::from_be_bytes([header[11], header[12]]));
-    let end = RECORD_HEADER_LEN.checked_add(length)?;
-    let fragment = bytes.get(RECORD_HEADER_LEN..end)?;
-    let record = Record { content_type, version, epoch, sequence, fragment };
+    // A tls12_cid header has the CID between the sequence number and the length.
+    let cid_len = match content_type {
+        ContentType::Tls12Cid => cid_len?,
+        _ => 0,
+    };
+    let cid = bytes.get(11..11 + cid_len)?;
+    let length_at = 11 + cid_len;
+    let length = bytes.get(length_at..length_at + 2)?;
+    let length = usize::from(u16::from_be_bytes([length[0], length[1]]));
+    let start = length_at + 2;
+    let end = start.checked_add(length)?;
+    let fragment = bytes.get(start..end)?;
+    let record = Record { content_type, version, epoch, sequence, cid, fragment, raw: &bytes[..end] };
     Some((record, &bytes[end..]))
+}
+
+/// Appends a record header: type, version, epoch, sequence number, the CID of a `tls12_cid`
+/// record (empty otherwise) and the fragment's length.
+pub fn write_header(
+    out: &mut Vec<u8>,
+    content_type: ContentType,
+    epoch: u16,
+    sequence: u64,
+    cid: &[u8],
+    fragment_len: usize,
+) {
+    write_record_header(out, content_type, DTLS_1_2, epoch, sequence);
+    out.extend_from_slice(cid);
+    out.extend_from_slice(&(fragment_len as u16).to_be_bytes());
 }
 
 fn read_u48(bytes: &[u8]) -> u64 {
@@ -135,7 +201,7 @@ pub struct ClientHello<'a> {
 /// Parses a datagram that begins with an epoch-0 handshake record holding one whole
 /// (unfragmented) ClientHello. `None` for anything else.
 pub fn parse_client_hello(datagram: &[u8]) -> Option<ClientHello<'_>> {
-    let (record, _) = parse_record(datagram)?;
+    let (record, _) = parse_record(datagram, None)?;
     if record.content_type != ContentType::Handshake || record.epoch != 0 {
         return None;
     }

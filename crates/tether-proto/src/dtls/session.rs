@@ -2,17 +2,20 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use openssl::nid::Nid;
-use openssl::ssl::{ErrorCode, Ssl, SslRef, SslSession, SslStream};
+use openssl::ssl::{Ssl, SslSession};
 
-use super::config::{verified_cookie_index, CipherSuite, DtlsContext, Role, VerifiedCookie};
+use super::config::{
+    connection_id_index, verified_cookie_index, CipherSuite, ConnectionIds, DtlsContext, Role, VerifiedCookie,
+};
 use super::error::{AlertDescription, CloseReason, ConfigError, SendError};
 use super::ffi;
+use super::handshake::{Handshake, Progress};
+use super::keys::AeadKind;
 use super::record::{self, ContentType};
+use super::record_layer::{Inbound, RecordLayer, SealError};
 
 /// A datagram to send to the session's peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,10 +88,11 @@ pub struct SessionStats {
     pub datagrams_sent: u64,
     /// Bytes of those datagrams.
     pub bytes_sent: u64,
-    /// Retransmission timer expiries that re-sent a flight.
+    /// Retransmission timer expiries that re-sent a flight, and last flights repeated for a
+    /// peer that repeated its own.
     pub retransmissions: u64,
-    /// Datagrams dropped before OpenSSL saw them: not DTLS records, or an encrypted record
-    /// too short to hold the cipher's nonce and tag.
+    /// Datagrams dropped: not DTLS records, or records that did not authenticate, were
+    /// replays, or belonged to no epoch of this session.
     pub datagrams_dropped: u64,
 }
 
@@ -99,7 +103,14 @@ enum State {
     Closed(CloseReason),
 }
 
-/// A DTLS 1.2 session with one peer, over OpenSSL, with no I/O and no clock of its own.
+/// Where the session's records are handled: OpenSSL during the handshake, tether's own
+/// record layer after it.
+enum Engine {
+    Handshake(Box<Handshake>),
+    Records(RecordLayer),
+}
+
+/// A DTLS 1.2 session with one peer, with no I/O and no clock of its own.
 ///
 /// Drive it in this order: inputs ([`handle_datagram`](Self::handle_datagram),
 /// [`handle_timeout`](Self::handle_timeout)) and commands ([`send`](Self::send),
@@ -108,6 +119,12 @@ enum State {
 /// [`poll_timeout`](Self::poll_timeout) to learn when to call `handle_timeout` next.
 /// An early or repeated `handle_timeout` is harmless.
 ///
+/// OpenSSL performs the handshake. Once it completes, the session's keys, sequence numbers
+/// and replay window move into a compact record layer in Rust and OpenSSL's connection is
+/// freed: an established session holds a few hundred bytes, can be saved
+/// ([`snapshot`](Self::snapshot)) and restored after a restart, and can carry a DTLS
+/// Connection ID (RFC 9146).
+///
 /// Input from the network never fails and never panics: datagrams that do not authenticate
 /// are dropped (DTLS discards them silently). Fatal conditions end the session with a
 /// sticky [`CloseReason`], reported once as [`Event::Closed`].
@@ -115,15 +132,21 @@ enum State {
 /// Time: the handshake deadline follows the `now` passed in. OpenSSL's retransmission timer
 /// runs on the wall clock inside libssl; `poll_timeout` maps the time it has left onto the
 /// caller's `now`, so a caller on virtual time must also let real time pass for a
-/// retransmission to happen.
+/// retransmission to happen. An established session has no timer.
 pub struct Session {
-    stream: SslStream<DatagramPipe>,
+    engine: Engine,
+    context: Arc<DtlsContext>,
     role: Role,
     state: State,
     last_now: Instant,
+    outgoing: VecDeque<Vec<u8>>,
     events: VecDeque<Event>,
     identity: Option<PeerIdentity>,
     resumed: bool,
+    /// A client's session, to offer for resumption.
+    saved: Option<SslSession>,
+    /// The last datagram held a record that authenticated and was the newest yet.
+    advanced: bool,
     stats: SessionStats,
 }
 
@@ -165,6 +188,9 @@ impl Session {
         if let Some(saved) = saved.filter(|s| Arc::ptr_eq(&s.context, context)) {
             ffi::set_session(&mut ssl, &saved.session)?;
         }
+        if let Some(cid) = &context.connection_id {
+            ssl.set_ex_data(connection_id_index(), ConnectionIds { ours: Some(cid.clone()), peer: None });
+        }
         ssl.set_connect_state();
         let mut session = Self::with_ssl(context, ssl, Role::Client, now)?;
         session.drive_handshake();
@@ -185,20 +211,29 @@ impl Session {
 
     /// A server session for a ClientHello whose `cookie` the endpoint has verified: OpenSSL
     /// continues the handshake from it with the sequence numbers RFC 6347 §4.2.1 requires.
+    /// With `connection_id`, the session answers a client that offers RFC 9146 Connection
+    /// IDs with this one.
     pub(crate) fn server_after_cookie(
         context: &Arc<DtlsContext>,
         now: Instant,
         client_hello: &[u8],
         cookie: &[u8],
+        connection_id: Option<&[u8]>,
     ) -> Result<Self, ConfigError> {
         let mut ssl = new_ssl(context)?;
         ssl.set_ex_data(verified_cookie_index(), VerifiedCookie(cookie.to_vec()));
+        if let Some(cid) = connection_id {
+            ssl.set_ex_data(connection_id_index(), ConnectionIds { ours: Some(cid.to_vec()), peer: None });
+        }
         ssl.set_accept_state();
         let mut session = Self::with_ssl(context, ssl, Role::Server, now)?;
-        session.stream.get_mut().deliver(client_hello);
         session.stats.datagrams_received += 1;
         session.stats.bytes_received += client_hello.len() as u64;
-        if !ffi::listen(session.stream.ssl()) {
+        let Engine::Handshake(handshake) = &mut session.engine else {
+            unreachable!("a new session is handshaking");
+        };
+        handshake.deliver(client_hello);
+        if !ffi::listen(handshake.ssl()) {
             return Err(ConfigError::OpenSsl(openssl::error::ErrorStack::get()));
         }
         session.drive_handshake();
@@ -206,18 +241,46 @@ impl Session {
     }
 
     fn with_ssl(context: &Arc<DtlsContext>, ssl: Ssl, role: Role, now: Instant) -> Result<Self, ConfigError> {
-        let stream = SslStream::new(ssl, DatagramPipe::default())?;
+        let mut handshake = Handshake::new(ssl, role)?;
+        handshake.set_mtu(context.session.mtu);
         let deadline = now + context.session.handshake_timeout;
         Ok(Self {
-            stream,
+            engine: Engine::Handshake(Box::new(handshake)),
+            context: Arc::clone(context),
             role,
             state: State::Handshaking { deadline },
             last_now: now,
+            outgoing: VecDeque::new(),
             events: VecDeque::new(),
             identity: None,
             resumed: false,
+            saved: None,
+            advanced: false,
             stats: SessionStats::default(),
         })
+    }
+
+    /// An established session from its record layer (a restored snapshot).
+    pub(crate) fn established(
+        context: &Arc<DtlsContext>,
+        layer: RecordLayer,
+        identity: Option<PeerIdentity>,
+        now: Instant,
+    ) -> Self {
+        Self {
+            role: layer.role,
+            engine: Engine::Records(layer),
+            context: Arc::clone(context),
+            state: State::Established,
+            last_now: now,
+            outgoing: VecDeque::new(),
+            events: VecDeque::new(),
+            identity,
+            resumed: false,
+            saved: None,
+            advanced: false,
+            stats: SessionStats::default(),
+        }
     }
 
     /// Which end of the handshake this session plays.
@@ -262,25 +325,46 @@ impl Session {
     /// Whether the handshake used Extended Master Secret (RFC 7627); `None` before the
     /// handshake finished.
     pub fn uses_extended_master_secret(&self) -> Option<bool> {
-        if !self.is_established() {
-            return None;
+        match (&self.engine, self.is_established()) {
+            (Engine::Records(layer), true) => Some(layer.extended_master_secret),
+            _ => None,
         }
-        self.stream.ssl().extms_support()
     }
 
-    /// The negotiated cipher suite, once established.
+    /// The negotiated cipher suite, once the ServerHello is through.
     pub fn cipher_suite(&self) -> Option<CipherSuite> {
-        let cipher = self.stream.ssl().current_cipher()?;
-        CipherSuite::from_openssl_name(cipher.name())
+        match &self.engine {
+            Engine::Handshake(handshake) => handshake.cipher_suite(),
+            Engine::Records(layer) => Some(layer.suite),
+        }
+    }
+
+    /// This side's Connection ID (RFC 9146), the one the peer writes into its records, once
+    /// negotiated; `None` without one.
+    pub fn connection_id(&self) -> Option<&[u8]> {
+        match &self.engine {
+            Engine::Handshake(handshake) => handshake.connection_ids().map(|(ours, _)| ours),
+            Engine::Records(layer) => Some(&*layer.recv_cid),
+        }
+        .filter(|cid| !cid.is_empty())
+    }
+
+    /// The peer's Connection ID, written into every record sent; `None` without one.
+    pub fn peer_connection_id(&self) -> Option<&[u8]> {
+        match &self.engine {
+            Engine::Handshake(handshake) => handshake.connection_ids().map(|(_, peer)| peer),
+            Engine::Records(layer) => Some(&*layer.send_cid),
+        }
+        .filter(|cid| !cid.is_empty())
     }
 
     /// The largest plaintext [`send`](Self::send) accepts: what fits into one record at the
     /// configured MTU with the negotiated suite. 0 until established.
     pub fn max_payload(&self) -> usize {
-        if !self.is_established() {
-            return 0;
+        match (&self.engine, self.is_established()) {
+            (Engine::Records(layer), true) => layer.max_payload(),
+            _ => 0,
         }
-        ffi::data_mtu(self.stream.ssl())
     }
 
     /// The session to offer for resumption in a later client handshake.
@@ -288,7 +372,7 @@ impl Session {
         if !self.is_established() && self.close_reason() != Some(&CloseReason::Local) {
             return None;
         }
-        let session = self.stream.ssl().session()?.to_owned();
+        let session = self.saved.clone()?;
         Some(SavedSession { session, context: Arc::clone(context) })
     }
 
@@ -300,50 +384,34 @@ impl Session {
     /// Feeds one datagram received from the peer.
     pub fn handle_datagram(&mut self, now: Instant, datagram: &[u8]) {
         self.last_now = now;
+        self.advanced = false;
         if self.is_closed() {
             return;
         }
         self.stats.datagrams_received += 1;
         self.stats.bytes_received += datagram.len() as u64;
-        if !self.is_plausible(datagram) {
-            self.stats.datagrams_dropped += 1;
-            return;
+        match &self.engine {
+            Engine::Handshake(_) => self.handshake_datagram(datagram),
+            Engine::Records(_) => self.records_datagram(datagram),
         }
-        self.stream.get_mut().deliver(datagram);
-        if self.is_handshaking() {
-            let carried_finished = carries_encrypted_handshake(datagram);
-            self.drive_handshake();
-            if carried_finished && self.is_handshaking() && self.awaits_finished() {
-                // The peer's Finished arrived and OpenSSL discarded it: it did not decrypt,
-                // so the two sides derived different keys. DTLS would stay silent until the
-                // deadline; name the cause now and tell the peer (RFC 6347 §4.1.2.7).
-                self.abort_with_alert(AlertDescription::DECRYPT_ERROR, CloseReason::KeyMismatch);
-            }
-        }
-        if self.is_established() {
-            self.read_application_data();
-        }
-        self.stream.get_mut().incoming = None;
     }
 
     /// Runs the timers: the handshake deadline and OpenSSL's retransmission timer.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.last_now = now;
         match self.state {
-            State::Closed(_) => return,
             State::Handshaking { deadline } if now >= deadline => {
                 self.set_closed(CloseReason::HandshakeTimeout);
                 return;
             }
-            _ => {}
+            State::Handshaking { .. } => {}
+            State::Established | State::Closed(_) => return,
         }
-        match ffi::handle_dtls_timeout(self.stream.ssl()) {
+        let Engine::Handshake(handshake) = &mut self.engine else { return };
+        match handshake.handle_timeout(&mut self.outgoing) {
             Ok(true) => self.stats.retransmissions += 1,
             Ok(false) => {}
-            Err(()) => {
-                let reason = classify_failure(self.stream.ssl(), None);
-                self.set_closed(reason);
-            }
+            Err(reason) => self.set_closed(reason),
         }
     }
 
@@ -362,10 +430,17 @@ impl Session {
         if plaintext.len() > max {
             return Err(SendError::TooLarge { len: plaintext.len(), max });
         }
-        match self.stream.ssl_write(plaintext) {
-            Ok(_) => Ok(()),
-            Err(err) => {
-                let reason = CloseReason::Protocol(describe(&err));
+        let Engine::Records(layer) = &mut self.engine else {
+            return Err(SendError::NotEstablished);
+        };
+        match layer.seal_application_data(plaintext) {
+            Ok(record) => {
+                self.outgoing.push_back(record);
+                Ok(())
+            }
+            Err(SealError::ReservationExhausted) => Err(SendError::SequenceReservation),
+            Err(SealError::SequenceExhausted) => {
+                let reason = CloseReason::Protocol("record sequence numbers exhausted".into());
                 self.set_closed(reason.clone());
                 Err(SendError::Closed(reason))
             }
@@ -375,21 +450,23 @@ impl Session {
     /// Closes the session: sends close_notify if established. Idempotent.
     pub fn close(&mut self, now: Instant) {
         self.last_now = now;
-        match self.state {
-            State::Closed(_) => return,
-            State::Established => {
-                // With DTLS and a pipe that always accepts writes, the first call sends
-                // close_notify and reports it sent; the peer's answer is not awaited.
-                let _ = self.stream.shutdown();
+        if self.is_closed() {
+            return;
+        }
+        let established = self.is_established();
+        if let (Engine::Records(layer), true) = (&mut self.engine, established) {
+            // Past the reserved sequence numbers no record may go out; the peer learns of the
+            // end from its idle timeout instead.
+            if let Ok(record) = layer.seal_close_notify() {
+                self.outgoing.push_back(record);
             }
-            State::Handshaking { .. } => {}
         }
         self.set_closed(CloseReason::Local);
     }
 
     /// The next datagram to send.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        let contents = self.stream.get_mut().outgoing.pop_front()?;
+        let contents = self.outgoing.pop_front()?;
         self.stats.datagrams_sent += 1;
         self.stats.bytes_sent += contents.len() as u64;
         Some(Transmit { contents })
@@ -397,16 +474,11 @@ impl Session {
 
     /// When [`handle_timeout`](Self::handle_timeout) must be called next.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let deadline = match self.state {
-            State::Closed(_) => return None,
-            State::Handshaking { deadline } => Some(deadline),
-            State::Established => None,
+        let State::Handshaking { deadline } = self.state else {
+            return None;
         };
-        let retransmit = ffi::dtls_timeout(self.stream.ssl()).map(|left| self.last_now + left);
-        match (deadline, retransmit) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let retransmit = self.retransmit_timer_remaining().map(|left| self.last_now + left);
+        Some(retransmit.map_or(deadline, |at| at.min(deadline)))
     }
 
     /// The next event.
@@ -417,83 +489,182 @@ impl Session {
     /// Time OpenSSL's retransmission timer has left on the wall clock, if it runs. For
     /// drivers on virtual time that must let real time pass before a retransmission.
     pub fn retransmit_timer_remaining(&self) -> Option<Duration> {
-        if self.is_closed() {
-            return None;
+        match (&self.engine, self.is_handshaking()) {
+            (Engine::Handshake(handshake), true) => handshake.retransmit_timer(),
+            _ => None,
         }
-        ffi::dtls_timeout(self.stream.ssl())
     }
 
-    /// Whether a datagram is worth handing to OpenSSL: whole DTLS records only, and no
-    /// encrypted record shorter than the AEAD's explicit nonce plus tag. OpenSSL 3.0 treats
-    /// such a short record as a fatal error instead of discarding it, so one spoofed 21-byte
-    /// datagram could otherwise end an established session.
-    fn is_plausible(&self, datagram: &[u8]) -> bool {
-        let Some(records) = record::parse_records(datagram) else {
-            return false;
+    /// Whether the last datagram held a record that authenticated and was newer than every
+    /// record before it (RFC 9146 §6: the condition to follow the peer to a new address).
+    pub(crate) fn advanced(&self) -> bool {
+        self.advanced
+    }
+
+    /// The record layer of an established session.
+    pub(crate) fn record_layer(&self) -> Option<&RecordLayer> {
+        match &self.engine {
+            Engine::Records(layer) => Some(layer),
+            Engine::Handshake(_) => None,
+        }
+    }
+
+    pub(crate) fn record_layer_mut(&mut self) -> Option<&mut RecordLayer> {
+        match &mut self.engine {
+            Engine::Records(layer) => Some(layer),
+            Engine::Handshake(_) => None,
+        }
+    }
+
+    pub(crate) fn context(&self) -> &Arc<DtlsContext> {
+        &self.context
+    }
+
+    /// A datagram during the handshake: to OpenSSL, in runs of records it can read, with the
+    /// peer's `tls12_cid` records turned into plain ones; what follows the completion of the
+    /// handshake in the same datagram goes to the record layer.
+    fn handshake_datagram(&mut self, datagram: &[u8]) {
+        let Engine::Handshake(handshake) = &self.engine else { return };
+        let cid_len = handshake.expected_cid_len();
+        let Some(records) = record::parse_records_with_cid(datagram, cid_len) else {
+            self.stats.datagrams_dropped += 1;
+            return;
         };
-        let min = self.cipher_suite().map_or(MIN_AEAD_CIPHERTEXT, min_ciphertext);
+        if !self.is_plausible(&records) {
+            self.stats.datagrams_dropped += 1;
+            return;
+        }
+        let mut run: Vec<u8> = Vec::new();
+        for (i, r) in records.iter().enumerate() {
+            if !self.is_handshaking() {
+                // Established (or failed) mid-datagram: the rest is for the record layer.
+                if self.is_established() {
+                    let rest: Vec<u8> = records[i..].iter().flat_map(|r| r.raw.iter().copied()).collect();
+                    self.records_datagram(&rest);
+                }
+                return;
+            }
+            if r.content_type != ContentType::Tls12Cid {
+                run.extend_from_slice(r.raw);
+                continue;
+            }
+            if !run.is_empty() {
+                self.feed_openssl(&std::mem::take(&mut run));
+            }
+            let Engine::Handshake(handshake) = &self.engine else { return };
+            match handshake.translate_incoming(r) {
+                Some(plain) if self.is_handshaking() => self.feed_openssl(&plain),
+                _ => self.stats.datagrams_dropped += 1,
+            }
+        }
+        if !run.is_empty() && self.is_handshaking() {
+            self.feed_openssl(&run);
+        }
+    }
+
+    /// Whether records are worth handing to OpenSSL: no encrypted record shorter than the
+    /// AEAD's explicit nonce plus tag. OpenSSL 3.0 treats such a short record as a fatal
+    /// error instead of discarding it, so one spoofed 21-byte datagram could otherwise end
+    /// a handshake.
+    fn is_plausible(&self, records: &[record::Record<'_>]) -> bool {
+        let min = self.cipher_suite().map_or(MIN_AEAD_CIPHERTEXT, |s| AeadKind::of(s).overhead());
         records.iter().all(|r| r.epoch == 0 || r.fragment.len() >= min)
     }
 
-    /// The epoch-0 record sequence numbers this side has used, for plaintext alerts.
-    fn next_plaintext_sequence(&self) -> u64 {
-        self.stream.get_ref().next_epoch0_sequence
+    fn feed_openssl(&mut self, chunk: &[u8]) {
+        let Engine::Handshake(handshake) = &mut self.engine else { return };
+        handshake.deliver(chunk);
+        let carried_finished = carries_encrypted_handshake(chunk);
+        self.drive_handshake();
+        let handshaking = self.is_handshaking();
+        if let Engine::Handshake(handshake) = &mut self.engine {
+            handshake.clear_input();
+            if carried_finished && handshaking && handshake.awaits_finished() {
+                // The peer's Finished arrived and OpenSSL discarded it: it did not decrypt,
+                // so the two sides derived different keys. DTLS would stay silent until the
+                // deadline; name the cause now and tell the peer (RFC 6347 §4.1.2.7).
+                let alert = handshake.fatal_alert(AlertDescription::DECRYPT_ERROR);
+                self.outgoing.push_back(alert);
+                self.set_closed(CloseReason::KeyMismatch);
+            }
+        }
     }
 
     fn drive_handshake(&mut self) {
-        match self.stream.do_handshake() {
-            Ok(()) => self.on_established(),
-            Err(err) if err.code() == ErrorCode::WANT_READ || err.code() == ErrorCode::WANT_WRITE => {}
-            Err(err) => {
-                let reason = classify_failure(self.stream.ssl(), Some(&err));
-                self.set_closed(reason);
+        let Engine::Handshake(handshake) = &mut self.engine else { return };
+        let sent_before = self.outgoing.len();
+        match handshake.drive(&mut self.outgoing) {
+            Progress::Continue => {}
+            Progress::Failed(reason) => self.set_closed(reason),
+            Progress::Complete => {
+                let sent_last_flight = self.outgoing.len() > sent_before;
+                self.hand_off(sent_last_flight);
             }
         }
     }
 
-    fn on_established(&mut self) {
-        let ssl = self.stream.ssl();
-        self.resumed = ssl.session_reused();
-        self.identity = peer_identity(ssl, self.role);
-        self.state = State::Established;
-        self.events.push_back(Event::Connected { resumed: self.resumed });
+    /// The handshake completed: read what OpenSSL buffered behind it, then move the session
+    /// into the record layer and free OpenSSL's connection.
+    fn hand_off(&mut self, sent_last_flight: bool) {
+        let Engine::Handshake(handshake) = &mut self.engine else { return };
+        let (data, closed) = handshake.drain();
+        if let Some(reason) = closed {
+            self.set_closed(reason);
+            return;
+        }
+        match handshake.finish(self.context.session.mtu, sent_last_flight) {
+            Ok(hand_off) => {
+                if let Some((id, der)) = hand_off.resumption {
+                    self.context.insert_resumption_entry(&id, der);
+                }
+                self.engine = Engine::Records(hand_off.layer);
+                self.identity = hand_off.identity;
+                self.resumed = hand_off.resumed;
+                self.saved = hand_off.saved;
+                self.state = State::Established;
+                self.events.push_back(Event::Connected { resumed: self.resumed });
+                self.events.extend(data.into_iter().map(Event::Data));
+            }
+            Err(reason) => self.set_closed(reason),
+        }
     }
 
-    fn read_application_data(&mut self) {
-        let mut buf = [0u8; 16 * 1024];
-        loop {
-            match self.stream.ssl_read(&mut buf) {
-                Ok(0) => return,
-                Ok(n) => self.events.push_back(Event::Data(buf[..n].to_vec())),
-                Err(err) if err.code() == ErrorCode::WANT_READ => return,
-                Err(err) if err.code() == ErrorCode::ZERO_RETURN => {
+    fn records_datagram(&mut self, datagram: &[u8]) {
+        let Engine::Records(layer) = &mut self.engine else { return };
+        let mut inbound = Vec::new();
+        let mut again = Vec::new();
+        let outcome = layer.handle_datagram(datagram, &mut inbound, &mut again);
+        self.advanced = outcome.advanced;
+        if outcome.dropped > 0 && inbound.is_empty() && !outcome.advanced {
+            self.stats.datagrams_dropped += 1;
+        }
+        if outcome.retransmitted {
+            self.stats.retransmissions += 1;
+            self.outgoing.extend(again);
+        }
+        for item in inbound {
+            match item {
+                Inbound::Data(data) => self.events.push_back(Event::Data(data)),
+                Inbound::CloseNotify => {
                     // Answer close_notify with ours, then end.
-                    let _ = self.stream.shutdown();
+                    if let Engine::Records(layer) = &mut self.engine {
+                        if let Ok(record) = layer.seal_close_notify() {
+                            self.outgoing.push_back(record);
+                        }
+                    }
                     self.set_closed(CloseReason::PeerClosed);
                     return;
                 }
-                Err(err) => {
-                    let reason = match alert_in(&err) {
-                        Some(alert) => CloseReason::AlertReceived(alert),
-                        None => CloseReason::Protocol(describe(&err)),
-                    };
-                    self.set_closed(reason);
+                Inbound::FatalAlert(alert) => {
+                    // A session ended by a fatal alert must not be resumed (RFC 5246 §7.2.2).
+                    if let Engine::Records(layer) = &self.engine {
+                        self.context.forget_resumption_entry(layer.session_id());
+                    }
+                    self.set_closed(CloseReason::AlertReceived(alert));
                     return;
                 }
             }
         }
-    }
-
-    /// True if OpenSSL has read the peer's ChangeCipherSpec and waits for its Finished.
-    fn awaits_finished(&self) -> bool {
-        // SSL_state_string: "TRCCS" is TLS_ST_{CR,SR}_CHANGE (ChangeCipherSpec read).
-        self.stream.ssl().state_string() == "TRCCS"
-    }
-
-    fn abort_with_alert(&mut self, alert: AlertDescription, reason: CloseReason) {
-        let sequence = self.next_plaintext_sequence();
-        self.stream.get_mut().outgoing.push_back(record::fatal_alert(alert.0, sequence));
-        self.set_closed(reason);
     }
 
     fn set_closed(&mut self, reason: CloseReason) {
@@ -502,22 +673,6 @@ impl Session {
         }
         self.events.push_back(Event::Closed { reason: reason.clone() });
         self.state = State::Closed(reason);
-    }
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        // SSL_free discards the session from the cache unless the connection was shut down;
-        // a session that ended cleanly (or is dropped while established, e.g. evicted) must
-        // stay resumable.
-        let clean = match &self.state {
-            State::Established => true,
-            State::Closed(reason) => matches!(reason, CloseReason::Local | CloseReason::PeerClosed),
-            State::Handshaking { .. } => false,
-        };
-        if clean {
-            ffi::mark_shut_down(self.stream.ssl());
-        }
     }
 }
 
@@ -531,141 +686,7 @@ fn new_ssl(context: &DtlsContext) -> Result<Ssl, ConfigError> {
 /// 8-byte explicit nonce plus the shortest tag (CCM8's 8 bytes).
 const MIN_AEAD_CIPHERTEXT: usize = 16;
 
-/// The shortest valid ciphertext of a record under `suite`: explicit nonce, tag, and for the
-/// handshake-less empty plaintext nothing more.
-fn min_ciphertext(suite: CipherSuite) -> usize {
-    match suite {
-        CipherSuite::PskAes128Ccm8 | CipherSuite::EcdheEcdsaAes128Ccm8 => 8 + 8,
-        _ => 8 + 16,
-    }
-}
-
 fn carries_encrypted_handshake(datagram: &[u8]) -> bool {
     record::parse_records(datagram)
         .is_some_and(|records| records.iter().any(|r| r.epoch > 0 && r.content_type == ContentType::Handshake))
-}
-
-fn peer_identity(ssl: &SslRef, role: Role) -> Option<PeerIdentity> {
-    if let Some(cert) = ssl.peer_certificate() {
-        let common_name = cert
-            .subject_name()
-            .entries_by_nid(Nid::COMMONNAME)
-            .next()
-            .map(|e| String::from_utf8_lossy(e.data().as_slice()).into_owned())
-            .unwrap_or_default();
-        return Some(PeerIdentity::Certificate { common_name });
-    }
-    if role == Role::Server {
-        return ssl.psk_identity().map(|id| PeerIdentity::Psk(id.to_vec()));
-    }
-    None
-}
-
-/// OpenSSL reports a received fatal alert as reason `SSL_AD_REASON_OFFSET + description`.
-const ALERT_REASON_OFFSET: i32 = 1000;
-const REASON_CERTIFICATE_VERIFY_FAILED: i32 = 134;
-const REASON_PEER_DID_NOT_RETURN_A_CERTIFICATE: i32 = 199;
-const REASON_PSK_IDENTITY_NOT_FOUND: i32 = 223;
-const REASON_READ_TIMEOUT_EXPIRED: i32 = 312;
-
-fn alert_in(err: &openssl::ssl::Error) -> Option<AlertDescription> {
-    let stack = err.ssl_error()?;
-    stack.errors().iter().find_map(|e| {
-        let code = e.reason_code() - ALERT_REASON_OFFSET;
-        u8::try_from(code).ok().map(AlertDescription)
-    })
-}
-
-/// Names the cause of a failed handshake from OpenSSL's error queue.
-fn classify_failure(ssl: &SslRef, err: Option<&openssl::ssl::Error>) -> CloseReason {
-    let owned_stack;
-    let stack = match err.and_then(|e| e.ssl_error()) {
-        Some(stack) => stack,
-        None => {
-            owned_stack = openssl::error::ErrorStack::get();
-            &owned_stack
-        }
-    };
-    for e in stack.errors() {
-        match e.reason_code() {
-            REASON_PSK_IDENTITY_NOT_FOUND => return CloseReason::UnknownPskIdentity,
-            REASON_PEER_DID_NOT_RETURN_A_CERTIFICATE => return CloseReason::NoPeerCertificate,
-            REASON_READ_TIMEOUT_EXPIRED => return CloseReason::RetransmissionLimit,
-            REASON_CERTIFICATE_VERIFY_FAILED => {
-                let why = ssl.verify_result().error_string().to_string();
-                return CloseReason::CertificateRejected(why);
-            }
-            code if (ALERT_REASON_OFFSET..ALERT_REASON_OFFSET + 256).contains(&code) => {
-                let alert = AlertDescription((code - ALERT_REASON_OFFSET) as u8);
-                if alert == AlertDescription::UNKNOWN_PSK_IDENTITY {
-                    return CloseReason::UnknownPskIdentity;
-                }
-                return CloseReason::AlertReceived(alert);
-            }
-            _ => {}
-        }
-    }
-    let text = match err {
-        Some(err) => describe(err),
-        None => stack.to_string(),
-    };
-    CloseReason::HandshakeFailed(text)
-}
-
-fn describe(err: &openssl::ssl::Error) -> String {
-    match err.ssl_error() {
-        Some(stack) => {
-            stack.errors().iter().map(|e| e.reason().unwrap_or("unknown").to_string()).collect::<Vec<_>>().join("; ")
-        }
-        None => err.to_string(),
-    }
-}
-
-/// The `Read + Write` OpenSSL runs on: one read yields one whole datagram (or WouldBlock),
-/// one write is one datagram. Datagrams are never concatenated.
-#[derive(Default)]
-struct DatagramPipe {
-    incoming: Option<Vec<u8>>,
-    spare: Vec<u8>,
-    outgoing: VecDeque<Vec<u8>>,
-    next_epoch0_sequence: u64,
-}
-
-impl DatagramPipe {
-    fn deliver(&mut self, datagram: &[u8]) {
-        let mut buf = std::mem::take(&mut self.spare);
-        buf.clear();
-        buf.extend_from_slice(datagram);
-        self.incoming = Some(buf);
-    }
-}
-
-impl io::Read for DatagramPipe {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        // A datagram socket has no end of stream: an empty datagram (legal on the wire) must
-        // not read as Ok(0), which OpenSSL takes for EOF and a fatal error.
-        let Some(datagram) = self.incoming.take().filter(|d| !d.is_empty()) else {
-            return Err(io::ErrorKind::WouldBlock.into());
-        };
-        let n = datagram.len().min(buf.len());
-        buf[..n].copy_from_slice(&datagram[..n]);
-        self.spare = datagram;
-        Ok(n)
-    }
-}
-
-impl io::Write for DatagramPipe {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if let Some(records) = record::parse_records(buf) {
-            for r in records.iter().filter(|r| r.epoch == 0) {
-                self.next_epoch0_sequence = self.next_epoch0_sequence.max(r.sequence + 1);
-            }
-        }
-        self.outgoing.push_back(buf.to_vec());
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
 }

@@ -7,11 +7,19 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rand::RngCore;
+use rand_chacha::rand_core::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+
 use super::config::DtlsContext;
 use super::cookie::CookieKeys;
 use super::error::{CloseReason, ConfigError, SendError};
 use super::record;
 use super::session::{Event, PeerIdentity, Session};
+
+mod checkpoint;
+
+pub use checkpoint::{Checkpoint, RestoreError};
 
 /// Names one session of an endpoint. Never reused, so a stale handle cannot reach a newer
 /// session of the same peer.
@@ -33,14 +41,41 @@ pub struct EndpointConfig {
     pub max_handshakes: usize,
     /// How often the cookie secret rotates. Default 60 s.
     pub cookie_rotation: Duration,
-    /// Seed of the cookie secrets: OS entropy in production, fixed in tests.
+    /// Seed of the cookie secrets and connection IDs: OS entropy in production, fixed in
+    /// tests.
     pub cookie_seed: [u8; 32],
+    /// Length of the Connection IDs (RFC 9146) given to clients that offer the extension,
+    /// 1 to 8 bytes; 0 turns Connection IDs off. Default 6.
+    pub connection_id_len: u8,
+    /// Record sequence numbers reserved at a time for sessions whose state is persisted
+    /// (see [`Endpoint::checkpoint`]); `None` (the default) when nothing is persisted and
+    /// sequence numbers need no reservation.
+    pub sequence_reservation: Option<u64>,
 }
 
 impl EndpointConfig {
     /// Default limits with cookie secrets drawn from `cookie_seed`.
     pub fn new(cookie_seed: [u8; 32]) -> Self {
-        Self { max_sessions: 10_000, max_handshakes: 1_000, cookie_rotation: Duration::from_secs(60), cookie_seed }
+        Self {
+            max_sessions: 10_000,
+            max_handshakes: 1_000,
+            cookie_rotation: Duration::from_secs(60),
+            cookie_seed,
+            connection_id_len: 6,
+            sequence_reservation: None,
+        }
+    }
+
+    /// Sets the Connection ID length (0: off).
+    pub fn connection_id_len(mut self, len: u8) -> Self {
+        self.connection_id_len = len;
+        self
+    }
+
+    /// Reserves record sequence numbers `count` at a time, for persisted sessions.
+    pub fn sequence_reservation(mut self, count: u64) -> Self {
+        self.sequence_reservation = Some(count);
+        self
     }
 
     /// Sets the session limit.
@@ -98,6 +133,18 @@ pub enum EndpointEvent {
         /// The plaintext.
         data: Vec<u8>,
     },
+    /// An established session's peer moved: a record carrying the session's Connection ID
+    /// authenticated from a new address and was newer than every record before it (RFC
+    /// 9146 §6). Records go to `to` from now on. A session another peer held at `to` is
+    /// closed ([`CloseReason::Replaced`]).
+    Migrated {
+        /// The session.
+        handle: SessionHandle,
+        /// Its previous address.
+        from: SocketAddr,
+        /// Its new address.
+        to: SocketAddr,
+    },
     /// A session ended and is gone from the endpoint. Reported exactly once per session,
     /// including for handshakes that failed.
     Closed {
@@ -129,17 +176,20 @@ pub enum DropReason {
     /// A late copy of the ClientHello that started a live session of the same address (same
     /// client random): a duplicate or reordered datagram, not a new handshake.
     StaleClientHello,
+    /// A `tls12_cid` record whose Connection ID names no session.
+    UnknownConnectionId,
 }
 
 impl DropReason {
     /// Every reason, for reports.
-    pub const ALL: [DropReason; 6] = [
+    pub const ALL: [DropReason; 7] = [
         Self::Malformed,
         Self::UnknownPeer,
         Self::HandshakeLimit,
         Self::SessionLimit,
         Self::SessionSetupFailed,
         Self::StaleClientHello,
+        Self::UnknownConnectionId,
     ];
 
     /// A short snake_case name for metrics.
@@ -151,6 +201,7 @@ impl DropReason {
             Self::SessionLimit => "session_limit",
             Self::SessionSetupFailed => "session_setup_failed",
             Self::StaleClientHello => "stale_client_hello",
+            Self::UnknownConnectionId => "unknown_connection_id",
         }
     }
 
@@ -178,6 +229,10 @@ pub struct EndpointStats {
     pub handshakes_failed: u64,
     /// Sessions replaced by a new handshake from the same address.
     pub sessions_replaced: u64,
+    /// Sessions that followed their peer to a new address by Connection ID.
+    pub migrations: u64,
+    /// Sessions restored from snapshots.
+    pub sessions_restored: u64,
     dropped: [u64; DropReason::ALL.len()],
 }
 
@@ -202,6 +257,10 @@ struct Entry {
     timer: Option<Instant>,
     /// Whether its handshake completed.
     established: bool,
+    /// The Connection ID the session was given, registered for routing.
+    cid: Option<u64>,
+    /// Its state changed since the last checkpoint.
+    dirty: bool,
 }
 
 /// The sessions of one address: the established one and a handshake that may replace it.
@@ -232,11 +291,18 @@ pub struct Endpoint {
     sessions: HashMap<SessionHandle, Entry>,
     peers: HashMap<SocketAddr, PeerSlot>,
     timers: BinaryHeap<Reverse<(Instant, SessionHandle)>>,
+    /// Sessions by the Connection ID they were given (its bytes as a big-endian number).
+    cids: HashMap<u64, SessionHandle>,
+    cid_rng: ChaCha20Rng,
     next_handle: u64,
     handshakes: usize,
     transmits: VecDeque<EndpointTransmit>,
     events: VecDeque<EndpointEvent>,
     stats: EndpointStats,
+    /// Sessions to checkpoint, and whether one of them is about to run out of reserved
+    /// sequence numbers.
+    dirty: Vec<SessionHandle>,
+    checkpoint_urgent: bool,
 }
 
 impl fmt::Debug for Endpoint {
@@ -258,7 +324,17 @@ impl Endpoint {
         if config.cookie_rotation.is_zero() {
             return Err(ConfigError::InvalidDuration { name: "cookie_rotation", reason: "must be positive" });
         }
+        if config.connection_id_len > 8 {
+            return Err(ConfigError::InvalidConnectionId("an endpoint's connection ids are 0 to 8 bytes"));
+        }
+        if config.sequence_reservation.is_some_and(|n| n < 2) {
+            return Err(ConfigError::InvalidConnectionId("sequence_reservation must be at least 2"));
+        }
         let cookies = CookieKeys::new(config.cookie_seed, config.cookie_rotation, now);
+        // Connection IDs come from their own stream, so they reveal nothing of the cookies.
+        let mut cid_seed = config.cookie_seed;
+        cid_seed[0] ^= 0x5a;
+        let cid_rng = ChaCha20Rng::from_seed(cid_seed);
         Ok(Self {
             context,
             config,
@@ -266,11 +342,15 @@ impl Endpoint {
             sessions: HashMap::new(),
             peers: HashMap::new(),
             timers: BinaryHeap::new(),
+            cids: HashMap::new(),
+            cid_rng,
             next_handle: 1,
             handshakes: 0,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             stats: EndpointStats::default(),
+            dirty: Vec::new(),
+            checkpoint_urgent: false,
         })
     }
 
@@ -322,6 +402,10 @@ impl Endpoint {
     /// Feeds one datagram received from `from`.
     pub fn handle(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
         self.stats.datagrams_received += 1;
+        if datagram.first() == Some(&record::ContentType::Tls12Cid.byte()) {
+            self.handle_cid_datagram(now, from, datagram);
+            return;
+        }
         let Some(epoch) = record::first_record_epoch(datagram) else {
             self.drop_datagram(DropReason::Malformed);
             return;
@@ -346,6 +430,55 @@ impl Endpoint {
             }
             (Some(handle), None) | (None, Some(handle)) => self.feed(now, handle, datagram),
             (None, None) => self.drop_datagram(DropReason::UnknownPeer),
+        }
+    }
+
+    /// A datagram whose first record carries a Connection ID: routed by the CID, whatever
+    /// its source address; if it authenticates as the session's newest record from a new
+    /// address, the session follows its peer there.
+    fn handle_cid_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        let cid_len = usize::from(self.config.connection_id_len);
+        let Some(cid) = record::leading_cid(datagram, cid_len).filter(|_| cid_len > 0) else {
+            self.drop_datagram(DropReason::Malformed);
+            return;
+        };
+        let Some(handle) = self.cids.get(&cid_key(cid)).copied() else {
+            self.drop_datagram(DropReason::UnknownConnectionId);
+            return;
+        };
+        let Some(entry) = self.sessions.get_mut(&handle) else {
+            self.drop_datagram(DropReason::UnknownConnectionId);
+            return;
+        };
+        entry.session.handle_datagram(now, datagram);
+        if entry.session.advanced() {
+            let moved = entry.peer != from && entry.established;
+            self.mark_dirty(handle);
+            if moved {
+                self.migrate(handle, from);
+            }
+        }
+        self.drain(handle);
+    }
+
+    /// Moves an established session to `to` (see [`EndpointEvent::Migrated`]).
+    fn migrate(&mut self, handle: SessionHandle, to: SocketAddr) {
+        let Some(entry) = self.sessions.get_mut(&handle) else { return };
+        let from = std::mem::replace(&mut entry.peer, to);
+        if let Some(slot) = self.peers.get_mut(&from) {
+            if slot.established == Some(handle) {
+                slot.established = None;
+            }
+            if slot.established.is_none() && slot.handshaking.is_none() {
+                self.peers.remove(&from);
+            }
+        }
+        let displaced = self.peers.entry(to).or_default().established.replace(handle);
+        self.stats.migrations += 1;
+        self.events.push_back(EndpointEvent::Migrated { handle, from, to });
+        if let Some(other) = displaced.filter(|other| *other != handle) {
+            // The address is the mover's now; whatever held it has moved on.
+            self.remove(other, CloseReason::Replaced);
         }
     }
 
@@ -398,18 +531,27 @@ impl Endpoint {
             self.drop_datagram(DropReason::SessionLimit);
             return;
         }
-        let session = match Session::server_after_cookie(&self.context, now, datagram, hello.cookie) {
-            Ok(session) => session,
-            Err(_) => {
-                self.drop_datagram(DropReason::SessionSetupFailed);
-                return;
-            }
-        };
+        let cid = self.new_connection_id();
+        let cid_bytes = cid.map(|c| c.to_be_bytes()[8 - usize::from(self.config.connection_id_len)..].to_vec());
+        let session =
+            match Session::server_after_cookie(&self.context, now, datagram, hello.cookie, cid_bytes.as_deref()) {
+                Ok(session) => session,
+                Err(_) => {
+                    self.drop_datagram(DropReason::SessionSetupFailed);
+                    return;
+                }
+            };
         let handle = SessionHandle(self.next_handle);
         self.next_handle += 1;
         let mut client_random = [0u8; 32];
         client_random.copy_from_slice(hello.random);
-        self.sessions.insert(handle, Entry { session, peer: from, client_random, timer: None, established: false });
+        self.sessions.insert(
+            handle,
+            Entry { session, peer: from, client_random, timer: None, established: false, cid, dirty: false },
+        );
+        if let Some(cid) = cid {
+            self.cids.insert(cid, handle);
+        }
         self.peers.entry(from).or_default().handshaking = Some(handle);
         self.handshakes += 1;
         self.stats.sessions_created += 1;
@@ -442,6 +584,15 @@ impl Endpoint {
             return Err(SendError::Closed(CloseReason::Local));
         };
         let result = entry.session.send(now, data);
+        if let (Some(reservation), Some((next, limit))) =
+            (self.config.sequence_reservation, entry.session.write_sequence())
+        {
+            // Half the reservation used: extend it well before the session must wait.
+            if next + reservation / 2 >= limit {
+                self.checkpoint_urgent = true;
+                self.mark_dirty(handle);
+            }
+        }
         self.drain(handle);
         result
     }
@@ -485,7 +636,32 @@ impl Endpoint {
             return;
         };
         entry.session.handle_datagram(now, datagram);
+        if entry.session.advanced() {
+            self.mark_dirty(handle);
+        }
         self.drain(handle);
+    }
+
+    fn mark_dirty(&mut self, handle: SessionHandle) {
+        if let Some(entry) = self.sessions.get_mut(&handle).filter(|e| !e.dirty && e.established) {
+            entry.dirty = true;
+            self.dirty.push(handle);
+        }
+    }
+
+    /// A Connection ID no session has, if Connection IDs are on.
+    fn new_connection_id(&mut self) -> Option<u64> {
+        let len = u32::from(self.config.connection_id_len);
+        if len == 0 {
+            return None;
+        }
+        let mask = if len == 8 { u64::MAX } else { (1u64 << (8 * len)) - 1 };
+        loop {
+            let cid = self.cid_rng.next_u64() & mask;
+            if !self.cids.contains_key(&cid) {
+                return Some(cid);
+            }
+        }
     }
 
     fn drop_datagram(&mut self, reason: DropReason) {
@@ -541,6 +717,20 @@ impl Endpoint {
         let replaced = slot.established.replace(handle);
         self.handshakes -= 1;
         self.stats.handshakes_completed += 1;
+        if let Some(entry) = self.sessions.get_mut(&handle) {
+            // A client that did not take the Connection ID offered: free it.
+            if entry.session.connection_id().is_none() {
+                if let Some(cid) = entry.cid.take() {
+                    self.cids.remove(&cid);
+                }
+            }
+            // A new session has no row yet: until its first snapshot is stored, nothing
+            // restored can reuse its sequence numbers, so it may use a whole reservation.
+            if let Some(reservation) = self.config.sequence_reservation {
+                let next = entry.session.write_sequence().map_or(0, |(next, _)| next);
+                entry.session.set_write_limit(next + reservation);
+            }
+        }
         if let Some(EndpointEvent::Connected { replaced: r, resumed, .. }) = self
             .events
             .iter_mut()
@@ -561,6 +751,9 @@ impl Endpoint {
         let Some(entry) = self.sessions.remove(&handle) else {
             return;
         };
+        if let Some(cid) = entry.cid {
+            self.cids.remove(&cid);
+        }
         let peer = entry.peer;
         let was_established = entry.established;
         if let Some(slot) = self.peers.get_mut(&peer) {
@@ -586,4 +779,9 @@ impl Endpoint {
         }
         self.events.push_back(EndpointEvent::Closed { handle, peer, was_established, reason });
     }
+}
+
+/// A Connection ID as a map key: its bytes as a big-endian number (at most 8 bytes).
+fn cid_key(cid: &[u8]) -> u64 {
+    cid.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
 }
