@@ -112,10 +112,15 @@ pub fn parse_records_with_cid(datagram: &[u8], cid_len: Option<usize>) -> Option
 
 /// Checks a datagram's framing without allocating; returns the epoch of its first record.
 pub fn first_record_epoch(datagram: &[u8]) -> Option<u16> {
+    first_record_epoch_with_cid(datagram, None)
+}
+
+/// Like [`first_record_epoch`], with `tls12_cid` records of a `cid_len`-byte CID accepted.
+pub fn first_record_epoch_with_cid(datagram: &[u8], cid_len: Option<usize>) -> Option<u16> {
     let mut rest = datagram;
     let mut first = None;
     while !rest.is_empty() {
-        let (record, tail) = parse_record(rest, None)?;
+        let (record, tail) = parse_record(rest, cid_len)?;
         first.get_or_insert(record.epoch);
         rest = tail;
     }

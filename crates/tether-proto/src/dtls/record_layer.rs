@@ -153,7 +153,8 @@ impl RecordLayer {
 
     /// Authenticates and opens every record of `datagram`, appending what they carried to
     /// `out`. The cached last flight is re-sent (into `retransmit`) when the peer repeats its
-    /// own last flight.
+    /// own last flight: once per repeated Finished, as OpenSSL does, so only the peer (not a
+    /// spoofer of its address) can make this side send it.
     pub(crate) fn handle_datagram(
         &mut self,
         datagram: &[u8],
@@ -169,12 +170,10 @@ impl RecordLayer {
         let mut peer_repeated_flight = false;
         for r in &records {
             if r.epoch == 0 {
-                // Plaintext after the handshake: only the peer repeating its last flight
-                // (it did not get ours) has a reason to send it.
-                match r.content_type {
-                    ContentType::Handshake | ContentType::ChangeCipherSpec => peer_repeated_flight = true,
-                    _ => outcome.dropped += 1,
-                }
+                // Plaintext after the handshake: the peer repeating its last flight (it did
+                // not get ours), answered when its Finished arrives, authenticated, behind
+                // it; or anyone's forgery.
+                outcome.dropped += 1;
                 continue;
             }
             let Some((content_type, plaintext, newest)) = self.open(r) else {
@@ -430,30 +429,24 @@ mod tests {
     }
 
     #[test]
-    fn the_last_flight_is_repeated_for_a_repeated_peer_flight_until_data_arrives() {
+    fn the_last_flight_is_repeated_for_a_repeated_finished_until_data_arrives() {
         let (mut client, mut server) = pair(false);
         server.last_flight = Some(vec![b"flight".to_vec().into_boxed_slice()].into_boxed_slice());
-        let peer_hello_again = record::fatal_alert(0, 3); // any epoch-0 record will do: an alert is not one
         let mut out = Vec::new();
         let mut again = Vec::new();
-        server.handle_datagram(&peer_hello_again, &mut out, &mut again);
-        assert!(again.is_empty(), "an epoch-0 alert is not a repeated flight");
-        let mut finished = client.clone();
-        let repeated = seal_record(
-            AeadKind::Ccm8,
-            &finished.keys.client_write.clone(),
-            &[],
-            ContentType::Handshake,
-            1,
-            0,
-            b"finished",
-        );
-        finished.write_sequence = 1;
-        server.handle_datagram(&repeated, &mut out, &mut again);
+        // Plaintext handshake records (anyone can send them) make nothing go out.
+        let plaintext_hello = record::fatal_alert(0, 3);
+        let mut plaintext_hello = plaintext_hello.clone();
+        plaintext_hello[0] = ContentType::Handshake.byte();
+        server.handle_datagram(&plaintext_hello, &mut out, &mut again);
+        assert!(again.is_empty());
+        // The peer's Finished again, authenticated: the last flight, once.
+        let finished = client.seal(ContentType::Handshake, b"finished").unwrap();
+        server.handle_datagram(&finished, &mut out, &mut again);
         assert_eq!(again, vec![b"flight".to_vec()]);
         let data = client.seal_application_data(b"done").unwrap();
         server.handle_datagram(&data, &mut out, &mut again);
-        assert!(server.last_flight.is_none());
+        assert!(server.last_flight.is_none(), "data means the peer has our flight");
     }
 
     #[test]

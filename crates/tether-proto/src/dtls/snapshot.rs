@@ -339,3 +339,70 @@ impl<'a> Reader<'a> {
         self.take(n)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> SessionSnapshot {
+        SessionSnapshot {
+            layer: SnapshotLayer {
+                role: Role::Server,
+                suite: CipherSuite::PskAes128Ccm8,
+                keys: TrafficKeys::derive(&[3; 48], &[1; 32], &[2; 32]),
+                epoch: 1,
+                write_sequence: 17,
+                write_limit: 65_553,
+                window: ReplayWindow::from_parts(9, 0b1011),
+                send_cid: vec![],
+                recv_cid: vec![1, 2, 3, 4, 5, 6],
+                mtu: 1200,
+                extended_master_secret: true,
+                session_id: vec![9; 32],
+            },
+            identity: Some(PeerIdentity::Psk(b"device-7".to_vec())),
+            resumption: Some(vec![0x30, 0x82, 1, 2]),
+        }
+    }
+
+    #[test]
+    fn a_snapshot_round_trips_and_its_debug_shows_no_keys() {
+        let snapshot = sample();
+        let bytes = snapshot.encode();
+        assert_eq!(SessionSnapshot::decode(&bytes).unwrap(), snapshot);
+        let shown = format!("{snapshot:?}");
+        assert!(shown.contains("Psk") && !shown.contains("keys") && !shown.contains("salt"), "{shown}");
+        assert_eq!(snapshot.write_limit(), 65_553);
+        assert_eq!(snapshot.connection_id(), Some(&[1, 2, 3, 4, 5, 6][..]));
+    }
+
+    #[test]
+    fn every_truncation_and_corruption_is_refused_without_panicking() {
+        let bytes = sample().encode();
+        for len in 0..bytes.len() {
+            assert!(SessionSnapshot::decode(&bytes[..len]).is_err(), "len {len}");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(SessionSnapshot::decode(&longer).is_err());
+        for i in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0xff;
+            let _ = SessionSnapshot::decode(&bad); // may decode to other values; must not panic
+        }
+        let mut other_version = bytes;
+        other_version[0] = 9;
+        assert_eq!(SessionSnapshot::decode(&other_version), Err(SnapshotError::Malformed("unknown version")));
+    }
+
+    #[test]
+    fn advancing_never_moves_backwards() {
+        let mut snapshot = sample();
+        snapshot.advance(10, (5, 0));
+        assert_eq!(snapshot.write_limit(), 65_553);
+        assert_eq!(snapshot.layer.window.parts(), (9, 0b1011));
+        snapshot.advance(100_000, (20, 1));
+        assert_eq!(snapshot.write_limit(), 100_000);
+        assert_eq!(snapshot.layer.window.parts(), (20, 1));
+    }
+}

@@ -406,7 +406,8 @@ impl Endpoint {
             self.handle_cid_datagram(now, from, datagram);
             return;
         }
-        let Some(epoch) = record::first_record_epoch(datagram) else {
+        let cid_len = Some(usize::from(self.config.connection_id_len)).filter(|n| *n > 0);
+        let Some(epoch) = record::first_record_epoch_with_cid(datagram, cid_len) else {
             self.drop_datagram(DropReason::Malformed);
             return;
         };
