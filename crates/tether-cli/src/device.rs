@@ -71,6 +71,10 @@ pub struct DeviceArgs {
     /// Never resume a session: every handshake is a full one.
     #[arg(long)]
     pub no_resume: bool,
+    /// Offer a DTLS Connection ID (RFC 9146): the server routes this device's records by
+    /// it, so the session survives a new address or port (NAT rebinding) with no handshake.
+    #[arg(long)]
+    pub cid: bool,
     /// Run this many seconds, then de-register and exit (default: until SIGINT/SIGTERM).
     #[arg(long, value_name = "SECONDS")]
     pub duration: Option<f64>,
@@ -136,6 +140,7 @@ impl DeviceArgs {
                 ClientConfig::psk(identity, key)
             }
         };
+        let config = if self.cid { config.connection_id(Vec::new()) } else { config };
         Ok(DtlsContext::client(config)?)
     }
 

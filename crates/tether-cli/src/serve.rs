@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use tether::lwm2m::{EndpointBindings, Lwm2mServer, Lwm2mServerConfig};
+use tether::session_store::SessionStore;
 use tether::store::RegistrationStore;
 use tether::{DtlsServer, DtlsServerConfig};
 use tether_proto::dtls::{ClientAuth, DtlsContext, PskKey, ServerConfig, StaticPskStore};
@@ -227,7 +228,13 @@ pub async fn run(settings: Settings) -> Result<()> {
         .with_context(|| format!("cannot create data directory {}", settings.data_dir.display()))?;
     let db = settings.data_dir.join("registrations.db");
     let store = Arc::new(RegistrationStore::open(&db).with_context(|| format!("cannot open {}", db.display()))?);
-    let dtls = Arc::new(DtlsServer::bind(settings.coaps, context, DtlsServerConfig::default()).await?);
+    let sessions_db = settings.data_dir.join("sessions.db");
+    let sessions = Arc::new(
+        SessionStore::open(&sessions_db).with_context(|| format!("cannot open {}", sessions_db.display()))?,
+    );
+    let stored_sessions = sessions.len()?;
+    let dtls_config = DtlsServerConfig::default().session_store(sessions);
+    let dtls = Arc::new(DtlsServer::bind(settings.coaps, context, dtls_config).await?);
     let lwm2m = Lwm2mServer::start(Arc::clone(&dtls), Arc::new(authorizer), Some(store), Lwm2mServerConfig::default())?;
     let listener = tokio::net::TcpListener::bind(settings.http)
         .await
@@ -236,6 +243,10 @@ pub async fn run(settings: Settings) -> Result<()> {
     println!("tether serve: CoAPs (DTLS 1.2) on udp {}", dtls.local_addr());
     println!("tether serve: REST API on http://{}/api/clients, metrics on /metrics", listener.local_addr()?);
     println!("tether serve: registrations in {} ({restored} restored)", db.display());
+    println!(
+        "tether serve: DTLS sessions in {} (mode 0600; {stored_sessions} restored, no handshake needed)",
+        sessions_db.display()
+    );
     if settings.development_psk {
         println!(
             "tether serve: development PSK entry: identity {DEV_IDENTITY:?} may register endpoint {DEV_ENDPOINT:?}; \

@@ -316,6 +316,17 @@ impl Registry {
         response(ResponseType::Deleted)
     }
 
+    /// The device at `from` now talks from `to` over the same DTLS session (a Connection ID
+    /// moved it): its registration follows, reported as an Update from the new address.
+    pub fn move_peer(&mut self, from: SocketAddr, to: SocketAddr) -> Option<&Registration> {
+        let endpoint = self.by_endpoint.values().find(|r| r.peer == from)?.endpoint.clone();
+        let registration = self.by_endpoint.get_mut(&endpoint)?;
+        registration.peer = to;
+        let registration = registration.clone();
+        self.events.push_back(RegistryEvent::Updated { registration, moved_from: Some(from) });
+        self.by_endpoint.get(&endpoint)
+    }
+
     /// Drops a registration that could not be made durable (its acknowledgement is withheld).
     pub fn discard(&mut self, endpoint: &str, id: &str) -> Option<Registration> {
         if self.by_endpoint.get(endpoint).is_some_and(|r| r.id == id) {

@@ -368,6 +368,54 @@ impl PoolState {
         Ok((generation, replaced))
     }
 
+    /// Enters a session restored from storage after a restart: accepted, established, and
+    /// no handshake counted. Replaces any entry of that address (returned).
+    pub fn insert_restored(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        identity: Option<String>,
+    ) -> Result<(Generation, Option<Generation>), PoolFull> {
+        let (generation, replaced) = self.insert_accepted(now, peer, identity)?;
+        self.handshakes_total -= 1;
+        if let Some(entry) = self.entries.get_mut(&peer) {
+            entry.handshakes = 0;
+        }
+        Ok((generation, replaced))
+    }
+
+    /// The session `generation` of `from` now talks from `to` (a DTLS Connection ID moved
+    /// it). Its statistics and identity go with it; an entry that held `to` is removed and
+    /// returned (its session is the driver's to close). Nothing moves if `generation` is
+    /// stale.
+    pub fn move_peer(
+        &mut self,
+        from: SocketAddr,
+        to: SocketAddr,
+        generation: Generation,
+    ) -> Option<Generation> {
+        if from == to || self.entries.get(&from).map(|e| e.generation) != Some(generation) {
+            return None;
+        }
+        let displaced = self.entries.get(&to).map(|e| e.generation);
+        if let Some(old) = displaced {
+            self.remove_entry(to, old);
+            self.closed_total += 1;
+        }
+        let mut entry = self.entries.remove(&from)?;
+        if self.lru.remove(&(entry.last_activity, generation, from)) {
+            self.lru.insert((entry.last_activity, generation, to));
+        }
+        if let Some(id) = &entry.identity {
+            if self.by_identity.get(id) == Some(&from) {
+                self.by_identity.insert(id.clone(), to);
+            }
+        }
+        entry.peer = to;
+        self.entries.insert(to, entry);
+        displaced
+    }
+
     /// Binds an identity (an LwM2M endpoint name, say) to a pooled session for lookups.
     pub fn set_identity(&mut self, peer: SocketAddr, generation: Generation, identity: String) -> bool {
         let Some(entry) = self.entries.get_mut(&peer).filter(|e| e.generation == generation) else {
@@ -637,6 +685,24 @@ mod tests {
         assert_eq!(e.age, Duration::from_secs(6));
         assert_eq!(s.per_session[0].peer, peer(1), "most recently active first");
         assert_eq!(s.requests_total, 2);
+    }
+
+    #[test]
+    fn a_moved_session_keeps_its_generation_identity_and_counters_at_the_new_address() {
+        let now = Instant::now();
+        let mut pool = pool(10, now);
+        let (generation, _) = pool.insert_restored(now, peer(1), Some("dev".into())).unwrap();
+        assert_eq!(pool.stats(now).handshakes_total, 0, "a restored session cost no handshake");
+        let (other, _) = pool.insert_accepted(now, peer(2), None).unwrap();
+        pool.record(now, peer(1), generation, Traffic { requests: 3, ..Traffic::default() });
+        assert_eq!(pool.move_peer(peer(1), peer(2), generation), Some(other));
+        assert!(pool.get(peer(1)).is_none());
+        let moved = pool.get(peer(2)).unwrap();
+        assert_eq!((moved.generation, moved.requests), (generation, 3));
+        assert_eq!(pool.by_identity("dev").map(|e| e.peer), Some(peer(2)));
+        assert_eq!(pool.move_peer(peer(1), peer(3), generation), None, "stale: nothing moves");
+        assert!(pool.get(peer(3)).is_none());
+        assert_eq!(pool.len(), 1);
     }
 
     #[test]

@@ -30,6 +30,7 @@ pub mod metrics;
 mod pool;
 mod resilient;
 mod server;
+pub mod session_store;
 mod socket;
 pub mod store;
 
@@ -41,7 +42,7 @@ pub use resilient::{
     RetryError, TcpConnection, TcpTransport, Transport, TransportError,
 };
 pub use server::{
-    identity_name, os_seed, Accepted, DepartReason, Departed, DtlsServer, DtlsServerConfig, ServerError,
+    identity_name, os_seed, Accepted, Arrival, DepartReason, Departed, DtlsServer, DtlsServerConfig, ServerError,
     ServerSendError, ServerStats,
 };
 pub use socket::{MemoryNetwork, MemorySocket, Socket, SERVER_RECV_BUFFER};

@@ -17,7 +17,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::client::sleep_until;
 use crate::clock;
-use crate::server::{DtlsServer, ServerSendError};
+use crate::server::{Accepted, Arrival, DtlsServer, ServerSendError};
 use crate::store::RegistrationStore;
 use tether_proto::dtls::PeerIdentity;
 
@@ -361,6 +361,11 @@ struct Actor {
 impl Actor {
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         let dtls = Arc::clone(&self.dtls);
+        // Sessions restored from the session store: their devices are registered already
+        // and go on talking over them.
+        for accepted in dtls.sessions().await {
+            self.open_session(&accepted);
+        }
         loop {
             let deadline = self.next_deadline();
             tokio::select! {
@@ -371,11 +376,13 @@ impl Actor {
                 biased;
                 accepted = dtls.accept() => {
                     let Some(accepted) = accepted else { return };
-                    let identity = accepted.identity.as_ref().map(authorization_identity);
-                    self.seed = self.seed.wrapping_add(1);
-                    let layer = MessageLayer::new(self.config.clone(), self.seed);
-                    self.fail_pending(accepted.peer);
-                    self.sessions.insert(accepted.peer, Session { generation: accepted.generation, identity, layer });
+                    match accepted.arrival {
+                        Arrival::Moved { from } => self.move_session(from, accepted.peer),
+                        _ => {
+                            self.fail_pending(accepted.peer);
+                            self.open_session(&accepted);
+                        }
+                    }
                 }
                 received = dtls.recv() => {
                     let Some((peer, data)) = received else { return };
@@ -423,6 +430,43 @@ impl Actor {
         }
     }
 
+    fn open_session(&mut self, accepted: &Accepted) {
+        let identity = accepted.identity.as_ref().map(authorization_identity);
+        self.seed = self.seed.wrapping_add(1);
+        let layer = MessageLayer::new(self.config.clone(), self.seed);
+        self.sessions.insert(accepted.peer, Session { generation: accepted.generation, identity, layer });
+    }
+
+    /// A session's peer moved from `from` to `to` (DTLS Connection ID): everything keyed by
+    /// the address follows it, and so does the registration.
+    fn move_session(&mut self, from: SocketAddr, to: SocketAddr) {
+        let Some(session) = self.sessions.remove(&from) else { return };
+        // Whatever was at `to` is gone (the DTLS server closed it).
+        self.sessions.remove(&to);
+        self.fail_pending(to);
+        self.sessions.insert(to, session);
+        if let Some(at) = self.timer_of.remove(&from) {
+            self.timers.remove(&(at, from));
+            self.timers.insert((at, to));
+            self.timer_of.insert(to, at);
+        }
+        if let Some(heard) = self.last_heard.remove(&from) {
+            self.last_heard.insert(to, heard);
+        }
+        let rekey = |map_keys: Vec<(SocketAddr, Token)>| map_keys.into_iter().filter(|(p, _)| *p == from);
+        for key in rekey(self.pending.keys().copied().collect()) {
+            if let Some(waiting) = self.pending.remove(&key) {
+                self.pending.insert((to, key.1), waiting);
+            }
+        }
+        for key in rekey(self.observations.keys().copied().collect()) {
+            if let Some(observation) = self.observations.remove(&key) {
+                self.observations.insert((to, key.1), observation);
+            }
+        }
+        self.registry.move_peer(from, to);
+    }
+
     fn next_deadline(&self) -> Option<std::time::Instant> {
         let layers = self.timers.first().map(|(at, _)| *at);
         let queued = self.queued.values().filter_map(|q| q.front().map(|(at, _)| *at)).min();
@@ -452,6 +496,9 @@ impl Actor {
 
     /// Sends what waits for the endpoint registered at `peer`, now that it was heard from.
     async fn flush_queue(&mut self, peer: SocketAddr) {
+        if self.queued.is_empty() {
+            return;
+        }
         let endpoints: Vec<String> =
             self.registry.registrations().filter(|r| r.peer == peer).map(|r| r.endpoint.clone()).collect();
         for endpoint in endpoints {

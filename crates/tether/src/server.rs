@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tether_proto::dtls::{
     CloseReason, ConfigError, DtlsContext, Endpoint, EndpointConfig, EndpointEvent, EndpointStats, PeerIdentity,
@@ -15,6 +16,7 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 
 use crate::client::sleep_until;
 use crate::clock;
+use crate::session_store::{SessionStore, SessionWrite};
 use crate::socket::{Socket, SERVER_RECV_BUFFER};
 
 /// Settings of a [`DtlsServer`].
@@ -29,7 +31,17 @@ pub struct DtlsServerConfig {
     /// Events (accepted, received, departed) queued for the application; beyond that they
     /// are dropped and counted. Default 65,536.
     pub queue: usize,
+    /// Where established sessions are kept across restarts; `None` (the default): they end
+    /// with the process.
+    pub session_store: Option<Arc<SessionStore>>,
+    /// How often sessions whose state changed are checkpointed to the store. Default 1 s:
+    /// a crash forgets at most this much replay-window movement.
+    pub checkpoint_interval: Duration,
 }
+
+/// Record sequence numbers a persisted session reserves at a time: 2^16, so 2^32
+/// restarts fit into the 48-bit sequence space.
+pub const SEQUENCE_RESERVATION: u64 = 1 << 16;
 
 impl Default for DtlsServerConfig {
     /// Default limits, with cookie secrets seeded from the operating system.
@@ -39,6 +51,8 @@ impl Default for DtlsServerConfig {
             pool: PoolConfig::default(),
             recv_buffer: SERVER_RECV_BUFFER,
             queue: 65_536,
+            session_store: None,
+            checkpoint_interval: Duration::from_secs(1),
         }
     }
 }
@@ -53,6 +67,13 @@ impl DtlsServerConfig {
     /// Sets the endpoint settings.
     pub fn endpoint(mut self, endpoint: EndpointConfig) -> Self {
         self.endpoint = endpoint;
+        self
+    }
+
+    /// Keeps established sessions in `store`: they are restored (no handshake) when a
+    /// server starts on the same store.
+    pub fn session_store(mut self, store: Arc<SessionStore>) -> Self {
+        self.session_store = Some(store);
         self
     }
 }
@@ -85,7 +106,7 @@ pub enum ServerError {
     Pool(#[from] PoolConfigError),
 }
 
-/// A peer completed a handshake.
+/// A peer completed a handshake, or an established session moved to a new address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Accepted {
     /// Its address.
@@ -96,6 +117,25 @@ pub struct Accepted {
     pub resumed: bool,
     /// The pool generation of the session.
     pub generation: Generation,
+    /// How the session came to be at `peer`.
+    pub arrival: Arrival,
+}
+
+/// How an [`Accepted`] session came to be at its address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Arrival {
+    /// A handshake completed.
+    Handshake,
+    /// Restored from the session store after a restart (reported by
+    /// [`DtlsServer::sessions`], not by `accept`).
+    Restored,
+    /// The session's Connection ID brought it here from `from` (RFC 9146): same session,
+    /// same generation, new address.
+    Moved {
+        /// The previous address.
+        from: SocketAddr,
+    },
 }
 
 /// Why a session left the server.
@@ -149,6 +189,8 @@ pub struct ServerStats {
     pub events_dropped: u64,
     /// The socket receive buffer the kernel granted.
     pub recv_buffer: Option<usize>,
+    /// Session store writes that failed.
+    pub store_failures: u64,
 }
 
 enum Command {
@@ -157,6 +199,7 @@ enum Command {
     Close(SocketAddr, oneshot::Sender<bool>),
     SetIdentity(SocketAddr, String, oneshot::Sender<bool>),
     Lookup(String, oneshot::Sender<Option<SocketAddr>>),
+    Sessions(oneshot::Sender<Vec<Accepted>>),
     Stats(oneshot::Sender<ServerStats>),
     Shutdown(oneshot::Sender<()>),
 }
@@ -165,6 +208,11 @@ enum Command {
 /// stateless cookie exchange); completed ones appear on [`accept`](Self::accept), their data
 /// on [`recv`](Self::recv), and sessions that leave on [`departed`](Self::departed). Each of
 /// the three is its own queue, so they can be consumed independently.
+///
+/// With a [`SessionStore`], every established session is written to it (before anything
+/// of the session reaches the application) and checkpointed while it lives; a server
+/// started on the same store restores them all, with no handshake
+/// ([`sessions`](Self::sessions) lists them).
 #[derive(Debug)]
 pub struct DtlsServer {
     local_addr: SocketAddr,
@@ -193,7 +241,11 @@ impl DtlsServer {
             .local_addr()
             .map_err(|source| ServerError::Bind { addr: std::net::SocketAddr::from(([0, 0, 0, 0], 0)), source })?;
         let now = clock::now();
-        let endpoint = Endpoint::new(context, config.endpoint.clone(), now)?;
+        let mut endpoint_config = config.endpoint.clone();
+        if config.session_store.is_some() && endpoint_config.sequence_reservation.is_none() {
+            endpoint_config.sequence_reservation = Some(SEQUENCE_RESERVATION);
+        }
+        let endpoint = Endpoint::new(context, endpoint_config, now)?;
         let pool = PoolState::new(config.pool.clone(), now)?;
         let (commands, command_rx) = mpsc::channel(1024);
         let (accepted_tx, accepted) = mpsc::channel(config.queue);
@@ -209,6 +261,10 @@ impl DtlsServer {
             received: received_tx,
             departed: departed_tx,
             events_dropped: 0,
+            store: config.session_store.clone(),
+            checkpoint_interval: config.checkpoint_interval,
+            next_checkpoint: now + config.checkpoint_interval,
+            store_failures: 0,
         };
         tokio::spawn(actor.run(command_rx));
         Ok(Self {
@@ -274,6 +330,16 @@ impl DtlsServer {
         rx.await.ok().flatten()
     }
 
+    /// Every established session: those restored from the session store at start, and
+    /// those accepted since.
+    pub async fn sessions(&self) -> Vec<Accepted> {
+        let (tx, rx) = oneshot::channel();
+        if self.command(Command::Sessions(tx)).await.is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
     /// Counters and pool statistics.
     pub async fn stats(&self) -> Option<ServerStats> {
         let (tx, rx) = oneshot::channel();
@@ -304,6 +370,10 @@ struct Actor {
     received: mpsc::Sender<(SocketAddr, Vec<u8>)>,
     departed: mpsc::Sender<Departed>,
     events_dropped: u64,
+    store: Option<Arc<SessionStore>>,
+    checkpoint_interval: Duration,
+    next_checkpoint: std::time::Instant,
+    store_failures: u64,
 }
 
 /// Datagrams read per wake-up before outputs are flushed.
@@ -311,10 +381,11 @@ const RECV_BATCH: usize = 64;
 
 impl Actor {
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        self.restore().await;
         let mut buf = vec![0u8; 65_536];
         let mut shutdown: Option<oneshot::Sender<()>> = None;
         loop {
-            self.apply_events();
+            self.process_events().await;
             self.flush().await;
             if let Some(done) = shutdown.take() {
                 // Release the socket before answering, so the address can be bound again
@@ -323,7 +394,9 @@ impl Actor {
                 let _ = done.send(());
                 return;
             }
-            let deadline = [self.endpoint.poll_timeout(), self.pool.poll_timeout()].into_iter().flatten().min();
+            let checkpoint = (self.store.is_some() && self.endpoint.dirty_sessions() > 0).then_some(self.next_checkpoint);
+            let deadline =
+                [self.endpoint.poll_timeout(), self.pool.poll_timeout(), checkpoint].into_iter().flatten().min();
             tokio::select! {
                 received = self.socket.recv_from(&mut buf) => {
                     let Ok((n, from)) = received else { continue };
@@ -331,7 +404,6 @@ impl Actor {
                     for _ in 1..RECV_BATCH {
                         let Ok((n, from)) = self.socket.try_recv_from(&mut buf) else { break };
                         self.endpoint.handle(clock::now(), from, &buf[..n]);
-                        self.apply_events();
                     }
                 }
                 _ = sleep_until(deadline.map(clock::deadline)), if deadline.is_some() => {
@@ -347,11 +419,74 @@ impl Actor {
                     Some(command) => self.command(command),
                     None => {
                         self.endpoint.close_all(clock::now());
-                        self.apply_events();
+                        self.process_events().await;
                         self.flush().await;
                         return;
                     }
                 },
+            }
+        }
+    }
+
+    /// Brings back the sessions of the store, then reserves sequence numbers for all of
+    /// them in one write, before serving anything.
+    async fn restore(&mut self) {
+        let Some(store) = self.store.clone() else { return };
+        let loaded = match tokio::task::spawn_blocking(move || store.load()).await {
+            Ok(Ok(loaded)) => loaded,
+            failed => {
+                tracing::error!(?failed, "session store could not be read; starting without stored sessions");
+                return;
+            }
+        };
+        let now = clock::now();
+        let mut unusable = Vec::new();
+        for stored in loaded {
+            if let Err(err) = self.endpoint.restore(now, stored.handle, stored.peer, &stored.snapshot) {
+                tracing::warn!(handle = %stored.handle, %err, "stored session not restored");
+                unusable.push(SessionWrite::Delete(stored.handle));
+                continue;
+            }
+            let name = stored.snapshot.identity().map(identity_name);
+            match self.pool.insert_restored(now, stored.peer, name) {
+                Ok((generation, _)) => {
+                    self.generations.insert(stored.handle, generation);
+                    self.handles.insert(generation, stored.handle);
+                }
+                Err(_full) => {
+                    self.endpoint.close(now, stored.handle);
+                }
+            }
+        }
+        let restored = self.generations.len();
+        self.write_store(unusable, true).await;
+        if restored > 0 {
+            tracing::info!(restored, "sessions restored from the session store");
+        }
+    }
+
+    /// Stores what changed (new sessions, ended ones, and, when due, checkpoints) in one
+    /// transaction, then lets checkpointed sessions use their new reservations.
+    async fn write_store(&mut self, mut writes: Vec<SessionWrite>, checkpoint_now: bool) {
+        let Some(store) = self.store.clone() else { return };
+        let now = clock::now();
+        let due = checkpoint_now || self.endpoint.checkpoint_due() || now >= self.next_checkpoint;
+        let checkpoints = if due && self.endpoint.dirty_sessions() > 0 {
+            self.next_checkpoint = now + self.checkpoint_interval;
+            self.endpoint.checkpoint()
+        } else {
+            Vec::new()
+        };
+        if writes.is_empty() && checkpoints.is_empty() {
+            return;
+        }
+        writes.extend(checkpoints.iter().copied().map(SessionWrite::Checkpoint));
+        match tokio::task::spawn_blocking(move || store.apply(&writes)).await {
+            Ok(Ok(())) => self.endpoint.checkpoint_written(&checkpoints),
+            failed => {
+                // Sessions keep their current reservations; once used up they wait.
+                self.store_failures += 1;
+                tracing::error!(?failed, "session store write failed");
             }
         }
     }
@@ -392,6 +527,23 @@ impl Actor {
             Command::Lookup(identity, reply) => {
                 let _ = reply.send(self.pool.by_identity(&identity).map(|e| e.peer));
             }
+            Command::Sessions(reply) => {
+                let sessions = self
+                    .generations
+                    .iter()
+                    .filter_map(|(handle, generation)| {
+                        let session = self.endpoint.session(*handle).filter(|s| s.is_established())?;
+                        Some(Accepted {
+                            peer: self.endpoint.peer_of(*handle)?,
+                            identity: session.peer_identity().cloned(),
+                            resumed: session.is_resumed(),
+                            generation: *generation,
+                            arrival: if session.is_restored() { Arrival::Restored } else { Arrival::Handshake },
+                        })
+                    })
+                    .collect();
+                let _ = reply.send(sessions);
+            }
             Command::Stats(reply) => {
                 let _ = reply.send(ServerStats {
                     endpoint: self.endpoint.stats().clone(),
@@ -399,15 +551,37 @@ impl Actor {
                     handshakes_in_progress: self.endpoint.handshakes_in_progress(),
                     events_dropped: self.events_dropped,
                     recv_buffer: self.socket.recv_buffer_size(),
+                    store_failures: self.store_failures,
                 });
             }
             Command::Shutdown(_) => unreachable!("handled in run"),
         }
     }
 
-    fn apply_events(&mut self) {
+    /// Acts on the endpoint's and the pool's events. New sessions are stored first: nothing
+    /// of a session reaches the application (so nothing it says is acknowledged) before the
+    /// session could be restored after a crash.
+    async fn process_events(&mut self) {
+        let events: Vec<EndpointEvent> = std::iter::from_fn(|| self.endpoint.poll_event()).collect();
+        if self.store.is_some() {
+            let mut writes = Vec::new();
+            for event in &events {
+                match event {
+                    EndpointEvent::Connected { handle, peer, .. } => {
+                        if let Some(snapshot) = self.endpoint.snapshot(*handle) {
+                            writes.push(SessionWrite::Insert { handle: *handle, peer: *peer, snapshot });
+                        }
+                    }
+                    EndpointEvent::Closed { handle, was_established: true, .. } => {
+                        writes.push(SessionWrite::Delete(*handle));
+                    }
+                    _ => {}
+                }
+            }
+            self.write_store(writes, false).await;
+        }
         let now = clock::now();
-        while let Some(event) = self.endpoint.poll_event() {
+        for event in events {
             match event {
                 EndpointEvent::Connected { handle, peer, identity, resumed, .. } => {
                     let name = identity.as_ref().map(identity_name);
@@ -418,12 +592,29 @@ impl Actor {
                             }
                             self.generations.insert(handle, generation);
                             self.handles.insert(generation, handle);
-                            let accepted = Accepted { peer, identity, resumed, generation };
+                            let accepted = Accepted { peer, identity, resumed, generation, arrival: Arrival::Handshake };
                             if self.accepted.try_send(accepted).is_err() {
                                 self.events_dropped += 1;
                             }
                         }
                         Err(_full) => self.endpoint.close(now, handle),
+                    }
+                }
+                EndpointEvent::Migrated { handle, from, to } => {
+                    let Some(generation) = self.generations.get(&handle).copied() else { continue };
+                    if let Some(displaced) = self.pool.move_peer(from, to, generation) {
+                        self.depart(to, displaced, DepartReason::Closed(CloseReason::Replaced));
+                    }
+                    let session = self.endpoint.session(handle);
+                    let accepted = Accepted {
+                        peer: to,
+                        identity: session.and_then(|s| s.peer_identity().cloned()),
+                        resumed: session.is_some_and(|s| s.is_resumed()),
+                        generation,
+                        arrival: Arrival::Moved { from },
+                    };
+                    if self.accepted.try_send(accepted).is_err() {
+                        self.events_dropped += 1;
                     }
                 }
                 EndpointEvent::Data { handle, peer, data } => {
@@ -457,6 +648,9 @@ impl Actor {
                 self.endpoint.close(now, *handle);
             }
             self.depart(peer, generation, reason);
+        }
+        if self.endpoint.checkpoint_due() {
+            self.write_store(Vec::new(), true).await;
         }
     }
 

@@ -13,10 +13,17 @@ use rusqlite::{params, Connection};
 use tether_coap::link_format;
 use tether_coap::registration::{Binding, Registration};
 
-/// The store could not be opened or written.
+/// A store (registrations or sessions) could not be opened or written.
 #[derive(Debug, thiserror::Error)]
-#[error("registration store: {0}")]
-pub struct StoreError(#[from] rusqlite::Error);
+#[non_exhaustive]
+pub enum StoreError {
+    /// SQLite refused.
+    #[error("store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The file could not be created or given its permissions.
+    #[error("cannot create {0}: {1}")]
+    Io(String, #[source] std::io::Error),
+}
 
 /// Registrations on disk.
 #[derive(Debug)]

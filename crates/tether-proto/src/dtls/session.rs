@@ -143,6 +143,8 @@ pub struct Session {
     events: VecDeque<Event>,
     identity: Option<PeerIdentity>,
     resumed: bool,
+    /// Restored from a snapshot, not handshaken in this process.
+    restored: bool,
     /// A client's session, to offer for resumption.
     saved: Option<SslSession>,
     /// The last datagram held a record that authenticated and was the newest yet.
@@ -254,6 +256,7 @@ impl Session {
             events: VecDeque::new(),
             identity: None,
             resumed: false,
+            restored: false,
             saved: None,
             advanced: false,
             stats: SessionStats::default(),
@@ -277,6 +280,7 @@ impl Session {
             events: VecDeque::new(),
             identity,
             resumed: false,
+            restored: true,
             saved: None,
             advanced: false,
             stats: SessionStats::default(),
@@ -320,6 +324,12 @@ impl Session {
     /// Whether the handshake resumed an earlier session.
     pub fn is_resumed(&self) -> bool {
         self.resumed
+    }
+
+    /// Whether the session was restored from a snapshot ([`Session::restore`]) rather than
+    /// handshaken.
+    pub fn is_restored(&self) -> bool {
+        self.restored
     }
 
     /// Whether the handshake used Extended Master Secret (RFC 7627); `None` before the
