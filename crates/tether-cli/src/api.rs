@@ -56,6 +56,8 @@ struct ClientView {
     lwm2m_version: String,
     objects: String,
     expires_in_s: u64,
+    /// Seconds since the device last registered or updated.
+    updated_s_ago: f64,
 }
 
 fn view(r: &Registration) -> ClientView {
@@ -68,6 +70,7 @@ fn view(r: &Registration) -> ClientView {
         lwm2m_version: r.version.clone(),
         objects: link_format::format(&r.links),
         expires_in_s: r.expires_at().saturating_duration_since(std::time::Instant::now()).as_secs(),
+        updated_s_ago: std::time::Instant::now().saturating_duration_since(r.last_update).as_secs_f64(),
     }
 }
 
@@ -350,6 +353,10 @@ async fn pool(State(server): State<Lwm2mServer>) -> Response {
             "hello_verify_requests_sent": stats.endpoint.hello_verify_requests_sent,
             "handshakes_completed": stats.endpoint.handshakes_completed,
             "handshakes_failed": stats.endpoint.handshakes_failed,
+            "handshakes_resumed": stats.endpoint.handshakes_resumed,
+            "migrations": stats.endpoint.migrations,
+            "sessions_restored": stats.endpoint.sessions_restored,
+            "session_store_failures": stats.store_failures,
             "datagrams_dropped": stats.endpoint.dropped_total(),
         },
         "per_session": sessions,

@@ -229,9 +229,8 @@ pub async fn run(settings: Settings) -> Result<()> {
     let db = settings.data_dir.join("registrations.db");
     let store = Arc::new(RegistrationStore::open(&db).with_context(|| format!("cannot open {}", db.display()))?);
     let sessions_db = settings.data_dir.join("sessions.db");
-    let sessions = Arc::new(
-        SessionStore::open(&sessions_db).with_context(|| format!("cannot open {}", sessions_db.display()))?,
-    );
+    let sessions =
+        Arc::new(SessionStore::open(&sessions_db).with_context(|| format!("cannot open {}", sessions_db.display()))?);
     let stored_sessions = sessions.len()?;
     let dtls_config = DtlsServerConfig::default().session_store(sessions);
     let dtls = Arc::new(DtlsServer::bind(settings.coaps, context, dtls_config).await?);

@@ -388,12 +388,7 @@ impl PoolState {
     /// it). Its statistics and identity go with it; an entry that held `to` is removed and
     /// returned (its session is the driver's to close). Nothing moves if `generation` is
     /// stale.
-    pub fn move_peer(
-        &mut self,
-        from: SocketAddr,
-        to: SocketAddr,
-        generation: Generation,
-    ) -> Option<Generation> {
+    pub fn move_peer(&mut self, from: SocketAddr, to: SocketAddr, generation: Generation) -> Option<Generation> {
         if from == to || self.entries.get(&from).map(|e| e.generation) != Some(generation) {
             return None;
         }

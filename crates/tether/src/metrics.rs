@@ -94,6 +94,18 @@ pub fn render(pool: &PoolStats, endpoint: Option<&EndpointStats>) -> String {
             "Sessions replaced by a re-handshake from the same address.",
             &plain(e.sessions_replaced as f64),
         );
+        metric(
+            "tether_dtls_migrations_total",
+            "counter",
+            "Sessions that followed their peer to a new address by Connection ID.",
+            &plain(e.migrations as f64),
+        );
+        metric(
+            "tether_dtls_sessions_restored_total",
+            "counter",
+            "Sessions restored from the session store at start, with no handshake.",
+            &plain(e.sessions_restored as f64),
+        );
         let drops: Vec<(String, f64)> =
             DropReason::ALL.iter().map(|r| (format!("{{reason=\"{}\"}}", r.name()), e.dropped(*r) as f64)).collect();
         metric("tether_dtls_datagrams_dropped_total", "counter", "Datagrams dropped, by reason.", &drops);

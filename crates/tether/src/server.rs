@@ -394,7 +394,8 @@ impl Actor {
                 let _ = done.send(());
                 return;
             }
-            let checkpoint = (self.store.is_some() && self.endpoint.dirty_sessions() > 0).then_some(self.next_checkpoint);
+            let checkpoint =
+                (self.store.is_some() && self.endpoint.dirty_sessions() > 0).then_some(self.next_checkpoint);
             let deadline =
                 [self.endpoint.poll_timeout(), self.pool.poll_timeout(), checkpoint].into_iter().flatten().min();
             tokio::select! {
@@ -592,7 +593,8 @@ impl Actor {
                             }
                             self.generations.insert(handle, generation);
                             self.handles.insert(generation, handle);
-                            let accepted = Accepted { peer, identity, resumed, generation, arrival: Arrival::Handshake };
+                            let accepted =
+                                Accepted { peer, identity, resumed, generation, arrival: Arrival::Handshake };
                             if self.accepted.try_send(accepted).is_err() {
                                 self.events_dropped += 1;
                             }

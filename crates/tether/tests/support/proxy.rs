@@ -3,7 +3,9 @@
 //!
 //! Clients send to [`Proxy::addr`]; each client address gets its own upstream socket, so the
 //! server sees one stable address per client (the address a reboot or a forged datagram
-//! would come from: [`Proxy::inject_upstream`]).
+//! would come from: [`Proxy::inject_upstream`]). [`Proxy::rebind_all`] acts as a NAT whose
+//! mappings change: every client's next datagram leaves from a new port. With
+//! [`Behaviour::capture`] it keeps every datagram it forwards.
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
 use std::collections::HashMap;
@@ -36,6 +38,19 @@ pub struct Impairment {
 }
 
 impl Impairment {
+    /// A clean path: nothing dropped, duplicated, reordered or delayed.
+    pub fn none() -> Self {
+        Self {
+            loss: 0.0,
+            duplicate: 0.0,
+            reorder: 0.0,
+            reorder_by: Duration::ZERO,
+            delay: Duration::ZERO,
+            jitter: Duration::ZERO,
+            seed: 0,
+        }
+    }
+
     /// `loss` with 5 % duplication and 10 % reordering, 1 ms ± 1 ms of delay.
     pub fn lossy(loss: f64, seed: u64) -> Self {
         Self {
@@ -63,10 +78,33 @@ pub struct ProxyStats {
     pub reordered: AtomicU64,
 }
 
+/// What the proxy does besides impairing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Behaviour {
+    /// Keep every forwarded datagram ([`Proxy::captured`]).
+    pub capture: bool,
+}
+
+/// A datagram the proxy forwarded.
+#[derive(Debug, Clone)]
+pub struct Captured {
+    /// The client's address.
+    pub client: SocketAddr,
+    /// The upstream address the server saw for it.
+    pub upstream: SocketAddr,
+    /// True: client to server.
+    pub to_server: bool,
+    /// The datagram.
+    pub datagram: Vec<u8>,
+}
+
 /// A running proxy; its tasks end when it is dropped.
 pub struct Proxy {
     addr: SocketAddr,
     upstreams: Arc<Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>>,
+    /// Bumped by `rebind_all`: upstreams made before the current value are replaced.
+    mapping: Arc<AtomicU64>,
+    captured: Arc<Mutex<Vec<Captured>>>,
     /// Counters.
     pub stats: Arc<ProxyStats>,
     tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
@@ -129,6 +167,11 @@ impl Impairer {
 impl Proxy {
     /// A proxy on 127.0.0.1 in front of `server`.
     pub async fn start(server: SocketAddr, config: Impairment) -> Self {
+        Self::start_with(server, config, Behaviour::default()).await
+    }
+
+    /// A proxy that also rebinds or captures (see [`Behaviour`]).
+    pub async fn start_with(server: SocketAddr, config: Impairment, behaviour: Behaviour) -> Self {
         let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
         let addr = front.local_addr().unwrap();
         let stats = Arc::new(ProxyStats::default());
@@ -139,26 +182,41 @@ impl Proxy {
         });
         let upstreams: Arc<Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>> = Arc::default();
         let tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
-        let (map, task_list) = (Arc::clone(&upstreams), Arc::clone(&tasks));
+        let captured: Arc<Mutex<Vec<Captured>>> = Arc::default();
+        let mapping = Arc::new(AtomicU64::new(0));
+        let (map, task_list, log) = (Arc::clone(&upstreams), Arc::clone(&tasks), Arc::clone(&captured));
+        let current_mapping = Arc::clone(&mapping);
         let front_task = tokio::spawn(async move {
             let mut buf = vec![0u8; 65_536];
+            let mut made_in: HashMap<SocketAddr, u64> = HashMap::new();
             loop {
                 let Ok((n, client)) = front.recv_from(&mut buf).await else { continue };
-                let existing = map.lock().unwrap().get(&client).cloned();
+                let now_mapping = current_mapping.load(Ordering::Relaxed);
+                let fresh = made_in.get(&client) == Some(&now_mapping);
+                let existing = map.lock().unwrap().get(&client).cloned().filter(|_| fresh);
                 let upstream = match existing {
                     Some(upstream) => upstream,
                     None => {
                         let upstream = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
                         upstream.connect(server).await.unwrap();
                         map.lock().unwrap().insert(client, Arc::clone(&upstream));
+                        made_in.insert(client, now_mapping);
                         // Server → client, impaired the same way.
-                        let (reader, front, impairer) =
-                            (Arc::clone(&upstream), Arc::clone(&front), Arc::clone(&impairer));
+                        let (reader, front, impairer, log) =
+                            (Arc::clone(&upstream), Arc::clone(&front), Arc::clone(&impairer), Arc::clone(&log));
                         task_list.lock().unwrap().push(tokio::spawn(async move {
                             let mut buf = vec![0u8; 65_536];
+                            let upstream = reader.local_addr().unwrap();
                             loop {
                                 match reader.recv(&mut buf).await {
-                                    Ok(n) => impairer.forward(&front, Some(client), buf[..n].to_vec()),
+                                    Ok(n) => {
+                                        if behaviour.capture {
+                                            let datagram = buf[..n].to_vec();
+                                            let seen = Captured { client, upstream, to_server: false, datagram };
+                                            log.lock().unwrap().push(seen);
+                                        }
+                                        impairer.forward(&front, Some(client), buf[..n].to_vec())
+                                    }
                                     // Port unreachable while the server is away: keep going.
                                     Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
                                 }
@@ -167,11 +225,27 @@ impl Proxy {
                         upstream
                     }
                 };
+                if behaviour.capture {
+                    let upstream = upstream.local_addr().unwrap();
+                    let seen = Captured { client, upstream, to_server: true, datagram: buf[..n].to_vec() };
+                    log.lock().unwrap().push(seen);
+                }
                 impairer.forward(&upstream, None, buf[..n].to_vec());
             }
         });
         tasks.lock().unwrap().push(front_task);
-        Self { addr, upstreams, stats, tasks }
+        Self { addr, upstreams, mapping, captured, stats, tasks }
+    }
+
+    /// Every client's next datagram leaves from a new port (a NAT rebinding); answers to the
+    /// old ports still reach the client.
+    pub fn rebind_all(&self) {
+        self.mapping.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Every datagram forwarded so far (with [`Behaviour::capture`]).
+    pub fn captured(&self) -> Vec<Captured> {
+        self.captured.lock().unwrap().clone()
     }
 
     /// Where clients send.
