@@ -12,9 +12,8 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet};
-use rand::Rng;
-use rand_chacha::rand_core::SeedableRng;
-use rand_chacha::ChaCha8Rng;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 
 /// Transmission parameters (RFC 7252 §4.8).
 #[derive(Debug, Clone, PartialEq)]
@@ -177,7 +176,9 @@ struct Seen {
 /// One peer's message layer. See the module docs.
 pub struct MessageLayer {
     config: CoapConfig,
-    rng: ChaCha8Rng,
+    /// Message IDs, tokens and retransmission jitter: nothing secret (the DTLS session
+    /// authenticates every message), so a small fast generator (32 bytes per peer).
+    rng: SmallRng,
     next_message_id: u16,
     outgoing: HashMap<u16, Outgoing>,
     pending: HashMap<Token, Pending>,
@@ -202,7 +203,7 @@ impl std::fmt::Debug for MessageLayer {
 impl MessageLayer {
     /// A layer whose message IDs, tokens and retransmission jitter draw from `seed`.
     pub fn new(config: CoapConfig, seed: u64) -> Self {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut rng = SmallRng::seed_from_u64(seed);
         let next_message_id = rng.gen();
         Self {
             config,
@@ -411,16 +412,41 @@ impl MessageLayer {
                 self.seen.remove(&message_id);
             }
         }
+        self.release_idle_tables();
     }
 
     /// The next datagram to send.
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
-        self.transmits.pop_front()
+        let datagram = self.transmits.pop_front();
+        if self.transmits.is_empty() {
+            // Thousands of layers wait idle between exchanges: none keeps a buffer.
+            self.transmits.shrink_to_fit();
+        }
+        datagram
     }
 
     /// The next event.
     pub fn poll_event(&mut self) -> Option<CoapEvent> {
-        self.events.pop_front()
+        let event = self.events.pop_front();
+        if self.events.is_empty() {
+            self.events.shrink_to_fit();
+        }
+        event
+    }
+
+    /// Frees the storage of the tables that emptied (an idle peer costs no more than the
+    /// layer itself).
+    fn release_idle_tables(&mut self) {
+        if self.outgoing.is_empty() {
+            self.outgoing.shrink_to_fit();
+        }
+        if self.pending.is_empty() {
+            self.pending.shrink_to_fit();
+        }
+        if self.seen.is_empty() {
+            self.seen.shrink_to_fit();
+            self.seen_order.shrink_to_fit();
+        }
     }
 
     /// When `handle_timeout` has work.
@@ -488,6 +514,7 @@ impl MessageLayer {
             return;
         };
         self.outgoing.retain(|_, o| o.token != Some(token));
+        self.release_idle_tables();
         let observing = pending.observe
             && response.get_first_option(CoapOption::Observe).is_some()
             && matches!(response.header.code, MessageClass::Response(r) if !r.is_error());
@@ -691,10 +718,9 @@ mod tests {
 
     #[test]
     fn garbage_never_panics_and_is_counted() {
-        use rand::SeedableRng;
         let now = Instant::now();
         let mut layer = MessageLayer::new(CoapConfig::default(), 10);
-        let mut rng = ChaCha8Rng::seed_from_u64(10);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(10);
         for _ in 0..50_000 {
             let len = rng.gen_range(0..64);
             let d: Vec<u8> = (0..len).map(|_| rng.gen()).collect();

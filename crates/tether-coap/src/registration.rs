@@ -135,7 +135,8 @@ pub enum RegistryEvent {
 
 /// The registry of an LwM2M server. See the module docs.
 pub struct Registry {
-    by_endpoint: HashMap<String, Registration>,
+    /// Boxed: the table stays dense with 100,000 registrations.
+    by_endpoint: HashMap<String, Box<Registration>>,
     by_id: HashMap<String, String>,
     expiries: BTreeSet<(Instant, String)>,
     rng: ChaCha8Rng,
@@ -172,12 +173,12 @@ impl Registry {
 
     /// The registration of `endpoint`.
     pub fn get(&self, endpoint: &str) -> Option<&Registration> {
-        self.by_endpoint.get(endpoint)
+        self.by_endpoint.get(endpoint).map(|r| &**r)
     }
 
     /// Every registration.
     pub fn registrations(&self) -> impl Iterator<Item = &Registration> {
-        self.by_endpoint.values()
+        self.by_endpoint.values().map(|r| &**r)
     }
 
     /// Puts back a registration loaded from storage (restart). Its lifetime keeps counting
@@ -278,7 +279,7 @@ impl Registry {
                 _ => return response(ResponseType::BadRequest),
             }
         };
-        let Some(mut registration) = self.by_endpoint.get(&endpoint).cloned() else {
+        let Some(mut registration) = self.by_endpoint.get(&endpoint).map(|r| (**r).clone()) else {
             return response(ResponseType::NotFound);
         };
         if registration.identity != identity {
@@ -298,7 +299,7 @@ impl Registry {
             registration.links = links;
         }
         self.expiries.insert((registration.expires_at(), endpoint.clone()));
-        self.by_endpoint.insert(endpoint, registration.clone());
+        self.by_endpoint.insert(endpoint, Box::new(registration.clone()));
         self.events.push_back(RegistryEvent::Updated { registration, moved_from });
         response(ResponseType::Changed)
     }
@@ -323,8 +324,8 @@ impl Registry {
         let registration = self.by_endpoint.get_mut(&endpoint)?;
         registration.peer = to;
         let registration = registration.clone();
-        self.events.push_back(RegistryEvent::Updated { registration, moved_from: Some(from) });
-        self.by_endpoint.get(&endpoint)
+        self.events.push_back(RegistryEvent::Updated { registration: *registration, moved_from: Some(from) });
+        self.by_endpoint.get(&endpoint).map(|r| &**r)
     }
 
     /// Drops a registration that could not be made durable (its acknowledgement is withheld).
@@ -370,14 +371,14 @@ impl Registry {
     fn insert(&mut self, registration: Registration) {
         self.expiries.insert((registration.expires_at(), registration.endpoint.clone()));
         self.by_id.insert(registration.id.clone(), registration.endpoint.clone());
-        self.by_endpoint.insert(registration.endpoint.clone(), registration);
+        self.by_endpoint.insert(registration.endpoint.clone(), Box::new(registration));
     }
 
     fn remove(&mut self, endpoint: &str) -> Option<Registration> {
         let registration = self.by_endpoint.remove(endpoint)?;
         self.by_id.remove(&registration.id);
         self.expiries.remove(&(registration.expires_at(), registration.endpoint.clone()));
-        Some(registration)
+        Some(*registration)
     }
 }
 

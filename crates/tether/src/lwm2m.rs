@@ -158,7 +158,6 @@ impl Lwm2mServer {
             pending: HashMap::new(),
             observations: HashMap::new(),
             next_observation: 1,
-            last_heard: HashMap::new(),
             queued: HashMap::new(),
             queue_awake: config.queue_awake,
             queue_limit: config.queue_limit,
@@ -300,7 +299,10 @@ struct Session {
     /// (replaced by a re-handshake from the same address) must not remove this one.
     generation: tether_proto::pool::Generation,
     identity: Option<String>,
-    layer: MessageLayer,
+    /// When the peer last sent anything (queue mode).
+    last_heard: Option<std::time::Instant>,
+    /// Boxed: the session table stays small and dense with thousands of devices.
+    layer: Box<MessageLayer>,
 }
 
 type Reply = oneshot::Sender<Result<DeviceResponse, Lwm2mError>>;
@@ -349,8 +351,6 @@ struct Actor {
     pending: HashMap<(SocketAddr, Token), Waiting>,
     observations: HashMap<(SocketAddr, Token), (u64, mpsc::Sender<DeviceResponse>)>,
     next_observation: u64,
-    /// When each peer last sent anything (queue mode).
-    last_heard: HashMap<SocketAddr, std::time::Instant>,
     /// Requests held for sleeping queue-mode endpoints, with their deadlines.
     queued: HashMap<String, std::collections::VecDeque<(std::time::Instant, Command)>>,
     queue_awake: Duration,
@@ -387,8 +387,8 @@ impl Actor {
                 received = dtls.recv() => {
                     let Some((peer, data)) = received else { return };
                     let now = clock::now();
-                    self.last_heard.insert(peer, now);
                     if let Some(session) = self.sessions.get_mut(&peer) {
+                        session.last_heard = Some(now);
                         session.layer.handle_datagram(now, &data);
                         self.drive(peer).await;
                     }
@@ -401,7 +401,6 @@ impl Actor {
                         if let Some(at) = self.timer_of.remove(&departed.peer) {
                             self.timers.remove(&(at, departed.peer));
                         }
-                        self.last_heard.remove(&departed.peer);
                         self.fail_pending(departed.peer);
                     }
                 }
@@ -433,8 +432,9 @@ impl Actor {
     fn open_session(&mut self, accepted: &Accepted) {
         let identity = accepted.identity.as_ref().map(authorization_identity);
         self.seed = self.seed.wrapping_add(1);
-        let layer = MessageLayer::new(self.config.clone(), self.seed);
-        self.sessions.insert(accepted.peer, Session { generation: accepted.generation, identity, layer });
+        let layer = Box::new(MessageLayer::new(self.config.clone(), self.seed));
+        let session = Session { generation: accepted.generation, identity, last_heard: None, layer };
+        self.sessions.insert(accepted.peer, session);
     }
 
     /// A session's peer moved from `from` to `to` (DTLS Connection ID): everything keyed by
@@ -449,9 +449,6 @@ impl Actor {
             self.timers.remove(&(at, from));
             self.timers.insert((at, to));
             self.timer_of.insert(to, at);
-        }
-        if let Some(heard) = self.last_heard.remove(&from) {
-            self.last_heard.insert(to, heard);
         }
         let rekey = |map_keys: Vec<(SocketAddr, Token)>| map_keys.into_iter().filter(|(p, _)| *p == from);
         for key in rekey(self.pending.keys().copied().collect()) {
@@ -481,7 +478,8 @@ impl Actor {
             return Some(command);
         }
         let now = clock::now();
-        let heard = self.last_heard.get(&registration.peer).copied().unwrap_or(registration.last_update);
+        let heard =
+            self.sessions.get(&registration.peer).and_then(|s| s.last_heard).unwrap_or(registration.last_update);
         if now.saturating_duration_since(heard) < self.queue_awake {
             return Some(command);
         }

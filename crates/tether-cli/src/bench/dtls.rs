@@ -16,7 +16,7 @@ use tether_proto::dtls::{
     Session, SessionConfig, StaticPskStore,
 };
 
-use super::rss_bytes;
+use super::live_rss_bytes;
 use super::{percentiles_us, Figure};
 
 /// What to measure and for how long.
@@ -282,7 +282,7 @@ fn udp_round_trips(server: SocketAddr, duration: Duration, payload: usize) -> Re
 fn memory_per_session(server: &Arc<DtlsContext>, client: &Arc<DtlsContext>, count: usize) -> Result<f64> {
     let now = Instant::now();
     let mut held = Vec::with_capacity(count);
-    let before = rss_bytes()?;
+    let before = live_rss_bytes()?;
     for _ in 0..count {
         let mut c = Session::client(client, now)?;
         let mut s = Session::server(server, now)?;
@@ -299,7 +299,7 @@ fn memory_per_session(server: &Arc<DtlsContext>, client: &Arc<DtlsContext>, coun
         }
         held.push(s);
     }
-    let after = rss_bytes()?;
+    let after = live_rss_bytes()?;
     drop(held);
     Ok((after - before) / count as f64)
 }

@@ -612,7 +612,9 @@ impl DtlsContext {
 
     /// The resumption entry (OpenSSL's DER of the session) of `session_id`, to persist.
     pub fn resumption_entry(&self, session_id: &[u8]) -> Option<Vec<u8>> {
-        self.resumption.as_ref().and_then(|cache| lock(cache).get(session_id).map(<[u8]>::to_vec))
+        let der = self.resumption.as_ref().and_then(|cache| lock(cache).get(session_id).map(<[u8]>::to_vec))?;
+        let session = openssl::ssl::SslSession::from_der(&der).ok()?;
+        (session.id() == session_id).then_some(der)
     }
 
     /// Stores a resumption entry (from [`DtlsContext::resumption_entry`], after a restart).

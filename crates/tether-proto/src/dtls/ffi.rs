@@ -130,7 +130,8 @@ pub(crate) fn serve_sessions_from(
 ) {
     let lookup = move |_: &mut SslRef, session_id: &[u8]| {
         let cache = super::config::lock(&cache);
-        cache.get(session_id).and_then(|der| openssl::ssl::SslSession::from_der(der).ok())
+        let session = cache.get(session_id).and_then(|der| openssl::ssl::SslSession::from_der(der).ok())?;
+        (session.id() == session_id).then_some(session)
     };
     // SAFETY: the callback returns sessions decoded from DER, which belong to no context;
     // the requirement is only that a returned session not belong to a *different* context.

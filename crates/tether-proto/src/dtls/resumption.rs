@@ -20,13 +20,20 @@
 use std::collections::{HashMap, VecDeque};
 
 /// Session ID → the session's DER, bounded, oldest first out.
+///
+/// Keyed by the first 8 bytes of the session ID (OpenSSL's IDs are 32 random bytes), so an
+/// entry costs its DER and two words; a lookup is confirmed against the whole ID in the DER.
 #[derive(Debug, Default)]
 pub(crate) struct ResumptionCache {
     capacity: usize,
-    entries: HashMap<Box<[u8]>, Entry>,
+    entries: HashMap<u64, Entry>,
     /// Insertion order with the generation of each insertion; stale ones are skipped.
-    order: VecDeque<(Box<[u8]>, u64)>,
+    order: VecDeque<(u64, u64)>,
     next_generation: u64,
+}
+
+fn key(session_id: &[u8]) -> u64 {
+    session_id.iter().take(8).fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
 }
 
 #[derive(Debug)]
@@ -53,8 +60,8 @@ impl ResumptionCache {
         }
         let generation = self.next_generation;
         self.next_generation += 1;
-        self.entries.insert(session_id.into(), Entry { der, generation });
-        self.order.push_back((session_id.into(), generation));
+        self.entries.insert(key(session_id), Entry { der, generation });
+        self.order.push_back((key(session_id), generation));
         while self.entries.len() > self.capacity {
             let Some((id, generation)) = self.order.pop_front() else { break };
             if self.entries.get(&id).is_some_and(|e| e.generation == generation) {
@@ -68,14 +75,15 @@ impl ResumptionCache {
         }
     }
 
-    /// The DER of the session `session_id`.
+    /// The DER of the session `session_id` (or of one whose ID begins the same: the caller
+    /// confirms the whole ID).
     pub fn get(&self, session_id: &[u8]) -> Option<&[u8]> {
-        self.entries.get(session_id).map(|e| &*e.der)
+        self.entries.get(&key(session_id)).map(|e| &*e.der)
     }
 
     /// Forgets a session (it ended with a fatal alert and must not be resumed).
     pub fn remove(&mut self, session_id: &[u8]) {
-        self.entries.remove(session_id);
+        self.entries.remove(&key(session_id));
     }
 }
 
@@ -101,7 +109,7 @@ mod tests {
     #[test]
     fn refreshing_forever_keeps_the_order_queue_bounded() {
         let mut cache = ResumptionCache::new(4);
-        for i in 0..10_000u32 {
+        for i in 0..10_000u64 {
             cache.insert(&(i % 3).to_be_bytes(), Box::new([0]));
         }
         assert_eq!(cache.len(), 3);

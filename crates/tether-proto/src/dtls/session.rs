@@ -477,6 +477,10 @@ impl Session {
     /// The next datagram to send.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         let contents = self.outgoing.pop_front()?;
+        if self.outgoing.is_empty() {
+            // An idle session holds no buffer: thousands of them wait between requests.
+            self.outgoing.shrink_to_fit();
+        }
         self.stats.datagrams_sent += 1;
         self.stats.bytes_sent += contents.len() as u64;
         Some(Transmit { contents })
@@ -493,7 +497,11 @@ impl Session {
 
     /// The next event.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        let event = self.events.pop_front()?;
+        if self.events.is_empty() {
+            self.events.shrink_to_fit();
+        }
+        Some(event)
     }
 
     /// Time OpenSSL's retransmission timer has left on the wall clock, if it runs. For

@@ -98,10 +98,22 @@ impl SessionSnapshot {
         Some(&self.layer.recv_cid[..]).filter(|cid| !cid.is_empty())
     }
 
-    /// Every write sequence number below this may have been used: a restored session
-    /// starts here.
+    /// The write-sequence limit: every sequence number below it may have been used. Above
+    /// 2^48 when the session reserved none (its sequence numbers were not persisted).
     pub fn write_limit(&self) -> u64 {
         self.layer.write_limit.max(self.layer.write_sequence)
+    }
+
+    /// Where a restored session starts writing: at its limit when it had a reservation, so
+    /// no sequence number is used twice; otherwise at the sequence number of the moment the
+    /// snapshot was taken, which is safe only if the session sent nothing after it.
+    fn restart_sequence(&self) -> u64 {
+        let l = &self.layer;
+        if l.write_limit > MAX_SEQUENCE {
+            l.write_sequence
+        } else {
+            l.write_limit.max(l.write_sequence)
+        }
     }
 
     /// Moves the persisted write limit and replay window forward (a checkpoint applied to
@@ -231,7 +243,9 @@ impl Session {
 
     /// An established session from a snapshot, with no handshake. It writes from the
     /// snapshot's write limit on, so no sequence number (and no AEAD nonce) is used twice,
-    /// and sends nothing until [`Session::extend_write_limit`] reserves more. The
+    /// and sends nothing until [`Session::extend_write_limit`] reserves more. (A session
+    /// that reserved nothing restarts where the snapshot was taken: restore such a snapshot
+    /// only if the session sent nothing after it.) The
     /// snapshot's resumption entry goes back into the context's cache.
     pub fn restore(
         context: &Arc<DtlsContext>,
@@ -242,7 +256,7 @@ impl Session {
         if l.role != context.role() {
             return Err(SnapshotError::WrongRole(l.role));
         }
-        let start = snapshot.write_limit();
+        let start = snapshot.restart_sequence();
         let mut session_id = [0u8; 32];
         session_id[..l.session_id.len()].copy_from_slice(&l.session_id);
         let layer = RecordLayer {

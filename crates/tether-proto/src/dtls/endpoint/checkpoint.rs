@@ -91,7 +91,7 @@ impl Endpoint {
             self.cids.insert(cid, handle);
         }
         let entry = Entry { session, peer, client_random: [0; 32], timer: None, established: true, cid, dirty: false };
-        self.sessions.insert(handle, entry);
+        self.sessions.insert(handle, Box::new(entry));
         if let Some(displaced) = self.peers.entry(peer).or_default().established.replace(handle) {
             self.remove(displaced, crate::dtls::CloseReason::Replaced);
         }

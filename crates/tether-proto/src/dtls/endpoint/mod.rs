@@ -288,7 +288,8 @@ pub struct Endpoint {
     context: Arc<DtlsContext>,
     config: EndpointConfig,
     cookies: CookieKeys,
-    sessions: HashMap<SessionHandle, Entry>,
+    /// Boxed entries: the table stays dense (a few words a bucket) with 100,000 sessions.
+    sessions: HashMap<SessionHandle, Box<Entry>>,
     peers: HashMap<SocketAddr, PeerSlot>,
     timers: BinaryHeap<Reverse<(Instant, SessionHandle)>>,
     /// Sessions by the Connection ID they were given (its bytes as a big-endian number).
@@ -546,10 +547,8 @@ impl Endpoint {
         self.next_handle += 1;
         let mut client_random = [0u8; 32];
         client_random.copy_from_slice(hello.random);
-        self.sessions.insert(
-            handle,
-            Entry { session, peer: from, client_random, timer: None, established: false, cid, dirty: false },
-        );
+        let entry = Entry { session, peer: from, client_random, timer: None, established: false, cid, dirty: false };
+        self.sessions.insert(handle, Box::new(entry));
         if let Some(cid) = cid {
             self.cids.insert(cid, handle);
         }
@@ -576,6 +575,11 @@ impl Endpoint {
             entry.timer = None;
             entry.session.handle_timeout(now);
             self.drain(handle);
+        }
+        // Handshake timers leave the heap long after a burst of handshakes; its storage
+        // should not stay sized for the burst.
+        if self.timers.capacity() > 1024 && self.timers.len() < self.timers.capacity() / 4 {
+            self.timers.shrink_to(self.timers.len() * 2);
         }
     }
 
