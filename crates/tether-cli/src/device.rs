@@ -71,6 +71,11 @@ pub struct DeviceArgs {
     /// Never resume a session: every handshake is a full one.
     #[arg(long)]
     pub no_resume: bool,
+    /// Local IP address of the devices' sockets (port 0: one port each). On loopback a
+    /// fleet beyond ~25,000 devices runs out of ports on one address; give each fleet its
+    /// own (127.0.1.1, 127.0.2.1, …).
+    #[arg(long, value_name = "IP")]
+    pub bind: Option<std::net::IpAddr>,
     /// Offer a DTLS Connection ID (RFC 9146): the server routes this device's records by
     /// it, so the session survives a new address or port (NAT rebinding) with no handshake.
     #[arg(long)]
@@ -162,6 +167,7 @@ impl DeviceArgs {
         client.seed = rand::random::<u64>() ^ i as u64;
         let mut config = Lwm2mDeviceConfig::new(client, server, context);
         config.resume = !self.no_resume;
+        config.local = self.bind.map(|ip| SocketAddr::new(ip, 0));
         config
     }
 }

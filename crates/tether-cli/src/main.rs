@@ -97,6 +97,46 @@ enum BenchTarget {
         #[arg(long)]
         json: bool,
     },
+    /// N devices held at once by an LwM2M server in this process (the fleets in child
+    /// processes): live memory per device (sessions, CoAP layers, registrations) and the read
+    /// rate across all of them beside the rate across 1,000.
+    Scale {
+        /// Devices held.
+        #[arg(long, default_value_t = 100_000)]
+        devices: usize,
+        /// Devices per `tether device` process (each holds about two file descriptors per
+        /// device, within the per-process limit).
+        #[arg(long, default_value_t = 8_000)]
+        per_process: usize,
+        /// Registrations started per second, over all processes.
+        #[arg(long, default_value_t = 1_500.0)]
+        rate: f64,
+        /// Seconds per read phase.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Reads in flight at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// `tether serve` killed with SIGKILL under a fleet and started again: handshakes until
+    /// every device is back, with the session store and (baseline) without it.
+    Restart {
+        /// Devices in the fleet.
+        #[arg(long, default_value_t = 1000)]
+        devices: usize,
+        /// Registration lifetime in seconds (devices update at about half of it).
+        #[arg(long, default_value_t = 20)]
+        lifetime: u64,
+        /// Longest wait, in seconds, for the fleet after each restart.
+        #[arg(long, default_value_t = 180)]
+        patience: u64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// The session pool over real UDP on 127.0.0.1: requests to one peer through the pool
     /// versus a new handshake per request, and pooled round trips versus plain UDP.
     Pool {
@@ -180,6 +220,26 @@ fn bench(target: BenchTarget) -> Result<()> {
             let options = bench::lwm2m::Lwm2mBenchOptions { devices, seconds, concurrency, threads };
             let figures = bench::lwm2m::run(&options)?;
             report(json, "tether bench lwm2m (loopback, this machine, this run)", &figures)
+        }
+        BenchTarget::Scale { devices, per_process, rate, seconds, concurrency, json } => {
+            if devices == 0 || devices > 1_000_000 || per_process == 0 || per_process > 9_000 {
+                anyhow::bail!("--devices must be between 1 and 1000000 and --per-process between 1 and 9000");
+            }
+            if !(rate > 0.0 && rate <= 100_000.0 && seconds > 0.0 && seconds <= 600.0) || concurrency == 0 {
+                anyhow::bail!("--rate must be in (0, 100000], --seconds in (0, 600] and --concurrency positive");
+            }
+            let options = bench::scale::ScaleBenchOptions { devices, per_process, rate, seconds, concurrency };
+            let figures = bench::scale::run(&options)?;
+            report(json, "tether bench scale (loopback, this machine, this run)", &figures)
+        }
+        BenchTarget::Restart { devices, lifetime, patience, json } => {
+            if devices == 0 || devices > 9_000 || lifetime < 10 || patience == 0 {
+                anyhow::bail!("--devices must be between 1 and 9000, --lifetime at least 10, --patience positive");
+            }
+            let patience = Duration::from_secs(patience);
+            let options = bench::restart::RestartBenchOptions { devices, lifetime, patience };
+            let figures = bench::restart::run(&options)?;
+            report(json, "tether bench restart (loopback, this machine, this run)", &figures)
         }
         BenchTarget::Pool { requests, payload, max_seconds, threads, json } => {
             if requests == 0 || payload == 0 || payload > 1000 {

@@ -23,3 +23,4 @@ pub mod link_format;
 pub mod message;
 pub mod packet;
 pub mod registration;
+mod small_map;

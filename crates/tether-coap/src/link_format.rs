@@ -111,10 +111,15 @@ pub fn parse(input: &str) -> Result<Vec<Link>, LinkFormatError> {
             };
             attributes.push((name, value));
         }
+        // Registrations keep their links for their lifetime: no spare capacity.
+        attributes.shrink_to_fit();
         links.push(Link { target, attributes });
         i = skip_ws(bytes, i);
         match bytes.get(i) {
-            None => return Ok(links),
+            None => {
+                links.shrink_to_fit();
+                return Ok(links);
+            }
             Some(b',') => i = skip_ws(bytes, i + 1),
             Some(_) => return Err(LinkFormatError { at: i, what: "',' or the end" }),
         }

@@ -8,12 +8,14 @@
 //! Over DTLS one layer serves one session: message IDs, tokens and the deduplication cache
 //! are per peer.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+
+use crate::small_map::SmallMap;
 
 /// Transmission parameters (RFC 7252 §4.8).
 #[derive(Debug, Clone, PartialEq)]
@@ -169,22 +171,30 @@ struct Pending {
 }
 
 struct Seen {
+    message_id: u16,
     expires: Instant,
-    response: Option<Vec<u8>>,
+    response: Option<Box<[u8]>>,
 }
+
+/// Message IDs remembered per peer for deduplication. A device sends far fewer within
+/// EXCHANGE_LIFETIME; a peer that sends more loses deduplication of its oldest, not the
+/// server its memory.
+pub const MAX_REMEMBERED: usize = 1024;
 
 /// One peer's message layer. See the module docs.
 pub struct MessageLayer {
-    config: CoapConfig,
+    /// Shared by every peer's layer of a server.
+    config: std::sync::Arc<CoapConfig>,
     /// Message IDs, tokens and retransmission jitter: nothing secret (the DTLS session
     /// authenticates every message), so a small fast generator (32 bytes per peer).
     rng: SmallRng,
     next_message_id: u16,
-    outgoing: HashMap<u16, Outgoing>,
-    pending: HashMap<Token, Pending>,
-    observations: HashMap<Token, ()>,
-    seen: HashMap<u16, Seen>,
-    seen_order: VecDeque<(Instant, u16)>,
+    outgoing: SmallMap<u16, Outgoing>,
+    pending: SmallMap<Token, Pending>,
+    observations: SmallMap<Token, ()>,
+    /// Message IDs received within EXCHANGE_LIFETIME, oldest first (all expire after the
+    /// same lifetime), with the answer sent; at most [`MAX_REMEMBERED`].
+    seen: VecDeque<Seen>,
     transmits: VecDeque<Vec<u8>>,
     events: VecDeque<CoapEvent>,
     stats: CoapStats,
@@ -202,18 +212,18 @@ impl std::fmt::Debug for MessageLayer {
 
 impl MessageLayer {
     /// A layer whose message IDs, tokens and retransmission jitter draw from `seed`.
-    pub fn new(config: CoapConfig, seed: u64) -> Self {
+    pub fn new(config: impl Into<std::sync::Arc<CoapConfig>>, seed: u64) -> Self {
+        let config = config.into();
         let mut rng = SmallRng::seed_from_u64(seed);
         let next_message_id = rng.gen();
         Self {
             config,
             rng,
             next_message_id,
-            outgoing: HashMap::new(),
-            pending: HashMap::new(),
-            observations: HashMap::new(),
-            seen: HashMap::new(),
-            seen_order: VecDeque::new(),
+            outgoing: SmallMap::default(),
+            pending: SmallMap::default(),
+            observations: SmallMap::default(),
+            seen: VecDeque::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             stats: CoapStats::default(),
@@ -271,7 +281,7 @@ impl MessageLayer {
     /// non-confirmable response. The answer is remembered and sent again if the request is
     /// repeated within EXCHANGE_LIFETIME.
     pub fn respond(&mut self, _now: Instant, id: &IncomingRequest, mut response: Packet) -> Result<(), CoapError> {
-        let Some(seen) = self.seen.get(&id.message_id) else {
+        let Some(seen) = self.seen.iter().find(|s| s.message_id == id.message_id) else {
             return Err(CoapError::AlreadyAnswered);
         };
         if seen.response.is_some() {
@@ -286,8 +296,8 @@ impl MessageLayer {
             response.header.message_id = self.message_id();
         }
         let datagram = response.to_bytes().map_err(|e| CoapError::Encode(e.to_string()))?;
-        if let Some(seen) = self.seen.get_mut(&id.message_id) {
-            seen.response = Some(datagram.clone());
+        if let Some(seen) = self.seen.iter_mut().find(|s| s.message_id == id.message_id) {
+            seen.response = Some(datagram.clone().into_boxed_slice());
         }
         self.transmits.push_back(datagram);
         Ok(())
@@ -403,16 +413,12 @@ impl MessageLayer {
             self.outgoing.retain(|_, o| o.token != Some(token));
             self.fail(token, RequestFailure::Timeout);
         }
-        while let Some(&(expires, message_id)) = self.seen_order.front() {
-            if expires > now {
-                break;
-            }
-            self.seen_order.pop_front();
-            if self.seen.get(&message_id).is_some_and(|s| s.expires <= now) {
-                self.seen.remove(&message_id);
-            }
+        while self.seen.front().is_some_and(|s| s.expires <= now) {
+            self.seen.pop_front();
         }
-        self.release_idle_tables();
+        if self.seen.is_empty() {
+            self.seen.shrink_to_fit();
+        }
     }
 
     /// The next datagram to send.
@@ -434,26 +440,11 @@ impl MessageLayer {
         event
     }
 
-    /// Frees the storage of the tables that emptied (an idle peer costs no more than the
-    /// layer itself).
-    fn release_idle_tables(&mut self) {
-        if self.outgoing.is_empty() {
-            self.outgoing.shrink_to_fit();
-        }
-        if self.pending.is_empty() {
-            self.pending.shrink_to_fit();
-        }
-        if self.seen.is_empty() {
-            self.seen.shrink_to_fit();
-            self.seen_order.shrink_to_fit();
-        }
-    }
-
     /// When `handle_timeout` has work.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let retransmit = self.outgoing.values().map(|o| o.next_at).min();
         let deadline = self.pending.values().filter(|p| !p.answered).map(|p| p.deadline).min();
-        let forget = self.seen_order.front().map(|(at, _)| *at);
+        let forget = self.seen.front().map(|s| s.expires);
         [retransmit, deadline, forget].into_iter().flatten().min()
     }
 
@@ -474,16 +465,22 @@ impl MessageLayer {
     }
 
     fn is_duplicate(&mut self, now: Instant, message_id: u16) -> bool {
-        if let Some(seen) = self.seen.get(&message_id) {
+        if let Some(seen) = self.seen.iter().find(|s| s.message_id == message_id) {
             self.stats.duplicates += 1;
             if let Some(response) = &seen.response {
-                self.transmits.push_back(response.clone());
+                self.transmits.push_back(response.to_vec());
             }
             return true;
         }
+        if self.seen.len() >= MAX_REMEMBERED {
+            self.seen.pop_front();
+        }
+        if self.seen.is_empty() {
+            // Most peers have one exchange open at a time: room for exactly that.
+            self.seen.reserve_exact(1);
+        }
         let expires = now + self.config.exchange_lifetime;
-        self.seen.insert(message_id, Seen { expires, response: None });
-        self.seen_order.push_back((expires, message_id));
+        self.seen.push_back(Seen { message_id, expires, response: None });
         false
     }
 
@@ -514,7 +511,6 @@ impl MessageLayer {
             return;
         };
         self.outgoing.retain(|_, o| o.token != Some(token));
-        self.release_idle_tables();
         let observing = pending.observe
             && response.get_first_option(CoapOption::Observe).is_some()
             && matches!(response.header.code, MessageClass::Response(r) if !r.is_error());

@@ -150,7 +150,7 @@ impl Lwm2mServer {
             store,
             unapplied: Vec::new(),
             registry,
-            config: config.coap.clone(),
+            config: Arc::new(config.coap.clone()),
             seed: config.seed,
             sessions: HashMap::new(),
             timers: std::collections::BTreeSet::new(),
@@ -341,7 +341,7 @@ struct Actor {
     /// Registry events written to the store but not yet acted on.
     unapplied: Vec<RegistryEvent>,
     registry: Registry,
-    config: CoapConfig,
+    config: Arc<CoapConfig>,
     seed: u64,
     sessions: HashMap<SocketAddr, Session>,
     /// Each session's next CoAP timer, ordered: the loop finds the earliest and the due ones
@@ -432,7 +432,7 @@ impl Actor {
     fn open_session(&mut self, accepted: &Accepted) {
         let identity = accepted.identity.as_ref().map(authorization_identity);
         self.seed = self.seed.wrapping_add(1);
-        let layer = Box::new(MessageLayer::new(self.config.clone(), self.seed));
+        let layer = Box::new(MessageLayer::new(Arc::clone(&self.config), self.seed));
         let session = Session { generation: accepted.generation, identity, last_heard: None, layer };
         self.sessions.insert(accepted.peer, session);
     }

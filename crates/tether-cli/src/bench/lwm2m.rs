@@ -53,7 +53,7 @@ pub fn run(options: &Lwm2mBenchOptions) -> Result<Vec<Figure>> {
 }
 
 /// A child process this benchmark started; ended by its PID when dropped.
-struct Fleet(Child);
+pub(crate) struct Fleet(pub(crate) Child);
 
 impl Drop for Fleet {
     fn drop(&mut self) {

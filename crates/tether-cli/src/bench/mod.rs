@@ -4,6 +4,8 @@
 pub mod dtls;
 pub mod lwm2m;
 pub mod pool;
+pub mod restart;
+pub mod scale;
 
 use serde::Serialize;
 
