@@ -12,8 +12,8 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tether::lwm2m::{build, DeviceResponse, Lwm2mError, Lwm2mServer};
 use tether_coap::coap_lite::{MessageClass, RequestType, ResponseType};
+use tether_coap::content;
 use tether_coap::registration::Registration;
-use tether_coap::{content, link_format};
 use tokio::sync::mpsc;
 
 /// Observations started through the API, by id, with their notification queues.
@@ -68,7 +68,7 @@ fn view(r: &Registration) -> ClientView {
         lifetime_s: r.lifetime.as_secs(),
         binding: r.binding.as_str(),
         lwm2m_version: r.version.clone(),
-        objects: link_format::format(&r.links),
+        objects: r.links.as_str().to_string(),
         expires_in_s: r.expires_at().saturating_duration_since(std::time::Instant::now()).as_secs(),
         updated_s_ago: std::time::Instant::now().saturating_duration_since(r.last_update).as_secs_f64(),
     }

@@ -202,14 +202,19 @@ fn write_security(args: &DeviceArgs, path: &PathBuf) -> Result<()> {
 async fn fleet(args: DeviceArgs, server: SocketAddr) -> Result<()> {
     let started = Instant::now();
     let mut devices = Vec::with_capacity(args.count);
+    // One DTLS context for the whole fleet; PSK devices bring their own identity.
+    let context = args.context(&args.names(0).1)?;
+    let key = PskKey::from_hex(&args.psk_key).map_err(|e| anyhow::anyhow!("--psk-key: {e}"))?;
     for i in 0..args.count {
         if args.rate > 0.0 {
             let due = started + Duration::from_secs_f64(i as f64 / args.rate);
             tokio::time::sleep_until(due.into()).await;
         }
-        let (_, identity) = args.names(i);
-        let context = args.context(&identity)?;
-        devices.push(Lwm2mDevice::start(args.device_config(i, server, context))?);
+        let mut config = args.device_config(i, server, Arc::clone(&context));
+        if args.certificate.is_none() {
+            config.psk = Some((args.names(i).1.into_bytes(), key.clone()));
+        }
+        devices.push(Lwm2mDevice::start(config)?);
     }
     println!("tether device: {} device(s) started against {server}", devices.len());
 

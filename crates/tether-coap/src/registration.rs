@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use coap_lite::{CoapOption, MessageClass, Packet, RequestType, ResponseType};
@@ -73,13 +74,41 @@ pub struct Registration {
     /// Binding.
     pub binding: Binding,
     /// Objects and instances the device declared.
-    pub links: Vec<Link>,
+    pub links: Links,
     /// The content format the device prefers (`ct` on the `</>` link), if declared.
     pub content_format: Option<u16>,
     /// When it registered.
     pub registered_at: Instant,
     /// When it last registered or updated.
     pub last_update: Instant,
+}
+
+/// The objects and instances a device declared, kept as their link-format text (one
+/// allocation per registration, where a parsed list costs a dozen) and parsed when read.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Links(Box<str>);
+
+impl Links {
+    /// Parses and keeps a link-format document (in canonical form).
+    pub fn parse(text: &str) -> Result<Self, link_format::LinkFormatError> {
+        Ok(Self::from_links(&link_format::parse(text)?))
+    }
+
+    /// Keeps `links`.
+    pub fn from_links(links: &[Link]) -> Self {
+        Self(link_format::format(links).into_boxed_str())
+    }
+
+    /// The links.
+    pub fn to_vec(&self) -> Vec<Link> {
+        // The text was formatted from parsed links, so it parses.
+        link_format::parse(&self.0).unwrap_or_default()
+    }
+
+    /// The link-format text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 impl Registration {
@@ -136,9 +165,10 @@ pub enum RegistryEvent {
 /// The registry of an LwM2M server. See the module docs.
 pub struct Registry {
     /// Boxed: the table stays dense with 100,000 registrations.
-    by_endpoint: HashMap<String, Box<Registration>>,
-    by_id: HashMap<String, String>,
-    expiries: BTreeSet<(Instant, String)>,
+    by_endpoint: HashMap<Arc<str>, Box<Registration>>,
+    /// Registration ID → endpoint name (shared with the other indexes).
+    by_id: HashMap<Box<str>, Arc<str>>,
+    expiries: BTreeSet<(Instant, Arc<str>)>,
     rng: ChaCha8Rng,
     events: VecDeque<RegistryEvent>,
 }
@@ -251,7 +281,7 @@ impl Registry {
             lifetime,
             version: query.version.unwrap_or_else(|| "1.0".into()),
             binding: query.binding.unwrap_or(Binding::Udp),
-            links,
+            links: Links::from_links(&links),
             content_format,
             registered_at: now,
             last_update: now,
@@ -296,7 +326,7 @@ impl Registry {
             registration.binding = binding;
         }
         if let Some(links) = links {
-            registration.links = links;
+            registration.links = Links::from_links(&links);
         }
         self.expiries.insert((registration.expires_at(), endpoint.clone()));
         self.by_endpoint.insert(endpoint, Box::new(registration.clone()));
@@ -320,7 +350,7 @@ impl Registry {
     /// The device at `from` now talks from `to` over the same DTLS session (a Connection ID
     /// moved it): its registration follows, reported as an Update from the new address.
     pub fn move_peer(&mut self, from: SocketAddr, to: SocketAddr) -> Option<&Registration> {
-        let endpoint = self.by_endpoint.values().find(|r| r.peer == from)?.endpoint.clone();
+        let endpoint = self.by_endpoint.iter().find(|(_, r)| r.peer == from).map(|(e, _)| Arc::clone(e))?;
         let registration = self.by_endpoint.get_mut(&endpoint)?;
         registration.peer = to;
         let registration = registration.clone();
@@ -362,22 +392,23 @@ impl Registry {
         loop {
             let id: String =
                 (0..10).map(|_| char::from(b"abcdefghijkmnpqrstuvwxyz23456789"[self.rng.gen_range(0..32)])).collect();
-            if !self.by_id.contains_key(&id) {
+            if !self.by_id.contains_key(id.as_str()) {
                 return id;
             }
         }
     }
 
     fn insert(&mut self, registration: Registration) {
-        self.expiries.insert((registration.expires_at(), registration.endpoint.clone()));
-        self.by_id.insert(registration.id.clone(), registration.endpoint.clone());
-        self.by_endpoint.insert(registration.endpoint.clone(), Box::new(registration));
+        let endpoint: Arc<str> = Arc::from(registration.endpoint.as_str());
+        self.expiries.insert((registration.expires_at(), Arc::clone(&endpoint)));
+        self.by_id.insert(registration.id.as_str().into(), Arc::clone(&endpoint));
+        self.by_endpoint.insert(endpoint, Box::new(registration));
     }
 
     fn remove(&mut self, endpoint: &str) -> Option<Registration> {
-        let registration = self.by_endpoint.remove(endpoint)?;
-        self.by_id.remove(&registration.id);
-        self.expiries.remove(&(registration.expires_at(), registration.endpoint.clone()));
+        let (endpoint, registration) = self.by_endpoint.remove_entry(endpoint)?;
+        self.by_id.remove(registration.id.as_str());
+        self.expiries.remove(&(registration.expires_at(), endpoint));
         Some(*registration)
     }
 }
@@ -499,7 +530,7 @@ mod tests {
             (r.lifetime, r.version.as_str(), r.binding, r.content_format),
             (Duration::from_secs(300), "1.1", Binding::Udp, Some(11543))
         );
-        assert_eq!(r.links.len(), 3);
+        assert_eq!(r.links.to_vec().len(), 3);
         assert!(matches!(reg.poll_event(), Some(RegistryEvent::Registered { replaced: None, .. })));
 
         let update = request(RequestType::Post, &["rd", &id], &["lt=600"], "");

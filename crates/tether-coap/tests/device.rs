@@ -206,7 +206,7 @@ fn registers_with_its_objects_and_updates_before_the_lifetime_runs_out() {
     let mut h = Harness::new(config("dev-1"));
     let registration = h.registry.get("dev-1").expect("registered").clone();
     assert_eq!(registration.lifetime, Duration::from_secs(300));
-    let links: Vec<String> = registration.links.iter().map(|l| l.target.clone()).collect();
+    let links: Vec<String> = registration.links.to_vec().iter().map(|l| l.target.clone()).collect();
     assert!(links.contains(&"/1/0".to_string()) && links.contains(&"/3/0".to_string()), "{links:?}");
     assert!(!links.iter().any(|l| l.starts_with("/0")), "the Security object is never registered: {links:?}");
     assert_eq!(registration.content_format, Some(format::SENML_CBOR));

@@ -14,6 +14,7 @@
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Pool limits and timers.
@@ -149,8 +150,9 @@ pub struct PoolEntry {
     pub role: SessionRole,
     /// Where it is.
     pub state: EntryState,
-    /// Authenticated identity (PSK identity, certificate CN or endpoint name), once known.
-    pub identity: Option<String>,
+    /// Authenticated identity (PSK identity, certificate CN or endpoint name), once known;
+    /// shared with the pool's index by identity.
+    pub identity: Option<Arc<str>>,
     /// When it entered the pool.
     pub created: Instant,
     /// Last traffic in either direction (or creation).
@@ -242,7 +244,7 @@ pub struct PoolStats {
 pub struct PoolState {
     config: PoolConfig,
     entries: HashMap<SocketAddr, PoolEntry>,
-    by_identity: HashMap<String, SocketAddr>,
+    by_identity: HashMap<Arc<str>, SocketAddr>,
     /// Established entries by last activity: the first is the eviction candidate.
     lru: BTreeSet<(Instant, Generation, SocketAddr)>,
     next_generation: u64,
@@ -334,7 +336,8 @@ impl PoolState {
         entry.last_activity = now;
         let key = (now, generation, peer);
         if let Some(id) = identity {
-            entry.identity = Some(id.clone());
+            let id: Arc<str> = id.into();
+            entry.identity = Some(Arc::clone(&id));
             self.by_identity.insert(id, peer);
         }
         self.lru.insert(key);
@@ -360,7 +363,8 @@ impl PoolState {
         let generation = self.next_generation();
         let mut entry = self.new_entry(now, peer, generation, SessionRole::Accepted, EntryState::Established);
         if let Some(id) = identity {
-            self.by_identity.insert(id.clone(), peer);
+            let id: Arc<str> = id.into();
+            self.by_identity.insert(Arc::clone(&id), peer);
             entry.identity = Some(id);
         }
         self.entries.insert(peer, entry);
@@ -403,7 +407,7 @@ impl PoolState {
         }
         if let Some(id) = &entry.identity {
             if self.by_identity.get(id) == Some(&from) {
-                self.by_identity.insert(id.clone(), to);
+                self.by_identity.insert(Arc::clone(id), to);
             }
         }
         entry.peer = to;
@@ -416,7 +420,8 @@ impl PoolState {
         let Some(entry) = self.entries.get_mut(&peer).filter(|e| e.generation == generation) else {
             return false;
         };
-        if let Some(old) = entry.identity.replace(identity.clone()) {
+        let identity: Arc<str> = identity.into();
+        if let Some(old) = entry.identity.replace(Arc::clone(&identity)) {
             if self.by_identity.get(&old) == Some(&peer) {
                 self.by_identity.remove(&old);
             }
@@ -487,7 +492,7 @@ impl PoolState {
             .values()
             .map(|e| SessionStatistics {
                 peer: e.peer,
-                identity: e.identity.clone(),
+                identity: e.identity.as_deref().map(str::to_string),
                 role: e.role,
                 state: e.state,
                 generation: e.generation,

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tether_proto::dtls::{
-    CloseReason, ConfigError, DtlsContext, Event, PeerIdentity, SavedSession, SendError, Session,
+    CloseReason, ConfigError, DtlsContext, Event, PeerIdentity, PskKey, SavedSession, SendError, Session,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -154,10 +154,23 @@ impl DtlsClient {
         context: &Arc<DtlsContext>,
         saved: Option<&SavedSession>,
     ) -> Result<Self, ConnectError> {
+        Self::connect_on_as(socket, peer, context, saved, None).await
+    }
+
+    /// Like [`connect_on`](Self::connect_on), authenticating with `psk` (identity, key)
+    /// instead of the PSK of `context` when given: a fleet of devices shares one context.
+    pub async fn connect_on_as(
+        socket: Socket,
+        peer: SocketAddr,
+        context: &Arc<DtlsContext>,
+        saved: Option<&SavedSession>,
+        psk: Option<(&[u8], &PskKey)>,
+    ) -> Result<Self, ConnectError> {
         let now = clock::now();
-        let session = match saved {
-            Some(saved) => Session::client_resuming(context, now, saved),
-            None => Session::client(context, now),
+        let session = match (psk, saved) {
+            (Some((identity, key)), saved) => Session::client_with_psk(context, now, saved, identity, key),
+            (None, Some(saved)) => Session::client_resuming(context, now, saved),
+            (None, None) => Session::client(context, now),
         }
         .map_err(|e| ConnectError::Config(Arc::new(e)))?;
         let (commands, command_rx) = mpsc::channel(64);

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tether_coap::device::{Action, ClientConfig, ClientStats, DeviceEvent, Lwm2mClient};
-use tether_proto::dtls::{DtlsContext, SavedSession};
+use tether_proto::dtls::{DtlsContext, PskKey, SavedSession};
 use tether_proto::resilience::{BackoffConfig, BreakerConfig, ResilienceConfigError};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
@@ -27,6 +27,8 @@ use crate::socket::{MemoryNetwork, Socket};
 pub struct FixedPortTransport {
     server: SocketAddr,
     context: Arc<DtlsContext>,
+    /// This device's own PSK identity and key over a shared context.
+    psk: Option<(Vec<u8>, PskKey)>,
     local: LocalPort,
     /// The session to resume next time; `None` inside when resumption is off.
     saved: Option<Mutex<Option<SavedSession>>>,
@@ -47,7 +49,7 @@ impl FixedPortTransport {
         socket.set_nonblocking(true)?;
         // Connected, so ICMP port-unreachable surfaces as a refused handshake.
         socket.connect(server)?;
-        Ok(Self { server, context, local: LocalPort::Udp(socket), saved: Some(Mutex::new(None)) })
+        Ok(Self { server, context, psk: None, local: LocalPort::Udp(socket), saved: Some(Mutex::new(None)) })
     }
 
     /// Takes a port on an in-memory network (tests on paused time).
@@ -58,7 +60,20 @@ impl FixedPortTransport {
         context: Arc<DtlsContext>,
     ) -> std::io::Result<Self> {
         let addr = network.bind(local)?.local_addr()?;
-        Ok(Self { server, context, local: LocalPort::Memory(network.clone(), addr), saved: Some(Mutex::new(None)) })
+        Ok(Self {
+            server,
+            context,
+            psk: None,
+            local: LocalPort::Memory(network.clone(), addr),
+            saved: Some(Mutex::new(None)),
+        })
+    }
+
+    /// Authenticates with this PSK identity and key instead of the context's (a fleet of
+    /// devices on one PSK client context).
+    pub fn psk(mut self, identity: impl Into<Vec<u8>>, key: PskKey) -> Self {
+        self.psk = Some((identity.into(), key));
+        self
     }
 
     /// Whether a new handshake offers the last session for an abbreviated handshake
@@ -92,7 +107,8 @@ impl Transport for FixedPortTransport {
             }
         };
         let saved = self.saved.as_ref().and_then(|s| s.lock().unwrap_or_else(|e| e.into_inner()).clone());
-        let client = DtlsClient::connect_on(socket, self.server, &self.context, saved.as_ref()).await?;
+        let psk = self.psk.as_ref().map(|(identity, key)| (&identity[..], key));
+        let client = DtlsClient::connect_on_as(socket, self.server, &self.context, saved.as_ref(), psk).await?;
         if let Some(slot) = &self.saved {
             *slot.lock().unwrap_or_else(|e| e.into_inner()) = client.connection().saved_session.clone();
         }
@@ -116,12 +132,15 @@ pub struct Lwm2mDeviceConfig {
     pub memory: Option<MemoryNetwork>,
     /// Resume the last session on a new handshake (abbreviated handshake). Default true.
     pub resume: bool,
+    /// This device's PSK identity and key, over a PSK `context` shared by a fleet; `None`:
+    /// the context's own.
+    pub psk: Option<(Vec<u8>, PskKey)>,
 }
 
 impl Lwm2mDeviceConfig {
     /// A device described by `client` for the server at `server`, over UDP.
     pub fn new(client: ClientConfig, server: SocketAddr, context: Arc<DtlsContext>) -> Self {
-        Self { client, server, context, local: None, memory: None, resume: true }
+        Self { client, server, context, local: None, memory: None, resume: true, psk: None }
     }
 }
 
@@ -155,7 +174,7 @@ pub struct Lwm2mDevice {
 }
 
 /// Events buffered per subscriber.
-const EVENT_QUEUE: usize = 256;
+const EVENT_QUEUE: usize = 32;
 
 impl Lwm2mDevice {
     /// Starts a device: binds its port and begins registering.
@@ -176,6 +195,10 @@ impl Lwm2mDevice {
             None => FixedPortTransport::bind(local, config.server, Arc::clone(&config.context))?,
         }
         .resume(config.resume);
+        let transport = match &config.psk {
+            Some((identity, key)) => transport.psk(identity.clone(), key.clone()),
+            None => transport,
+        };
         let local_addr = transport.local_addr()?;
         // One attempt per connect: the Server object's schedule is the retry loop; a breaker
         // that opens after n failures would skip attempts the schedule promises.

@@ -10,8 +10,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection};
-use tether_coap::link_format;
-use tether_coap::registration::{Binding, Registration};
+use tether_coap::registration::{Binding, Links, Registration};
 
 /// A store (registrations or sessions) could not be opened or written.
 #[derive(Debug, thiserror::Error)]
@@ -80,7 +79,7 @@ impl RegistrationStore {
                 registration.lifetime.as_secs() as i64,
                 registration.version,
                 registration.binding.as_str(),
-                link_format::format(&registration.links),
+                registration.links.as_str(),
                 registration.content_format.map(i64::from),
                 unix_ms(registration.registered_at, now),
                 unix_ms(registration.last_update, now),
@@ -121,7 +120,7 @@ impl RegistrationStore {
         let mut registrations = Vec::new();
         for row in rows {
             let (endpoint, id, identity, peer, lifetime, version, binding, links, ct, registered, updated) = row?;
-            let (Ok(peer), Ok(links)) = (peer.parse::<SocketAddr>(), link_format::parse(&links)) else { continue };
+            let (Ok(peer), Ok(links)) = (peer.parse::<SocketAddr>(), Links::parse(&links)) else { continue };
             registrations.push(Registration {
                 id,
                 endpoint,
@@ -171,7 +170,7 @@ mod tests {
             lifetime: Duration::from_secs(300),
             version: "1.1".into(),
             binding: Binding::Udp,
-            links: link_format::parse("</>;ct=11543,</3/0>").unwrap(),
+            links: Links::parse("</>;ct=11543,</3/0>").unwrap(),
             content_format: Some(11543),
             registered_at: now - Duration::from_secs(60),
             last_update: now - Duration::from_secs(10),

@@ -20,7 +20,7 @@ use tether_coap::registration::RegistryEvent;
 use tether_proto::dtls::{DtlsContext, PskKey, ServerConfig, StaticPskStore};
 use tokio::sync::oneshot;
 
-use super::{cpu_seconds, live_rss_bytes, percentiles_us, rss_bytes, Figure};
+use super::{cpu_seconds, heap_in_use_bytes, live_rss_bytes, percentiles_us, rss_bytes, Figure};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -89,6 +89,7 @@ impl Phase {
 }
 
 async fn measure(options: &Lwm2mBenchOptions) -> Result<Vec<Figure>> {
+    let openssl_session_kib = super::openssl_baseline::openssl_session_heap_bytes(1000)? / 1024.0;
     let key = PskKey::from_hex(KEY)?;
     let mut store = StaticPskStore::new();
     let mut authorizer = HashMap::new();
@@ -102,6 +103,7 @@ async fn measure(options: &Lwm2mBenchOptions) -> Result<Vec<Figure>> {
     let mut events = server.events();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let rss_before = live_rss_bytes()?;
+    let heap_before = heap_in_use_bytes();
 
     // Registration: the fleet is started and every device registers once.
     let started = Instant::now();
@@ -130,6 +132,7 @@ async fn measure(options: &Lwm2mBenchOptions) -> Result<Vec<Figure>> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let raw_rss_after = rss_bytes()?;
     let rss_after = live_rss_bytes()?;
+    let heap_after = heap_in_use_bytes();
     let peers: Vec<(String, SocketAddr)> =
         server.registrations().await.into_iter().map(|r| (r.endpoint, r.peer)).collect();
 
@@ -149,7 +152,8 @@ async fn measure(options: &Lwm2mBenchOptions) -> Result<Vec<Figure>> {
     let (p50, p99) = percentiles_us(&mut pooled_lat);
     let (f50, f99) = percentiles_us(&mut fresh_lat);
     let n = options.devices;
-    let memory_per_device = (rss_after - rss_before) / n as f64 / 1024.0;
+    let heap_per_device = (heap_after - heap_before) / n as f64 / 1024.0;
+    let rss_per_device = (rss_after - rss_before) / n as f64 / 1024.0;
     let pooled_label = format!("pooled reads/s ({n} devices)");
     Ok(vec![
         Figure::new(
@@ -192,13 +196,16 @@ async fn measure(options: &Lwm2mBenchOptions) -> Result<Vec<Figure>> {
                 registration_time.as_secs_f64()
             ),
         ),
-        Figure::alone(
-            "server memory per registered device",
-            memory_per_device,
+        Figure::new(
+            "server heap per registered device",
+            heap_per_device,
             "KiB",
+            "OpenSSL established session alone (this run)",
+            openssl_session_kib,
             format!(
-                "live RSS (after malloc_trim) {:.1} MiB before the fleet, {:.1} MiB with {n} registered: DTLS session, \
-                 CoAP layer, registration; raw RSS {:.1} MiB (glibc keeps the handshakes' freed memory)",
+                "heap in live allocations (glibc mallinfo2): DTLS session, pool entry, CoAP layer, registration; \
+                 RSS after malloc_trim {rss_per_device:.1} KiB per device ({:.1} -> {:.1} MiB), raw RSS {:.1} MiB \
+                 (glibc keeps the handshakes' freed memory)",
                 rss_before / 1048576.0,
                 rss_after / 1048576.0,
                 raw_rss_after / 1048576.0

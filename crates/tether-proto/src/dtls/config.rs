@@ -485,19 +485,22 @@ impl DtlsContext {
         }
         let mut builder = base_builder(&config.session, has_psk, has_x509)?;
         if let Some((identity, key)) = config.psk {
-            if identity.is_empty() || identity.len() > 128 || identity.contains(&0) {
-                return Err(ConfigError::InvalidPsk("identity must be 1 to 128 non-NUL bytes"));
-            }
-            builder.set_psk_client_callback(move |_ssl, _hint, identity_out, key_out| {
+            check_psk_identity(&identity)?;
+            builder.set_psk_client_callback(move |ssl, _hint, identity_out, key_out| {
+                // A session may carry its own identity and key (a fleet on one context).
+                let (identity, key) = match ssl.ex_data(psk_override_index()) {
+                    Some(own) => (&own.identity[..], &own.key.0[..]),
+                    None => (&identity[..], &key.0[..]),
+                };
                 let (Some(id_slot), Some(key_slot)) =
-                    (identity_out.get_mut(..=identity.len()), key_out.get_mut(..key.0.len()))
+                    (identity_out.get_mut(..=identity.len()), key_out.get_mut(..key.len()))
                 else {
                     return Ok(0);
                 };
-                id_slot[..identity.len()].copy_from_slice(&identity);
+                id_slot[..identity.len()].copy_from_slice(identity);
                 id_slot[identity.len()] = 0;
-                key_slot.copy_from_slice(&key.0);
-                Ok(key.0.len())
+                key_slot.copy_from_slice(key);
+                Ok(key.len())
             });
         }
         if has_x509 {
@@ -635,6 +638,25 @@ impl DtlsContext {
 /// operation is a single map update), so a poisoned lock is taken as it is.
 pub(crate) fn lock(cache: &Mutex<ResumptionCache>) -> std::sync::MutexGuard<'_, ResumptionCache> {
     cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A client session's own PSK identity and key, overriding its context's.
+pub(crate) struct PskOverride {
+    pub(crate) identity: Vec<u8>,
+    pub(crate) key: PskKey,
+}
+
+pub(crate) fn psk_override_index() -> openssl::ex_data::Index<openssl::ssl::Ssl, PskOverride> {
+    static INDEX: OnceLock<openssl::ex_data::Index<openssl::ssl::Ssl, PskOverride>> = OnceLock::new();
+    *INDEX.get_or_init(|| openssl::ssl::Ssl::new_ex_index().expect("ssl ex_data index"))
+}
+
+/// Checks a PSK identity: 1 to 128 bytes, no NUL (OpenSSL passes it as a C string).
+pub(crate) fn check_psk_identity(identity: &[u8]) -> Result<(), ConfigError> {
+    if identity.is_empty() || identity.len() > 128 || identity.contains(&0) {
+        return Err(ConfigError::InvalidPsk("identity must be 1 to 128 non-NUL bytes"));
+    }
+    Ok(())
 }
 
 /// The `connection_id` extension's code point (RFC 9146 §3).

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use openssl::ssl::{Ssl, SslSession};
 
 use super::config::{
-    connection_id_index, verified_cookie_index, CipherSuite, ConnectionIds, DtlsContext, Role, VerifiedCookie,
+    check_psk_identity, connection_id_index, psk_override_index, verified_cookie_index, CipherSuite, ConnectionIds,
+    DtlsContext, PskKey, PskOverride, Role, VerifiedCookie,
 };
 use super::error::{AlertDescription, CloseReason, ConfigError, SendError};
 use super::ffi;
@@ -178,15 +179,42 @@ impl Session {
         Self::start_client(context, now, Some(saved))
     }
 
+    /// Starts a client handshake with its own PSK identity and key instead of the context's
+    /// (the context must be a PSK client): a fleet of devices shares one context. Offers
+    /// `saved` for resumption if given.
+    pub fn client_with_psk(
+        context: &Arc<DtlsContext>,
+        now: Instant,
+        saved: Option<&SavedSession>,
+        identity: &[u8],
+        key: &PskKey,
+    ) -> Result<Self, ConfigError> {
+        check_psk_identity(identity)?;
+        let own = PskOverride { identity: identity.to_vec(), key: key.clone() };
+        Self::start_client_with(context, now, saved, Some(own))
+    }
+
     fn start_client(
         context: &Arc<DtlsContext>,
         now: Instant,
         saved: Option<&SavedSession>,
     ) -> Result<Self, ConfigError> {
+        Self::start_client_with(context, now, saved, None)
+    }
+
+    fn start_client_with(
+        context: &Arc<DtlsContext>,
+        now: Instant,
+        saved: Option<&SavedSession>,
+        psk: Option<PskOverride>,
+    ) -> Result<Self, ConfigError> {
         if context.role != Role::Client {
             return Err(ConfigError::NoCredentials("a client session needs a client context"));
         }
         let mut ssl = new_ssl(context)?;
+        if let Some(psk) = psk {
+            ssl.set_ex_data(psk_override_index(), psk);
+        }
         if let Some(saved) = saved.filter(|s| Arc::ptr_eq(&s.context, context)) {
             ffi::set_session(&mut ssl, &saved.session)?;
         }

@@ -90,7 +90,15 @@ impl Endpoint {
         if let Some(cid) = cid {
             self.cids.insert(cid, handle);
         }
-        let entry = Entry { session, peer, client_random: [0; 32], timer: None, established: true, cid, dirty: false };
+        let entry = Entry {
+            session,
+            peer,
+            client_random: Default::default(),
+            timer: None,
+            established: true,
+            cid,
+            dirty: false,
+        };
         self.sessions.insert(handle, Box::new(entry));
         if let Some(displaced) = self.peers.entry(peer).or_default().established.replace(handle) {
             self.remove(displaced, crate::dtls::CloseReason::Replaced);

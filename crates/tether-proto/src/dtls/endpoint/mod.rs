@@ -252,7 +252,7 @@ struct Entry {
     session: Session,
     peer: SocketAddr,
     /// The ClientHello random of the handshake, to tell a retransmission from a new one.
-    client_random: [u8; 32],
+    client_random: RandomDigest,
     /// The deadline registered in the timer heap, if any.
     timer: Option<Instant>,
     /// Whether its handshake completed.
@@ -493,7 +493,9 @@ impl Endpoint {
     ) {
         let slot = self.peers.get(&from).copied().unwrap_or_default();
         let started = |handle: Option<SessionHandle>| {
-            handle.and_then(|h| self.sessions.get(&h)).is_some_and(|e| e.client_random == hello.random)
+            handle
+                .and_then(|h| self.sessions.get(&h))
+                .is_some_and(|e| e.client_random == RandomDigest::of(hello.random))
         };
         let cookie_ok = self.cookies.verify(from, hello);
         // A copy of the ClientHello that began a live session is a duplicate or a reordered
@@ -516,7 +518,7 @@ impl Endpoint {
         }
         let slot = self.peers.get(&from).copied().unwrap_or_default();
         if let Some(handle) = slot.handshaking {
-            if self.sessions.get(&handle).is_some_and(|e| e.client_random == hello.random) {
+            if self.sessions.get(&handle).is_some_and(|e| e.client_random == RandomDigest::of(hello.random)) {
                 // A retransmission of the ClientHello that started this handshake.
                 self.feed(now, handle, datagram);
                 return;
@@ -545,8 +547,7 @@ impl Endpoint {
             };
         let handle = SessionHandle(self.next_handle);
         self.next_handle += 1;
-        let mut client_random = [0u8; 32];
-        client_random.copy_from_slice(hello.random);
+        let client_random = RandomDigest::of(hello.random);
         let entry = Entry { session, peer: from, client_random, timer: None, established: false, cid, dirty: false };
         self.sessions.insert(handle, Box::new(entry));
         if let Some(cid) = cid {
@@ -783,6 +784,21 @@ impl Endpoint {
             }
         }
         self.events.push_back(EndpointEvent::Closed { handle, peer, was_established, reason });
+    }
+}
+
+/// The ClientHello random of a session, folded to 8 bytes: enough to tell a copy of the
+/// ClientHello that started it from a new one (the random is 28 or 32 unpredictable bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct RandomDigest(u64);
+
+impl RandomDigest {
+    fn of(random: &[u8]) -> Self {
+        Self(random.chunks(8).fold(0u64, |acc, chunk| {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            acc.rotate_left(17) ^ u64::from_be_bytes(word)
+        }))
     }
 }
 
