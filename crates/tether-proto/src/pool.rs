@@ -11,7 +11,7 @@
 //! result names an old generation and changes nothing, so it can never delete or resurrect a
 //! newer entry.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -243,10 +243,9 @@ pub struct PoolStats {
 #[derive(Debug)]
 pub struct PoolState {
     config: PoolConfig,
-    entries: HashMap<SocketAddr, PoolEntry>,
+    /// Boxed entries: the table stays dense with 100,000 sessions.
+    entries: HashMap<SocketAddr, Box<PoolEntry>>,
     by_identity: HashMap<Arc<str>, SocketAddr>,
-    /// Established entries by last activity: the first is the eviction candidate.
-    lru: BTreeSet<(Instant, Generation, SocketAddr)>,
     next_generation: u64,
     next_check: Instant,
     events: VecDeque<PoolEvent>,
@@ -266,7 +265,6 @@ impl PoolState {
             config,
             entries: HashMap::new(),
             by_identity: HashMap::new(),
-            lru: BTreeSet::new(),
             next_generation: 1,
             next_check,
             events: VecDeque::new(),
@@ -295,17 +293,17 @@ impl PoolState {
 
     /// The entry of `peer`.
     pub fn get(&self, peer: SocketAddr) -> Option<&PoolEntry> {
-        self.entries.get(&peer)
+        self.entries.get(&peer).map(|e| &**e)
     }
 
     /// The entry whose authenticated identity (or endpoint name) is `identity`.
     pub fn by_identity(&self, identity: &str) -> Option<&PoolEntry> {
-        self.by_identity.get(identity).and_then(|peer| self.entries.get(peer))
+        self.by_identity.get(identity).and_then(|peer| self.entries.get(peer)).map(|e| &**e)
     }
 
     /// Every entry.
     pub fn entries(&self) -> impl Iterator<Item = &PoolEntry> {
-        self.entries.values()
+        self.entries.values().map(|e| &**e)
     }
 
     /// Enters a handshake we start to `peer`, which must have no entry. Evicts the least
@@ -314,8 +312,10 @@ impl PoolState {
         debug_assert!(!self.entries.contains_key(&peer), "begin_connect for a pooled peer");
         self.make_room()?;
         let generation = self.next_generation();
-        self.entries
-            .insert(peer, self.new_entry(now, peer, generation, SessionRole::Connected, EntryState::Connecting));
+        self.entries.insert(
+            peer,
+            Box::new(self.new_entry(now, peer, generation, SessionRole::Connected, EntryState::Connecting)),
+        );
         Ok(generation)
     }
 
@@ -334,13 +334,11 @@ impl PoolState {
         };
         entry.state = EntryState::Established;
         entry.last_activity = now;
-        let key = (now, generation, peer);
         if let Some(id) = identity {
             let id: Arc<str> = id.into();
             entry.identity = Some(Arc::clone(&id));
             self.by_identity.insert(id, peer);
         }
-        self.lru.insert(key);
         true
     }
 
@@ -367,8 +365,7 @@ impl PoolState {
             self.by_identity.insert(Arc::clone(&id), peer);
             entry.identity = Some(id);
         }
-        self.entries.insert(peer, entry);
-        self.lru.insert((now, generation, peer));
+        self.entries.insert(peer, Box::new(entry));
         Ok((generation, replaced))
     }
 
@@ -402,9 +399,6 @@ impl PoolState {
             self.closed_total += 1;
         }
         let mut entry = self.entries.remove(&from)?;
-        if self.lru.remove(&(entry.last_activity, generation, from)) {
-            self.lru.insert((entry.last_activity, generation, to));
-        }
         if let Some(id) = &entry.identity {
             if self.by_identity.get(id) == Some(&from) {
                 self.by_identity.insert(Arc::clone(id), to);
@@ -440,8 +434,6 @@ impl PoolState {
         entry.requests += traffic.requests;
         self.requests_total += traffic.requests;
         if entry.state == EntryState::Established && now > entry.last_activity {
-            self.lru.remove(&(entry.last_activity, generation, peer));
-            self.lru.insert((now, generation, peer));
             entry.last_activity = now;
         }
         true
@@ -466,9 +458,16 @@ impl PoolState {
         let Some(cutoff) = now.checked_sub(self.config.idle_timeout) else {
             return;
         };
-        let idle: Vec<(Generation, SocketAddr)> =
-            self.lru.iter().take_while(|(last, _, _)| *last <= cutoff).map(|(_, g, p)| (*g, *p)).collect();
-        for (generation, peer) in idle {
+        // One pass over the entries per check interval: cheaper, in memory and per request,
+        // than keeping them ordered by activity.
+        let mut idle: Vec<(Instant, Generation, SocketAddr)> = self
+            .entries
+            .values()
+            .filter(|e| e.state == EntryState::Established && e.last_activity <= cutoff)
+            .map(|e| (e.last_activity, e.generation, e.peer))
+            .collect();
+        idle.sort_unstable();
+        for (_, generation, peer) in idle {
             self.remove_entry(peer, generation);
             self.expired_total += 1;
             self.events.push_back(PoolEvent::Expired { peer, generation });
@@ -552,7 +551,14 @@ impl PoolState {
 
     fn make_room(&mut self) -> Result<(), PoolFull> {
         while self.entries.len() >= self.config.capacity {
-            let Some(&(_, generation, peer)) = self.lru.iter().next() else {
+            // The least recently active established entry (a pass over all: eviction is rare).
+            let oldest = self
+                .entries
+                .values()
+                .filter(|e| e.state == EntryState::Established)
+                .min_by_key(|e| (e.last_activity, e.generation))
+                .map(|e| (e.generation, e.peer));
+            let Some((generation, peer)) = oldest else {
                 return Err(PoolFull);
             };
             self.remove_entry(peer, generation);
@@ -567,13 +573,12 @@ impl PoolState {
             return None;
         }
         let entry = self.entries.remove(&peer)?;
-        self.lru.remove(&(entry.last_activity, generation, peer));
         if let Some(id) = &entry.identity {
             if self.by_identity.get(id) == Some(&peer) {
                 self.by_identity.remove(id);
             }
         }
-        Some(entry)
+        Some(*entry)
     }
 }
 

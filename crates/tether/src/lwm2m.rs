@@ -154,7 +154,6 @@ impl Lwm2mServer {
             seed: config.seed,
             sessions: HashMap::new(),
             timers: std::collections::BTreeSet::new(),
-            timer_of: HashMap::new(),
             pending: HashMap::new(),
             observations: HashMap::new(),
             next_observation: 1,
@@ -301,6 +300,8 @@ struct Session {
     identity: Option<String>,
     /// When the peer last sent anything (queue mode).
     last_heard: Option<std::time::Instant>,
+    /// The CoAP layer's next timer, as filed in the actor's timer set.
+    timer: Option<std::time::Instant>,
     /// Boxed: the session table stays small and dense with thousands of devices.
     layer: Box<MessageLayer>,
 }
@@ -347,7 +348,6 @@ struct Actor {
     /// Each session's next CoAP timer, ordered: the loop finds the earliest and the due ones
     /// without looking at every session.
     timers: std::collections::BTreeSet<(std::time::Instant, SocketAddr)>,
-    timer_of: HashMap<SocketAddr, std::time::Instant>,
     pending: HashMap<(SocketAddr, Token), Waiting>,
     observations: HashMap<(SocketAddr, Token), (u64, mpsc::Sender<DeviceResponse>)>,
     next_observation: u64,
@@ -397,10 +397,7 @@ impl Actor {
                 departed = dtls.departed() => {
                     let Some(departed) = departed else { return };
                     if self.sessions.get(&departed.peer).is_some_and(|s| s.generation == departed.generation) {
-                        self.sessions.remove(&departed.peer);
-                        if let Some(at) = self.timer_of.remove(&departed.peer) {
-                            self.timers.remove(&(at, departed.peer));
-                        }
+                        self.forget_session(departed.peer);
                         self.fail_pending(departed.peer);
                     }
                 }
@@ -417,11 +414,12 @@ impl Actor {
                             break;
                         }
                         self.timers.pop_first();
-                        self.timer_of.remove(&peer);
-                        if let Some(session) = self.sessions.get_mut(&peer) {
-                            session.layer.handle_timeout(now);
-                            self.drive(peer).await;
-                        }
+                        let Some(session) = self.sessions.get_mut(&peer).filter(|s| s.timer == Some(at)) else {
+                            continue; // superseded
+                        };
+                        session.timer = None;
+                        session.layer.handle_timeout(now);
+                        self.drive(peer).await;
                     }
                 }
             }
@@ -433,7 +431,8 @@ impl Actor {
         let identity = accepted.identity.as_ref().map(authorization_identity);
         self.seed = self.seed.wrapping_add(1);
         let layer = Box::new(MessageLayer::new(Arc::clone(&self.config), self.seed));
-        let session = Session { generation: accepted.generation, identity, last_heard: None, layer };
+        let session = Session { generation: accepted.generation, identity, last_heard: None, timer: None, layer };
+        self.forget_session(accepted.peer);
         self.sessions.insert(accepted.peer, session);
     }
 
@@ -442,14 +441,13 @@ impl Actor {
     fn move_session(&mut self, from: SocketAddr, to: SocketAddr) {
         let Some(session) = self.sessions.remove(&from) else { return };
         // Whatever was at `to` is gone (the DTLS server closed it).
-        self.sessions.remove(&to);
+        self.forget_session(to);
         self.fail_pending(to);
-        self.sessions.insert(to, session);
-        if let Some(at) = self.timer_of.remove(&from) {
+        if let Some(at) = session.timer {
             self.timers.remove(&(at, from));
             self.timers.insert((at, to));
-            self.timer_of.insert(to, at);
         }
+        self.sessions.insert(to, session);
         let rekey = |map_keys: Vec<(SocketAddr, Token)>| map_keys.into_iter().filter(|(p, _)| *p == from);
         for key in rekey(self.pending.keys().copied().collect()) {
             if let Some(waiting) = self.pending.remove(&key) {
@@ -604,12 +602,23 @@ impl Actor {
     /// Sends a session's datagrams, acts on its CoAP events, and files its next timer.
     async fn drive(&mut self, peer: SocketAddr) {
         self.drive_events(peer).await;
-        if let Some(old) = self.timer_of.remove(&peer) {
+        let Some(session) = self.sessions.get_mut(&peer) else { return };
+        let next = session.layer.poll_timeout();
+        if next == session.timer {
+            return;
+        }
+        if let Some(old) = std::mem::replace(&mut session.timer, next) {
             self.timers.remove(&(old, peer));
         }
-        if let Some(at) = self.sessions.get(&peer).and_then(|s| s.layer.poll_timeout()) {
+        if let Some(at) = next {
             self.timers.insert((at, peer));
-            self.timer_of.insert(peer, at);
+        }
+    }
+
+    /// Drops the session of `peer` and its timer.
+    fn forget_session(&mut self, peer: SocketAddr) {
+        if let Some(at) = self.sessions.remove(&peer).and_then(|s| s.timer) {
+            self.timers.remove(&(at, peer));
         }
     }
 
