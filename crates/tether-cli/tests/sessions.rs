@@ -127,18 +127,18 @@ async fn sigkill_and_restart_under_200_devices_costs_no_handshake_and_reuses_no_
     assert_eq!(pool["dtls"]["sessions_restored"].as_u64(), Some(DEVICES as u64), "{pool}");
 
     // Every device's next Update arrives over its old session and is answered.
-    loop {
+    let updated_after = loop {
         let (_, clients) = http(server.http, "GET", "/api/clients", None).await;
         let clients = clients.as_array().unwrap().clone();
         assert_eq!(clients.len(), DEVICES);
         let since_restart = killed.elapsed().as_secs_f64();
         let updated = clients.iter().filter(|c| c["updated_s_ago"].as_f64().unwrap() < since_restart).count();
         if updated == DEVICES {
-            break;
+            break killed.elapsed();
         }
         assert!(killed.elapsed() < Duration::from_secs(40), "{updated} of {DEVICES} updated since the restart");
         tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    };
     for i in 0..DEVICES {
         let (status, read) = http(server.http, "GET", &format!("/api/clients/s-{i}/3/0/0"), None).await;
         assert_eq!(status, 200, "s-{i}: {read}");
@@ -152,14 +152,26 @@ async fn sigkill_and_restart_under_200_devices_costs_no_handshake_and_reuses_no_
     // No (direction, session) ever repeats a record sequence number, before or after.
     let captured = proxy.captured();
     assert!(captured.len() > before, "traffic after the restart");
-    assert_unique_nonces(&captured);
+    let records = assert_unique_nonces(&captured);
+    let report = format!(
+        "SIGKILL + restart under {DEVICES} tether devices: {} sessions restored, every device updated {:.1} s \
+         after the kill, {DEVICES}/{DEVICES} REST reads answered, 0 handshakes; {records} protected records \
+         ({} datagrams, {} after the restart) checked: no sequence number used twice\n",
+        pool["sessions"],
+        updated_after.as_secs_f64(),
+        captured.len(),
+        captured.len() - before
+    );
+    let _ = std::fs::create_dir_all("../../target/reports");
+    let _ = std::fs::write("../../target/reports/sessions_restart.txt", &report);
+    print!("{report}");
     drop(server);
     let _ = std::fs::remove_dir_all(&data);
 }
 
 /// Every protected record's explicit nonce (epoch and sequence number) is unique per client
 /// and direction: under one key, a repeated nonce would break the AEAD.
-fn assert_unique_nonces(captured: &[Captured]) {
+fn assert_unique_nonces(captured: &[Captured]) -> usize {
     let mut seen: HashMap<(SocketAddr, bool), HashSet<u64>> = HashMap::new();
     let mut records = 0;
     for c in captured {
@@ -177,4 +189,5 @@ fn assert_unique_nonces(captured: &[Captured]) {
         }
     }
     assert!(records > 1000, "{records} records checked");
+    records
 }

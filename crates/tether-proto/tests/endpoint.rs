@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
-use support::endpoint::{addr, exchange};
+use support::endpoint::{addr, connected_handle, exchange};
 use support::*;
 use tether_proto::dtls::{
     record, CloseReason, DropReason, Endpoint, EndpointConfig, EndpointEvent, Event, PeerIdentity, Session,
@@ -23,16 +23,6 @@ fn connect(now: Instant, ep: &mut Endpoint, at: SocketAddr) -> (Session, Vec<End
     let (events, client_events) = exchange(now, ep, &mut client, at);
     assert!(client.is_established(), "{client_events:?} {events:?}");
     (client, events)
-}
-
-fn connected_handle(events: &[EndpointEvent]) -> tether_proto::dtls::SessionHandle {
-    events
-        .iter()
-        .find_map(|e| match e {
-            EndpointEvent::Connected { handle, .. } => Some(*handle),
-            _ => None,
-        })
-        .expect("a Connected event")
 }
 
 #[test]

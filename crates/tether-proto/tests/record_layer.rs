@@ -10,11 +10,11 @@ mod support;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use support::endpoint::{addr, exchange};
+use support::endpoint::{addr, connected_handle, exchange};
 use support::*;
 use tether_proto::dtls::{
     record, CipherSuite, ClientAuth, ClientConfig, CloseReason, DropReason, DtlsContext, Endpoint, EndpointConfig,
-    EndpointEvent, Event, SendError, Session, SessionHandle, SessionSnapshot,
+    EndpointEvent, Event, SendError, Session, SessionSnapshot,
 };
 
 fn cid_client(session: tether_proto::dtls::SessionConfig) -> std::sync::Arc<DtlsContext> {
@@ -23,16 +23,6 @@ fn cid_client(session: tether_proto::dtls::SessionConfig) -> std::sync::Arc<Dtls
 
 fn endpoint(now: Instant, config: EndpointConfig) -> Endpoint {
     Endpoint::new(psk_server(fast_session()), config, now).unwrap()
-}
-
-fn connected(events: &[EndpointEvent]) -> SessionHandle {
-    events
-        .iter()
-        .find_map(|e| match e {
-            EndpointEvent::Connected { handle, .. } => Some(*handle),
-            _ => None,
-        })
-        .expect("a Connected event")
 }
 
 fn data_events(events: &[EndpointEvent]) -> Vec<(SocketAddr, Vec<u8>)> {
@@ -66,7 +56,7 @@ fn a_connection_id_is_negotiated_and_every_record_after_the_handshake_carries_it
             events.extend(std::iter::from_fn(|| ep.poll_event()));
         }
         assert!(client.is_established(), "{suite:?}: {events:?}");
-        let handle = connected(&events);
+        let handle = connected_handle(&events);
         let server_cid = client.peer_connection_id().expect("the server gave a CID").to_vec();
         assert_eq!(server_cid.len(), 6);
         assert_eq!(client.connection_id(), None, "the client asked for none");
@@ -97,7 +87,7 @@ fn a_client_that_does_not_offer_a_connection_id_gets_plain_records() {
     let mut ep = endpoint(now, EndpointConfig::new([2; 32]));
     let mut client = Session::client(&psk_client(fast_session()), now).unwrap();
     let (events, _) = exchange(now, &mut ep, &mut client, addr(2));
-    let handle = connected(&events);
+    let handle = connected_handle(&events);
     assert_eq!(ep.session(handle).unwrap().connection_id(), None);
     client.send(now, b"plain").unwrap();
     assert_eq!(client.poll_transmit().unwrap().contents[0], 23);
@@ -110,7 +100,7 @@ fn a_session_follows_its_peer_to_a_new_address_only_on_an_authentic_newer_record
     let mut client = Session::client(&cid_client(fast_session()), now).unwrap();
     let home = addr(3);
     let (events, _) = exchange(now, &mut ep, &mut client, home);
-    let handle = connected(&events);
+    let handle = connected_handle(&events);
 
     // A NAT rebinding: the same session, a new source port, every request.
     let mut at = home;
@@ -183,7 +173,7 @@ fn a_snapshot_restores_the_session_in_a_new_endpoint_without_a_handshake() {
     let mut client = Session::client(&cid_client(fast_session()), now).unwrap();
     let at = addr(4);
     let (events, _) = exchange(now, &mut ep, &mut client, at);
-    let handle = connected(&events);
+    let handle = connected_handle(&events);
     let first = ep.snapshot(handle).expect("an established session has a snapshot");
     let (next, limit) = ep.session(handle).unwrap().write_sequence().unwrap();
     assert_eq!(limit, next + 100, "a new session may use one reservation before its first checkpoint");
@@ -248,7 +238,7 @@ fn a_session_waits_for_its_reservation_instead_of_reusing_sequence_numbers() {
     let mut ep = endpoint(now, EndpointConfig::new([5; 32]).sequence_reservation(4));
     let mut client = Session::client(&psk_client(fast_session()), now).unwrap();
     let (events, _) = exchange(now, &mut ep, &mut client, addr(5));
-    let handle = connected(&events);
+    let handle = connected_handle(&events);
     let mut sent = 0;
     while ep.send(now, handle, b"x").is_ok() {
         sent += 1;
@@ -270,7 +260,7 @@ fn a_resumed_session_comes_from_the_cache_and_a_restored_server_can_resume_too()
     let mut ep = Endpoint::new(sctx.clone(), EndpointConfig::new([6; 32]), now).unwrap();
     let mut client = Session::client(&cctx, now).unwrap();
     let (events, _) = exchange(now, &mut ep, &mut client, addr(6));
-    let handle = connected(&events);
+    let handle = connected_handle(&events);
     let saved = client.saved_session(&cctx).unwrap();
     let snapshot = ep.snapshot(handle).unwrap();
     assert_eq!(sctx.resumable_sessions(), 1);
@@ -385,7 +375,7 @@ fn hostile_datagrams_against_connection_id_sessions_change_nothing() {
         let mut client = Session::client(&cctx, now).unwrap();
         let at = addr(8);
         let (events, _) = exchange(now, &mut ep, &mut client, at);
-        let handle = connected(&events);
+        let handle = connected_handle(&events);
         client.send(now, b"genuine").unwrap();
         let genuine = client.poll_transmit().unwrap().contents;
         ep.handle(now, at, &genuine);
@@ -450,7 +440,7 @@ fn certificate_sessions_hand_off_and_restore_too() {
     let mut ep = Endpoint::new(sctx, EndpointConfig::new([9; 32]), now).unwrap();
     let mut client = Session::client(&x509_client(&pki, true, only(suite)), now).unwrap();
     let (events, _) = exchange(now, &mut ep, &mut client, addr(9));
-    let handle = connected(&events);
+    let handle = connected_handle(&events);
     let snapshot = SessionSnapshot::decode(&ep.snapshot(handle).unwrap().encode()).unwrap();
     assert!(
         matches!(snapshot.identity(), Some(tether_proto::dtls::PeerIdentity::Certificate { common_name }) if common_name == "device-1")

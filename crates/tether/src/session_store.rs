@@ -17,7 +17,7 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection};
 use tether_proto::dtls::{Checkpoint, SessionHandle, SessionSnapshot};
 
-use crate::store::StoreError;
+use crate::store::{durable, StoreError};
 
 /// One change to the stored sessions.
 #[derive(Debug, Clone)]
@@ -67,8 +67,7 @@ impl SessionStore {
     }
 
     fn init(db: Connection) -> Result<Self, StoreError> {
-        db.pragma_update(None, "journal_mode", "WAL")?;
-        db.pragma_update(None, "synchronous", "FULL")?;
+        let db = durable(db)?;
         db.execute_batch(
             "CREATE TABLE IF NOT EXISTS sessions (
                 handle INTEGER PRIMARY KEY,

@@ -43,8 +43,7 @@ impl RegistrationStore {
     }
 
     fn init(db: Connection) -> Result<Self, StoreError> {
-        db.pragma_update(None, "journal_mode", "WAL")?;
-        db.pragma_update(None, "synchronous", "FULL")?;
+        let db = durable(db)?;
         db.execute_batch(
             "CREATE TABLE IF NOT EXISTS registrations (
                 endpoint TEXT PRIMARY KEY,
@@ -137,6 +136,14 @@ impl RegistrationStore {
         }
         Ok(registrations)
     }
+}
+
+/// A database whose every committed transaction is on disk when the commit returns
+/// (`journal_mode=WAL`, `synchronous=FULL`): what the stores acknowledge survives a crash.
+pub(crate) fn durable(db: Connection) -> Result<Connection, StoreError> {
+    db.pragma_update(None, "journal_mode", "WAL")?;
+    db.pragma_update(None, "synchronous", "FULL")?;
+    Ok(db)
 }
 
 fn now_unix_ms() -> i64 {

@@ -61,7 +61,7 @@ pub(crate) enum SealError {
 }
 
 /// The state of an established session's records. See the module docs.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub(crate) struct RecordLayer {
     pub(crate) role: Role,
     pub(crate) suite: CipherSuite,

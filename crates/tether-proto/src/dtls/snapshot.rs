@@ -20,27 +20,12 @@ const VERSION: u8 = 1;
 /// The state of an established session, to persist and restore.
 #[derive(Clone, PartialEq, Eq)]
 pub struct SessionSnapshot {
-    pub(crate) layer: SnapshotLayer,
+    /// The record layer, without the last flight (a restored session's handshake is long
+    /// over).
+    pub(crate) layer: RecordLayer,
     pub(crate) identity: Option<PeerIdentity>,
     /// OpenSSL's DER of the session, for resumption after a restart.
     pub(crate) resumption: Option<Vec<u8>>,
-}
-
-/// The persisted part of a record layer.
-#[derive(Clone, PartialEq, Eq)]
-pub(crate) struct SnapshotLayer {
-    pub(crate) role: Role,
-    pub(crate) suite: CipherSuite,
-    pub(crate) keys: TrafficKeys,
-    pub(crate) epoch: u16,
-    pub(crate) write_sequence: u64,
-    pub(crate) write_limit: u64,
-    pub(crate) window: ReplayWindow,
-    pub(crate) send_cid: Vec<u8>,
-    pub(crate) recv_cid: Vec<u8>,
-    pub(crate) mtu: u16,
-    pub(crate) extended_master_secret: bool,
-    pub(crate) session_id: Vec<u8>,
 }
 
 impl fmt::Debug for SessionSnapshot {
@@ -68,24 +53,8 @@ pub enum SnapshotError {
 
 impl SessionSnapshot {
     pub(crate) fn of(layer: &RecordLayer, identity: Option<&PeerIdentity>, resumption: Option<Vec<u8>>) -> Self {
-        Self {
-            layer: SnapshotLayer {
-                role: layer.role,
-                suite: layer.suite,
-                keys: layer.keys.clone(),
-                epoch: layer.epoch,
-                write_sequence: layer.write_sequence,
-                write_limit: layer.write_limit,
-                window: layer.window,
-                send_cid: layer.send_cid.to_vec(),
-                recv_cid: layer.recv_cid.to_vec(),
-                mtu: layer.mtu,
-                extended_master_secret: layer.extended_master_secret,
-                session_id: layer.session_id().to_vec(),
-            },
-            identity: identity.cloned(),
-            resumption,
-        }
+        let layer = RecordLayer { last_flight: None, ..layer.clone() };
+        Self { layer, identity: identity.cloned(), resumption }
     }
 
     /// The authenticated peer.
@@ -149,7 +118,7 @@ impl SessionSnapshot {
         put_short(&mut out, &l.recv_cid);
         out.extend_from_slice(&l.mtu.to_be_bytes());
         out.push(u8::from(l.extended_master_secret));
-        put_short(&mut out, &l.session_id);
+        put_short(&mut out, l.session_id());
         match &self.identity {
             None => out.push(0),
             Some(PeerIdentity::Psk(id)) => {
@@ -187,11 +156,11 @@ impl SessionSnapshot {
             Ok(DirectionKey { key, salt })
         };
         let keys = TrafficKeys { client_write: key()?, server_write: key()? };
-        let send_cid = r.short()?.to_vec();
-        let recv_cid = r.short()?.to_vec();
+        let send_cid = r.short()?;
+        let recv_cid = r.short()?;
         let mtu = r.u16()?;
         let extended_master_secret = r.u8()? != 0;
-        let session_id = r.short()?.to_vec();
+        let session_id = r.short()?;
         let identity = match r.u8()? {
             0 => None,
             1 => Some(PeerIdentity::Psk(r.long()?.to_vec())),
@@ -207,24 +176,25 @@ impl SessionSnapshot {
         if epoch == 0 || write_sequence > MAX_SEQUENCE + 1 || session_id.len() > 32 || mtu < 256 {
             return Err(SnapshotError::Malformed("out of range"));
         }
-        Ok(Self {
-            layer: SnapshotLayer {
-                role,
-                suite,
-                keys,
-                epoch,
-                write_sequence,
-                write_limit,
-                window,
-                send_cid,
-                recv_cid,
-                mtu,
-                extended_master_secret,
-                session_id,
-            },
-            identity,
-            resumption,
-        })
+        let mut id = [0u8; 32];
+        id[..session_id.len()].copy_from_slice(session_id);
+        let layer = RecordLayer {
+            role,
+            suite,
+            keys,
+            epoch,
+            write_sequence,
+            write_limit,
+            window,
+            send_cid: send_cid.into(),
+            recv_cid: recv_cid.into(),
+            mtu,
+            extended_master_secret,
+            session_id: id,
+            session_id_len: session_id.len() as u8,
+            last_flight: None,
+        };
+        Ok(Self { layer, identity, resumption })
     }
 }
 
@@ -257,26 +227,9 @@ impl Session {
             return Err(SnapshotError::WrongRole(l.role));
         }
         let start = snapshot.restart_sequence();
-        let mut session_id = [0u8; 32];
-        session_id[..l.session_id.len()].copy_from_slice(&l.session_id);
-        let layer = RecordLayer {
-            role: l.role,
-            suite: l.suite,
-            keys: l.keys.clone(),
-            epoch: l.epoch,
-            write_sequence: start,
-            write_limit: start,
-            window: l.window,
-            send_cid: l.send_cid.clone().into_boxed_slice(),
-            recv_cid: l.recv_cid.clone().into_boxed_slice(),
-            mtu: l.mtu,
-            extended_master_secret: l.extended_master_secret,
-            session_id,
-            session_id_len: l.session_id.len() as u8,
-            last_flight: None,
-        };
+        let layer = RecordLayer { write_sequence: start, write_limit: start, ..l.clone() };
         if let Some(der) = &snapshot.resumption {
-            context.insert_resumption_entry(&l.session_id, der.clone());
+            context.insert_resumption_entry(l.session_id(), der.clone());
         }
         Ok(Session::established(context, layer, snapshot.identity.clone(), now))
     }
@@ -360,7 +313,7 @@ mod tests {
 
     fn sample() -> SessionSnapshot {
         SessionSnapshot {
-            layer: SnapshotLayer {
+            layer: RecordLayer {
                 role: Role::Server,
                 suite: CipherSuite::PskAes128Ccm8,
                 keys: TrafficKeys::derive(&[3; 48], &[1; 32], &[2; 32]),
@@ -368,11 +321,13 @@ mod tests {
                 write_sequence: 17,
                 write_limit: 65_553,
                 window: ReplayWindow::from_parts(9, 0b1011),
-                send_cid: vec![],
-                recv_cid: vec![1, 2, 3, 4, 5, 6],
+                send_cid: Box::default(),
+                recv_cid: Box::new([1, 2, 3, 4, 5, 6]),
                 mtu: 1200,
                 extended_master_secret: true,
-                session_id: vec![9; 32],
+                session_id: [9; 32],
+                session_id_len: 32,
+                last_flight: None,
             },
             identity: Some(PeerIdentity::Psk(b"device-7".to_vec())),
             resumption: Some(vec![0x30, 0x82, 1, 2]),

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use tether_proto::dtls::{Endpoint, EndpointEvent, Event, Session};
+use tether_proto::dtls::{Endpoint, EndpointEvent, Event, Session, SessionHandle};
 
 /// Delivers everything queued, both ways, until quiet. Returns the endpoint's events and
 /// the client's.
@@ -38,4 +38,15 @@ pub fn exchange(
 pub fn addr(i: u32) -> SocketAddr {
     let [a, b, c, d] = i.to_be_bytes();
     SocketAddr::from(([127, a.max(1), b ^ c, d], 10_000 + (i % 50_000) as u16))
+}
+
+/// The handle of the first `Connected` event.
+pub fn connected_handle(events: &[EndpointEvent]) -> SessionHandle {
+    events
+        .iter()
+        .find_map(|e| match e {
+            EndpointEvent::Connected { handle, .. } => Some(*handle),
+            _ => None,
+        })
+        .expect("a Connected event")
 }
