@@ -41,10 +41,16 @@ fn bench_lwm2m_reports_every_figure_beside_its_baseline() {
             "read latency p99, pooled",
             "server CPU per pooled read",
             "registrations/s",
-            "server memory per registered device",
+            "server heap per registered device",
         ]
     );
     let pooled = &figures[0];
     assert!(pooled["value"].as_f64().unwrap() > 0.0 && pooled["baseline_value"].as_f64().unwrap() > 0.0, "{pooled}");
     assert!(pooled["detail"].as_str().unwrap().contains("0 of them resumed"), "{pooled}");
+    let memory = &figures[5];
+    assert!(memory["value"].as_f64().unwrap() > 0.0, "{memory}");
+    assert!(
+        memory["baseline_value"].as_f64().unwrap() > memory["value"].as_f64().unwrap(),
+        "an OpenSSL-held session (the baseline, measured in the same run) costs far more than a device: {memory}"
+    );
 }

@@ -118,6 +118,12 @@ async fn sigkill_and_restart_under_200_devices_costs_no_handshake_and_reuses_no_
     let (_, pool) = http(server.http, "GET", "/api/pool", None).await;
     assert_eq!(pool["handshakes_total"].as_u64(), Some(DEVICES as u64), "{pool}");
     let before = proxy.captured().len();
+    // The session store holds keys: readable by the server's user only, WAL files included.
+    for file in ["sessions.db", "sessions.db-wal", "sessions.db-shm"] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(data.join(file)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{file} has mode {mode:o}");
+    }
 
     server.sigkill();
     let killed = Instant::now();

@@ -349,8 +349,14 @@ impl Registry {
 
     /// The device at `from` now talks from `to` over the same DTLS session (a Connection ID
     /// moved it): its registration follows, reported as an Update from the new address.
-    pub fn move_peer(&mut self, from: SocketAddr, to: SocketAddr) -> Option<&Registration> {
-        let endpoint = self.by_endpoint.iter().find(|(_, r)| r.peer == from).map(|(e, _)| Arc::clone(e))?;
+    /// `endpoint`, when the caller knows it, finds the registration at once; without it every
+    /// registration is looked at.
+    pub fn move_peer(&mut self, from: SocketAddr, to: SocketAddr, endpoint: Option<&str>) -> Option<&Registration> {
+        let known = endpoint.and_then(|e| self.by_endpoint.get_key_value(e)).filter(|(_, r)| r.peer == from);
+        let endpoint = match known {
+            Some((e, _)) => Arc::clone(e),
+            None => self.by_endpoint.iter().find(|(_, r)| r.peer == from).map(|(e, _)| Arc::clone(e))?,
+        };
         let registration = self.by_endpoint.get_mut(&endpoint)?;
         registration.peer = to;
         let registration = registration.clone();

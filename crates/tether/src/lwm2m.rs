@@ -377,7 +377,7 @@ impl Actor {
                 accepted = dtls.accept() => {
                     let Some(accepted) = accepted else { return };
                     match accepted.arrival {
-                        Arrival::Moved { from } => self.move_session(from, accepted.peer),
+                        Arrival::Moved { from } => self.move_session(from, accepted.peer, accepted.bound_name.as_deref()),
                         _ => {
                             self.fail_pending(accepted.peer);
                             self.open_session(&accepted);
@@ -438,7 +438,7 @@ impl Actor {
 
     /// A session's peer moved from `from` to `to` (DTLS Connection ID): everything keyed by
     /// the address follows it, and so does the registration.
-    fn move_session(&mut self, from: SocketAddr, to: SocketAddr) {
+    fn move_session(&mut self, from: SocketAddr, to: SocketAddr, endpoint: Option<&str>) {
         let Some(session) = self.sessions.remove(&from) else { return };
         // Whatever was at `to` is gone (the DTLS server closed it).
         self.forget_session(to);
@@ -459,7 +459,7 @@ impl Actor {
                 self.observations.insert((to, key.1), observation);
             }
         }
-        self.registry.move_peer(from, to);
+        self.registry.move_peer(from, to, endpoint);
     }
 
     fn next_deadline(&self) -> Option<std::time::Instant> {

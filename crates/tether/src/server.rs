@@ -119,6 +119,9 @@ pub struct Accepted {
     pub generation: Generation,
     /// How the session came to be at `peer`.
     pub arrival: Arrival,
+    /// The name bound to the session with [`DtlsServer::set_identity`] (an LwM2M endpoint
+    /// name), for a session that moved; `None` otherwise.
+    pub bound_name: Option<Arc<str>>,
 }
 
 /// How an [`Accepted`] session came to be at its address.
@@ -540,6 +543,7 @@ impl Actor {
                             resumed: session.is_resumed(),
                             generation: *generation,
                             arrival: if session.is_restored() { Arrival::Restored } else { Arrival::Handshake },
+                            bound_name: None,
                         })
                     })
                     .collect();
@@ -593,8 +597,14 @@ impl Actor {
                             }
                             self.generations.insert(handle, generation);
                             self.handles.insert(generation, handle);
-                            let accepted =
-                                Accepted { peer, identity, resumed, generation, arrival: Arrival::Handshake };
+                            let accepted = Accepted {
+                                peer,
+                                identity,
+                                resumed,
+                                generation,
+                                arrival: Arrival::Handshake,
+                                bound_name: None,
+                            };
                             if self.accepted.try_send(accepted).is_err() {
                                 self.events_dropped += 1;
                             }
@@ -614,6 +624,7 @@ impl Actor {
                         resumed: session.is_some_and(|s| s.is_resumed()),
                         generation,
                         arrival: Arrival::Moved { from },
+                        bound_name: self.pool.get(to).and_then(|e| e.identity.clone()),
                     };
                     if self.accepted.try_send(accepted).is_err() {
                         self.events_dropped += 1;
