@@ -642,7 +642,7 @@ impl Actor {
                     let Some(session) = self.sessions.get_mut(&peer) else {
                         return;
                     };
-                    let response = match &session.identity {
+                    let mut response = match &session.identity {
                         Some(identity) => self.registry.handle_request(
                             clock::now(),
                             peer,
@@ -651,6 +651,15 @@ impl Actor {
                             &request,
                         ),
                         None => tether_coap::registration::response(ResponseType::Forbidden),
+                    };
+                    // Nothing is acknowledged before it is durable: the registry's changes
+                    // are written before the answer exists. A failed write withholds the
+                    // 2.01/2.04 (the device retries).
+                    if !self.persist().await {
+                        response = tether_coap::registration::response(ResponseType::ServiceUnavailable);
+                    }
+                    let Some(session) = self.sessions.get_mut(&peer) else {
+                        return;
                     };
                     let _ = session.layer.respond(clock::now(), &id, response);
                 }
