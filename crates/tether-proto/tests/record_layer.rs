@@ -461,3 +461,17 @@ fn explicit_nonce(datagram: &[u8]) -> u64 {
     let records = record::parse_records_with_cid(datagram, Some(0)).unwrap();
     u64::from_be_bytes(records[0].fragment[..8].try_into().unwrap())
 }
+
+#[test]
+fn bad_connection_id_and_reservation_settings_are_named() {
+    let now = Instant::now();
+    let err =
+        Endpoint::new(psk_server(fast_session()), EndpointConfig::new([1; 32]).connection_id_len(9), now).unwrap_err();
+    assert!(err.to_string().contains("connection ids are 0 to 8 bytes"), "{err}");
+    let err = Endpoint::new(psk_server(fast_session()), EndpointConfig::new([1; 32]).sequence_reservation(1), now)
+        .unwrap_err();
+    assert!(err.to_string().contains("sequence_reservation"), "{err}");
+    let long = vec![1u8; 256];
+    let err = DtlsContext::client(ClientConfig::psk(IDENTITY, psk()).connection_id(long)).unwrap_err();
+    assert!(err.to_string().contains("connection id"), "{err}");
+}

@@ -19,6 +19,14 @@ pub enum ConfigError {
     /// A Connection ID setting is out of range.
     #[error("invalid connection id: {0}")]
     InvalidConnectionId(&'static str),
+    /// A limit is out of range.
+    #[error("invalid {name}: {reason}")]
+    InvalidLimit {
+        /// The setting.
+        name: &'static str,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
     /// The MTU is outside 256..=65507 bytes.
     #[error("mtu {0} is outside 256..=65507 bytes")]
     InvalidMtu(u16),

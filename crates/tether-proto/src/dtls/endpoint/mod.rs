@@ -329,7 +329,7 @@ impl Endpoint {
             return Err(ConfigError::InvalidConnectionId("an endpoint's connection ids are 0 to 8 bytes"));
         }
         if config.sequence_reservation.is_some_and(|n| n < 2) {
-            return Err(ConfigError::InvalidConnectionId("sequence_reservation must be at least 2"));
+            return Err(ConfigError::InvalidLimit { name: "sequence_reservation", reason: "must be at least 2" });
         }
         let cookies = CookieKeys::new(config.cookie_seed, config.cookie_rotation, now);
         // Connection IDs come from their own stream, so they reveal nothing of the cookies.
