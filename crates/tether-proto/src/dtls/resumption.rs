@@ -5,7 +5,7 @@
 //! `SSL` that made it is freed without a shutdown. Once established sessions leave OpenSSL,
 //! the cache keeps instead what an abbreviated handshake needs: the session in OpenSSL's own
 //! DER form (`i2d_SSL_SESSION`: version, suite, session ID, master secret, PSK identity or
-//! peer certificate, Extended Master Secret flag), about 130 bytes for a PSK session. OpenSSL
+//! peer certificate, Extended Master Secret flag), about 150 bytes for a PSK session. OpenSSL
 //! asks for it by session ID through the get-session callback and resumes from it; the
 //! cache is bounded, the oldest entry leaves first, and an entry can be exported with a
 //! session's snapshot so resumption survives a restart.
