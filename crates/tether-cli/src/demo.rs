@@ -43,7 +43,7 @@ async fn demo(rounds: usize, samples: usize) -> Result<()> {
     let dtls = Arc::new(DtlsServer::bind("127.0.0.1:0".parse()?, context, DtlsServerConfig::default()).await?);
     let server = Lwm2mServer::start(Arc::clone(&dtls), Arc::new(authorizer), None, Lwm2mServerConfig::default())?;
     let addr = dtls.local_addr();
-    println!("tether demo: LwM2M server on coaps://{addr} (DTLS 1.2, PSK), {DEVICES} devices on loopback\n");
+    say!("tether demo: LwM2M server on coaps://{addr} (DTLS 1.2, PSK), {DEVICES} devices on loopback\n");
 
     let mut devices = Vec::new();
     for name in &names {
@@ -58,14 +58,14 @@ async fn demo(rounds: usize, samples: usize) -> Result<()> {
             .ok()
             .flatten()
             .with_context(|| format!("{name} did not register"))?;
-        println!(
+        say!(
             "  {name} registered at {location} from {} (handshakes so far: {})",
             device.local_addr(),
             handshakes(&dtls).await
         );
         devices.push(device);
     }
-    println!();
+    say!();
 
     let mut requests = 0;
     let mut reused = 0;
@@ -85,7 +85,7 @@ async fn demo(rounds: usize, samples: usize) -> Result<()> {
                     .and_then(|cf| content::decode(cf, &Path::parse(path).ok()?, &answer.payload).ok())
                     .and_then(|entries| entries.into_iter().next())
                     .map_or_else(|| String::from_utf8_lossy(&answer.payload).into_owned(), |e| content::text(&e.value));
-                println!(
+                say!(
                     "  round {} {name} READ {path:<7} -> {:<18} {:>7.2} ms  reused session: {}  (handshakes so far: {after})",
                     round + 1,
                     format!("{value:?}"),
@@ -96,7 +96,7 @@ async fn demo(rounds: usize, samples: usize) -> Result<()> {
         }
     }
     let total_handshakes = handshakes(&dtls).await;
-    println!(
+    say!(
         "\n  {requests} reads of {DEVICES} devices: {reused} reused their device's session; {total_handshakes} handshakes in \
          all, one per device, made when it registered\n"
     );
@@ -126,26 +126,25 @@ async fn demo(rounds: usize, samples: usize) -> Result<()> {
     let (f50, f99) = percentiles_us(&mut fresh);
     let stats = dtls.stats().await.context("server stats")?;
 
-    println!("  measured in this run                       value");
-    println!("  handshakes : requests (reads above)        {total_handshakes} : {requests}");
-    println!(
-        "  pooled read latency p50 / p99              {:.2} ms / {:.2} ms  ({samples} reads)",
-        p50 / 1e3,
-        p99 / 1e3
-    );
-    println!(
+    say!("  measured in this run                       value");
+    say!("  handshakes : requests (reads above)        {total_handshakes} : {requests}");
+    say!("  pooled read latency p50 / p99              {:.2} ms / {:.2} ms  ({samples} reads)", p50 / 1e3, p99 / 1e3);
+    say!(
         "  read needing a new handshake p50 / p99     {:.2} ms / {:.2} ms  ({samples} reads: close, full handshake, Update, read)",
         f50 / 1e3,
         f99 / 1e3
     );
-    println!("  a new handshake costs the read            {:.1}x its pooled latency (p50)", f50 / p50);
-    println!("\n  pool after the latency samples (each sample above closed a session and opened another)");
-    println!(
+    say!("  a new handshake costs the read            {:.1}x its pooled latency (p50)", f50 / p50);
+    say!("\n  pool after the latency samples (each sample above closed a session and opened another)");
+    say!(
         "  sessions {}  handshakes {}  requests {}  closed {}",
-        stats.pool.sessions, stats.pool.handshakes_total, stats.pool.requests_total, stats.pool.closed_total
+        stats.pool.sessions,
+        stats.pool.handshakes_total,
+        stats.pool.requests_total,
+        stats.pool.closed_total
     );
     for session in &stats.pool.per_session {
-        println!(
+        say!(
             "    {:<22} {:<15} requests {:>4}  in {:>6} B  out {:>6} B  idle {:>5.2} s",
             session.peer,
             session.identity.as_deref().unwrap_or("-"),

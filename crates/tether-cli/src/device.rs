@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use tether::{Lwm2mDevice, Lwm2mDeviceConfig};
-use tether_coap::device::{ClientConfig as DeviceConfig, ClientStats, RetryTimers, SecurityMode};
+use tether_coap::device::{ClientConfig as DeviceConfig, ClientStats, DeviceEvent, RetryTimers, SecurityMode};
 use tether_proto::dtls::{CertifiedKey, ClientConfig, DtlsContext, PskKey, X509};
 use tether_proto::resilience::Jitter;
+use tokio::sync::{broadcast, mpsc};
 
 use crate::serve::{DEV_ENDPOINT, DEV_IDENTITY, DEV_KEY_HEX};
 
@@ -195,7 +196,7 @@ fn write_security(args: &DeviceArgs, path: &PathBuf) -> Result<()> {
         ));
     }
     std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
-    println!("tether device: wrote {} PSK entries to {}", args.count, path.display());
+    say!("tether device: wrote {} PSK entries to {}", args.count, path.display());
     Ok(())
 }
 
@@ -216,7 +217,7 @@ async fn fleet(args: DeviceArgs, server: SocketAddr) -> Result<()> {
         }
         devices.push(Lwm2mDevice::start(config)?);
     }
-    println!("tether device: {} device(s) started against {server}", devices.len());
+    say!("tether device: {} device(s) started against {server}", devices.len());
 
     let progress = indicatif::ProgressBar::new(args.count as u64).with_style(
         indicatif::ProgressStyle::with_template("{spinner} registering {pos}/{len} [{bar:40}] {elapsed} {msg}")
@@ -224,6 +225,8 @@ async fn fleet(args: DeviceArgs, server: SocketAddr) -> Result<()> {
             .progress_chars("=> "),
     );
     let watches: Vec<_> = devices.iter().map(Lwm2mDevice::watch_status).collect();
+    let mut reporter = Reporter::new(args.count == 1);
+    let mut device_events = forward_events(&devices);
     let deadline = args.duration.map(|d| started + Duration::from_secs_f64(d));
     let mut signals = Signals::new();
     let mut all_registered_at = None;
@@ -244,7 +247,7 @@ async fn fleet(args: DeviceArgs, server: SocketAddr) -> Result<()> {
             } else {
                 String::new()
             };
-            println!("tether device: {registered}/{} registered in {:.2} s{rate}", args.count, elapsed.as_secs_f64());
+            say!("tether device: {registered}/{} registered in {:.2} s{rate}", args.count, elapsed.as_secs_f64());
         }
         gave_up
     };
@@ -259,8 +262,14 @@ async fn fleet(args: DeviceArgs, server: SocketAddr) -> Result<()> {
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            Some((endpoint, event)) = device_events.recv() => {
+                progress.suspend(|| reporter.report(&endpoint, &event));
+            }
             _ = signals.recv() => { stopped_by = "signal"; break; }
         }
+    }
+    while let Ok((endpoint, event)) = device_events.try_recv() {
+        reporter.report(&endpoint, &event);
     }
     report_progress(&mut all_registered_at);
     progress.finish_and_clear();
@@ -270,10 +279,107 @@ async fn fleet(args: DeviceArgs, server: SocketAddr) -> Result<()> {
     let leaving: Vec<_> = devices.iter().map(|d| d.deregister()).collect();
     let _ = tokio::time::timeout(Duration::from_secs(10), futures::future::join_all(leaving)).await;
     print_summary(&args, &before, all_registered_at, started.elapsed(), stopped_by);
+    reporter.print_causes();
     if before.registered == 0 {
-        bail!("no device registered");
+        match reporter.last_cause {
+            Some(cause) => bail!("no device registered: {cause}"),
+            None => bail!("no device registered"),
+        }
     }
     Ok(())
+}
+
+/// Every device's events on one channel, with its endpoint name.
+fn forward_events(devices: &[Lwm2mDevice]) -> mpsc::UnboundedReceiver<(Arc<str>, DeviceEvent)> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    for device in devices {
+        let mut events = device.events();
+        let endpoint: Arc<str> = device.endpoint().into();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(event) => {
+                        if tx.send((Arc::clone(&endpoint), event)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+    }
+    rx
+}
+
+/// Prints what devices go through as it happens: a single device's every failure (with its
+/// cause and when it tries next), registration and lost session; for a fleet, the first
+/// failure of each cause, the rest counted for the summary.
+struct Reporter {
+    single: bool,
+    causes: std::collections::BTreeMap<String, u64>,
+    last_cause: Option<String>,
+}
+
+impl Reporter {
+    fn new(single: bool) -> Self {
+        Self { single, causes: std::collections::BTreeMap::new(), last_cause: None }
+    }
+
+    fn report(&mut self, endpoint: &str, event: &DeviceEvent) {
+        match event {
+            DeviceEvent::AttemptFailed { reason, attempt, retry_in, .. } => {
+                let seen = self.causes.entry(reason.clone()).or_default();
+                *seen += 1;
+                self.last_cause = Some(reason.clone());
+                if self.single || *seen == 1 {
+                    let next = if retry_in.is_zero() {
+                        "no attempt left".to_string()
+                    } else {
+                        format!("next attempt in {}", seconds(*retry_in))
+                    };
+                    let more = if self.single { "" } else { " (more of this cause are counted in the summary)" };
+                    say!("tether device: {endpoint}: attempt {attempt} failed: {reason}; {next}{more}");
+                }
+            }
+            DeviceEvent::GaveUp { reason } => {
+                self.last_cause = Some(reason.clone());
+                if self.single {
+                    say!("tether device: {endpoint}: gave up: {reason}");
+                }
+            }
+            DeviceEvent::Registered { location } if self.single => {
+                say!("tether device: {endpoint}: registered as {location}");
+            }
+            DeviceEvent::ConnectionLost if self.single => {
+                say!("tether device: {endpoint}: the session was closed by the server; connecting again");
+            }
+            _ => {}
+        }
+    }
+
+    fn print_causes(&self) {
+        if self.causes.is_empty() {
+            return;
+        }
+        say!("  failures by cause");
+        for (cause, count) in &self.causes {
+            say!("    {count:>8}  {cause}");
+        }
+    }
+}
+
+/// `1.5 s`, `2 min 30 s`, `3 h 5 min`.
+fn seconds(duration: Duration) -> String {
+    let s = duration.as_secs_f64();
+    if s < 60.0 {
+        format!("{s:.1} s")
+    } else if s < 3600.0 {
+        format!("{} min {} s", (s / 60.0) as u64, (s % 60.0) as u64)
+    } else {
+        format!("{} h {} min", (s / 3600.0) as u64, ((s % 3600.0) / 60.0) as u64)
+    }
 }
 
 struct Summary {
@@ -301,19 +407,19 @@ fn summary(devices: &[Lwm2mDevice]) -> Summary {
 }
 
 fn print_summary(args: &DeviceArgs, s: &Summary, all_at: Option<Duration>, ran: Duration, stopped_by: &str) {
-    println!("tether device: summary after {:.1} s (stopped by {stopped_by})", ran.as_secs_f64());
-    println!("  devices                {}", args.count);
-    println!("  registered at the end  {}", s.registered);
+    say!("tether device: summary after {:.1} s (stopped by {stopped_by})", ran.as_secs_f64());
+    say!("  devices                {}", args.count);
+    say!("  registered at the end  {}", s.registered);
     match all_at {
-        Some(at) => println!("  all registered after   {:.2} s", at.as_secs_f64()),
-        None => println!("  all registered after   never ({} gave up)", s.gave_up),
+        Some(at) => say!("  all registered after   {:.2} s", at.as_secs_f64()),
+        None => say!("  all registered after   never ({} gave up)", s.gave_up),
     }
-    println!("  handshakes             {}", s.stats.connects);
-    println!("  registrations          {}", s.stats.registrations);
-    println!("  updates                {}", s.stats.updates);
-    println!("  failed attempts        {}", s.stats.failed_attempts);
-    println!("  requests answered      {}", s.stats.requests_answered);
-    println!("  notifications sent     {}", s.stats.notifications);
+    say!("  handshakes             {}", s.stats.connects);
+    say!("  registrations          {}", s.stats.registrations);
+    say!("  updates                {}", s.stats.updates);
+    say!("  failed attempts        {}", s.stats.failed_attempts);
+    say!("  requests answered      {}", s.stats.requests_answered);
+    say!("  notifications sent     {}", s.stats.notifications);
 }
 
 /// SIGINT and SIGTERM.

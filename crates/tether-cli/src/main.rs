@@ -5,6 +5,24 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+/// A line on standard output, like `println!`, except that a closed stdout (`tether device
+/// | head`) is not a panic: the line is lost and the command goes on.
+macro_rules! say {
+    () => {
+        $crate::say_line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::say_line(format_args!($($arg)*))
+    };
+}
+
+/// Writes one line to stdout, ignoring a closed pipe. See `say!`.
+fn say_line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_fmt(args).and_then(|()| out.write_all(b"\n")).and_then(|()| out.flush());
+}
+
 mod api;
 mod bench;
 mod demo;
@@ -265,7 +283,7 @@ fn bench(target: BenchTarget) -> Result<()> {
 
 fn report(json: bool, title: &str, figures: &[bench::Figure]) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(figures)?);
+        say!("{}", serde_json::to_string_pretty(figures)?);
     } else {
         bench::print_table(title, figures);
     }
@@ -282,8 +300,8 @@ fn echo(listen: std::net::SocketAddr, identity: &str, key_hex: &str) -> Result<(
     let context = DtlsContext::server(ServerConfig::psk(store))?;
     let endpoint = Endpoint::new(context, EndpointConfig::new(echo::os_seed()), std::time::Instant::now())?;
     let socket = std::net::UdpSocket::bind(listen).map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
-    println!("tether echo: DTLS 1.2 on udp {} with PSK identity {identity:?} (key not shown)", socket.local_addr()?);
-    println!(
+    say!("tether echo: DTLS 1.2 on udp {} with PSK identity {identity:?} (key not shown)", socket.local_addr()?);
+    say!(
         "try: openssl s_client -dtls1_2 -psk_identity {identity} -psk <key> -cipher PSK-AES128-CCM8 -connect {}",
         socket.local_addr()?
     );
@@ -291,10 +309,10 @@ fn echo(listen: std::net::SocketAddr, identity: &str, key_hex: &str) -> Result<(
     echo::serve(&socket, endpoint, &stop, |event| match event {
         EndpointEvent::Connected { peer, identity, resumed, .. } => {
             let who = identity.as_ref().map_or("-".to_string(), ToString::to_string);
-            println!("connected {peer} {who} resumed={resumed}");
+            say!("connected {peer} {who} resumed={resumed}");
         }
-        EndpointEvent::Closed { peer, reason, .. } => println!("closed {peer}: {reason}"),
-        EndpointEvent::Data { peer, data, .. } => println!("echo {} bytes to {peer}", data.len()),
+        EndpointEvent::Closed { peer, reason, .. } => say!("closed {peer}: {reason}"),
+        EndpointEvent::Data { peer, data, .. } => say!("echo {} bytes to {peer}", data.len()),
         _ => {}
     })?;
     Ok(())

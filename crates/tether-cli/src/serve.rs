@@ -239,25 +239,25 @@ pub async fn run(settings: Settings) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen for HTTP on {}", settings.http))?;
     let restored = lwm2m.registrations().await.len();
-    println!("tether serve: CoAPs (DTLS 1.2) on udp {}", dtls.local_addr());
-    println!("tether serve: REST API on http://{}/api/clients, metrics on /metrics", listener.local_addr()?);
-    println!("tether serve: registrations in {} ({restored} restored)", db.display());
-    println!(
+    say!("tether serve: CoAPs (DTLS 1.2) on udp {}", dtls.local_addr());
+    say!("tether serve: REST API on http://{}/api/clients, metrics on /metrics", listener.local_addr()?);
+    say!("tether serve: registrations in {} ({restored} restored)", db.display());
+    say!(
         "tether serve: DTLS sessions in {} (mode 0600; {stored_sessions} restored, no handshake needed)",
         sessions_db.display()
     );
     if settings.development_psk {
-        println!(
+        say!(
             "tether serve: development PSK entry: identity {DEV_IDENTITY:?} may register endpoint {DEV_ENDPOINT:?}; \
              its key is the public development key in README.md. Configure your own with --psk before exposing the server."
         );
     } else {
-        println!("tether serve: {} PSK identities configured (keys not shown)", settings.psk.len());
+        say!("tether serve: {} PSK identities configured (keys not shown)", settings.psk.len());
     }
     let app = crate::api::router(lwm2m.clone());
     let http = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
     http.await?;
-    println!("tether serve: shutting down: close_notify to every peer");
+    say!("tether serve: shutting down: close_notify to every peer");
     dtls.shutdown().await;
     Ok(())
 }

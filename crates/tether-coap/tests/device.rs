@@ -273,6 +273,57 @@ fn retries_follow_the_server_object_timers_then_give_up() {
 }
 
 #[test]
+fn a_refused_port_is_retried_soon_without_using_up_the_schedule() {
+    let mut config = config("dev-1");
+    config.retry = RetryTimers {
+        retry_count: 2,
+        retry_timer: Duration::from_secs(60),
+        sequence_delay: Duration::from_secs(3600),
+        sequence_retry_count: 1,
+    };
+    let t0 = Instant::now();
+    let mut client = Lwm2mClient::new(config, t0, UNIX_BOOT).unwrap();
+    client.start(t0);
+    let mut delays = Vec::new();
+    let mut gave_up = false;
+    while let Some(now) = client.poll_timeout() {
+        client.handle_timeout(now);
+        while let Some(action) = client.poll_action() {
+            assert_eq!(action, Action::Connect);
+            client.handle_connect_refused(now, "port unreachable");
+        }
+        while let Some(event) = client.poll_event() {
+            match event {
+                DeviceEvent::AttemptFailed { retry_in, attempt, .. } => delays.push((attempt, retry_in.as_secs())),
+                DeviceEvent::GaveUp { .. } => gave_up = true,
+                _ => {}
+            }
+        }
+        assert!(delays.len() < 30, "{delays:?}");
+    }
+    // 1, 2, 4 … 32 s while below the Retry Timer (60 s), all on attempt 1; then the
+    // schedule's own: attempt 1 fails (60 s), attempt 2 fails: given up.
+    assert_eq!(delays, [(1, 1), (1, 2), (1, 4), (1, 8), (1, 16), (1, 32), (1, 60), (2, 0)]);
+    assert!(gave_up);
+}
+
+#[test]
+fn a_server_that_closed_the_session_is_reconnected_within_seconds_even_with_jitter() {
+    for seed in 0..20 {
+        let mut config = config("dev-1");
+        config.seed = seed;
+        config.jitter = Jitter::Full;
+        let mut h = Harness::new(config);
+        h.run_until(Duration::from_secs(5));
+        assert_eq!(h.events_named("Registered").len(), 1);
+        let lost_at = h.now;
+        h.client.handle_disconnected(h.now);
+        let Some(next) = h.client.poll_timeout() else { panic!("no reconnect scheduled") };
+        assert!(next - lost_at <= Duration::from_secs(5), "seed {seed}: reconnect after {:?}", next - lost_at);
+    }
+}
+
+#[test]
 fn jitter_spreads_retries_below_the_formula() {
     let mut spread = std::collections::BTreeSet::new();
     for seed in 0..50 {

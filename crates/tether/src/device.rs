@@ -13,13 +13,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tether_coap::device::{Action, ClientConfig, ClientStats, DeviceEvent, Lwm2mClient};
-use tether_proto::dtls::{DtlsContext, PskKey, SavedSession};
+use tether_proto::dtls::{CloseReason, DtlsContext, PskKey, SavedSession};
 use tether_proto::resilience::{BackoffConfig, BreakerConfig, ResilienceConfigError};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use crate::client::{sleep_until, DtlsClient};
+use crate::client::{sleep_until, ConnectError, DtlsClient};
 use crate::clock;
-use crate::resilient::{ResilientClient, ResilientConfig, Transport, TransportError};
+use crate::resilient::{ResilientClient, ResilientConfig, ResilientError, Transport, TransportError};
 use crate::socket::{MemoryNetwork, Socket};
 
 /// DTLS to the server from one fixed local port, resuming the last session when it can.
@@ -169,6 +169,9 @@ pub struct Lwm2mDevice {
     local_addr: SocketAddr,
     commands: mpsc::Sender<Command>,
     events: broadcast::Sender<DeviceEvent>,
+    /// Subscribed before the device started, for the first `events()` call: it misses
+    /// nothing the device did before it was asked.
+    first_events: Mutex<Option<broadcast::Receiver<DeviceEvent>>>,
     status: watch::Receiver<DeviceStatus>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -219,11 +222,14 @@ impl Lwm2mDevice {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
         let client = Lwm2mClient::new(config.client, clock::now(), unix_now)?;
         let (commands, command_rx) = mpsc::channel(8);
-        let (events, _) = broadcast::channel(EVENT_QUEUE);
+        let (events, first_events) = broadcast::channel(EVENT_QUEUE);
         let (status_tx, status) = watch::channel(DeviceStatus::default());
-        let driver = Driver { client, resilient, events: events.clone(), status: status_tx };
+        let identity = config.psk.as_ref().map(|(identity, _)| String::from_utf8_lossy(identity).into_owned());
+        let driver =
+            Driver { client, server: config.server, identity, resilient, events: events.clone(), status: status_tx };
         let task = tokio::spawn(driver.run(command_rx));
-        Ok(Self { endpoint, local_addr, commands, events, status, task })
+        let first_events = Mutex::new(Some(first_events));
+        Ok(Self { endpoint, local_addr, commands, events, first_events, status, task })
     }
 
     /// The endpoint name.
@@ -236,9 +242,11 @@ impl Lwm2mDevice {
         self.local_addr
     }
 
-    /// Subscribes to events.
+    /// Subscribes to events. The first subscriber receives every event since the device
+    /// started (up to the last 32); later ones, those from their subscription on.
     pub fn events(&self) -> broadcast::Receiver<DeviceEvent> {
-        self.events.subscribe()
+        let first = self.first_events.lock().unwrap_or_else(|e| e.into_inner()).take();
+        first.unwrap_or_else(|| self.events.subscribe())
     }
 
     /// The status now.
@@ -287,9 +295,69 @@ pub enum DeviceError {
 
 struct Driver {
     client: Lwm2mClient,
+    server: SocketAddr,
+    /// The PSK identity, for naming it when the server does not know it.
+    identity: Option<String>,
     resilient: ResilientClient<FixedPortTransport>,
     events: broadcast::Sender<DeviceEvent>,
     status: watch::Sender<DeviceStatus>,
+}
+
+/// Why a connection attempt failed, in an operator's words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectFailure {
+    /// The cause: port unreachable, timeout, unknown identity, key mismatch, certificate…
+    pub cause: String,
+    /// Nothing listens on the server's port (ICMP port unreachable): a server starting or
+    /// restarting, worth trying again soon.
+    pub refused: bool,
+}
+
+impl ConnectFailure {
+    /// Explains `err`, an attempt to reach `server` as PSK `identity` (if PSK).
+    pub fn of(err: &ResilientError, server: SocketAddr, identity: Option<&str>) -> Self {
+        let transport = match err {
+            ResilientError::ConnectFailed { last, .. } | ResilientError::SendFailed { last, .. } => last,
+            other => return Self { cause: other.to_string(), refused: false },
+        };
+        let refused = |cause: String| Self { cause, refused: true };
+        let failed = |cause: String| Self { cause, refused: false };
+        let unreachable =
+            format!("port unreachable: nothing listens on udp {server} (server not running, or restarting)");
+        let timed_out = format!(
+            "no answer from {server}: the DTLS handshake timed out (server unreachable, UDP blocked, or — with a PSK — \
+             a key the server does not share)"
+        );
+        match transport {
+            TransportError::Refused | TransportError::Dtls(ConnectError::Refused { .. }) => refused(unreachable),
+            TransportError::Timeout(_) | TransportError::Dtls(ConnectError::Timeout { .. }) => failed(timed_out),
+            TransportError::Dtls(ConnectError::Authentication { reason, .. }) => failed(match reason {
+                CloseReason::UnknownPskIdentity => match identity {
+                    Some(identity) => format!("unknown PSK identity: the server does not know identity {identity:?}"),
+                    None => "unknown PSK identity: the server does not know this device's identity".into(),
+                },
+                CloseReason::AlertReceived(alert) if alert.0 == 115 => match identity {
+                    Some(identity) => format!("unknown PSK identity: the server does not know identity {identity:?}"),
+                    None => "unknown PSK identity: the server does not know this device's identity".into(),
+                },
+                CloseReason::AlertReceived(alert) if matches!(alert.0, 20 | 51) => {
+                    format!("PSK key mismatch: the server could not verify this device's handshake ({alert})")
+                }
+                CloseReason::KeyMismatch => {
+                    "PSK key mismatch: the server's Finished did not verify with this device's key".into()
+                }
+                CloseReason::AlertReceived(alert) if matches!(alert.0, 42..=46 | 48 | 116) => {
+                    format!("the server rejected this device's certificate ({alert})")
+                }
+                CloseReason::AlertReceived(alert) if alert.0 == 40 => {
+                    format!("the server refused the handshake ({alert}): no cipher suite or credential in common")
+                }
+                CloseReason::CertificateRejected(why) => format!("the server's certificate was rejected: {why}"),
+                other => format!("authentication failed: {other}"),
+            }),
+            other => failed(other.to_string()),
+        }
+    }
 }
 
 impl Driver {
@@ -372,7 +440,14 @@ impl Driver {
                     self.resilient.disconnect().await;
                     match self.resilient.connect().await {
                         Ok(()) => self.client.handle_connected(clock::now()),
-                        Err(err) => self.client.handle_connect_failed(clock::now(), err.to_string()),
+                        Err(err) => {
+                            let failure = ConnectFailure::of(&err, self.server, self.identity.as_deref());
+                            if failure.refused {
+                                self.client.handle_connect_refused(clock::now(), failure.cause);
+                            } else {
+                                self.client.handle_connect_failed(clock::now(), failure.cause);
+                            }
+                        }
                     }
                 }
             }

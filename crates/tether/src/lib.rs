@@ -35,7 +35,7 @@ mod socket;
 pub mod store;
 
 pub use client::{ClientCounters, ConnectError, Connected, DtlsClient};
-pub use device::{DeviceError, DeviceStatus, FixedPortTransport, Lwm2mDevice, Lwm2mDeviceConfig};
+pub use device::{ConnectFailure, DeviceError, DeviceStatus, FixedPortTransport, Lwm2mDevice, Lwm2mDeviceConfig};
 pub use pool::{Dialer, PooledSession, SessionPool};
 pub use resilient::{
     retry, ClientEvent, Connection, DisconnectReason, DtlsTransport, ResilientClient, ResilientConfig, ResilientError,

@@ -104,22 +104,32 @@ pub fn cpu_seconds() -> anyhow::Result<f64> {
 
 /// Prints figures as an aligned table.
 pub fn print_table(title: &str, figures: &[Figure]) {
-    println!("{title}");
-    println!(
+    say!("{title}");
+    say!(
         "{:<34} {:>14} {:<10} {:<34} {:>14} {:>8}",
-        "figure", "value", "unit", "baseline (same run)", "baseline", "ratio"
+        "figure",
+        "value",
+        "unit",
+        "baseline (same run)",
+        "baseline",
+        "ratio"
     );
     for f in figures {
         if f.baseline_value.is_nan() {
-            println!("{:<34} {:>14.1} {:<10} {:<34} {:>14} {:>8}", f.name, f.value, f.unit, f.baseline, "-", "-");
+            say!("{:<34} {:>14.1} {:<10} {:<34} {:>14} {:>8}", f.name, f.value, f.unit, f.baseline, "-", "-");
         } else {
-            println!(
+            say!(
                 "{:<34} {:>14.1} {:<10} {:<34} {:>14.1} {:>7.2}x",
-                f.name, f.value, f.unit, f.baseline, f.baseline_value, f.ratio
+                f.name,
+                f.value,
+                f.unit,
+                f.baseline,
+                f.baseline_value,
+                f.ratio
             );
         }
         if !f.detail.is_empty() {
-            println!("    {}", f.detail);
+            say!("    {}", f.detail);
         }
     }
 }

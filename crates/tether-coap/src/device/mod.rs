@@ -189,6 +189,13 @@ const CONFIRMABLE_EVERY: u32 = 10;
 /// MAX_TRANSMIT_WAIT with default CoAP parameters: an Update leaves at least this much of
 /// the lifetime for its retransmissions.
 const UPDATE_HEADROOM: Duration = Duration::from_secs(93);
+/// First delay after a refused connect (nothing listens on the server's port: it is
+/// starting or restarting); doubled per refusal while it stays below the Server object's
+/// own delay for the attempt.
+const QUICK_RETRY: Duration = Duration::from_secs(1);
+/// A fleet whose server closed every session (close_notify: a graceful restart) comes
+/// back spread over this much, or the Retry Timer if shorter, when jitter is on.
+const RECONNECT_SPREAD: Duration = Duration::from_secs(5);
 
 /// The device. See the module docs.
 pub struct Lwm2mClient {
@@ -203,6 +210,8 @@ pub struct Lwm2mClient {
     update_wanted: bool,
     sequence: u32,
     attempt: u32,
+    /// Refused connects in a row (reset by any other outcome).
+    refused: u32,
     backoff: Backoff,
     /// Spreads Update times when jitter is on.
     rng: rand_chacha::ChaCha8Rng,
@@ -251,6 +260,7 @@ impl Lwm2mClient {
             update_wanted: false,
             sequence: 1,
             attempt: 1,
+            refused: 0,
             backoff,
             rng: rand::SeedableRng::seed_from_u64(config.seed ^ 0x05ee_d0f0_da7e),
             last_traffic: now,
@@ -322,6 +332,7 @@ impl Lwm2mClient {
             return;
         }
         self.stats.connects += 1;
+        self.refused = 0;
         self.layer = MessageLayer::new(self.config.coap.clone(), self.config.seed.wrapping_add(self.layers_made));
         self.layers_made += 1;
         self.last_traffic = now;
@@ -335,8 +346,42 @@ impl Lwm2mClient {
     /// The driver's connection attempt failed.
     pub fn handle_connect_failed(&mut self, now: Instant, reason: impl Into<String>) {
         if self.phase == Phase::Connecting {
+            self.refused = 0;
             self.attempt_failed(now, reason.into());
         }
+    }
+
+    /// The driver's connection attempt was refused: nothing listens on the server's port
+    /// (ICMP port unreachable), so the server is starting or restarting. The device tries
+    /// again soon — after 1 s, 2 s, 4 s… (jittered when jitter is on) — for as long as that
+    /// is sooner than the Server object's delay for the attempt, without using the attempt
+    /// up; from then on (until a session opens) refusals count as ordinary failed attempts
+    /// on the Server object's schedule.
+    pub fn handle_connect_refused(&mut self, now: Instant, reason: impl Into<String>) {
+        if self.phase != Phase::Connecting {
+            return;
+        }
+        let reason = reason.into();
+        self.refused = self.refused.saturating_add(1);
+        let quick = QUICK_RETRY.saturating_mul(1 << (self.refused - 1).min(20));
+        let scheduled = self.objects.retry.retry_timer.saturating_mul(1 << (self.attempt - 1).min(20));
+        if quick >= scheduled {
+            self.attempt_failed(now, reason);
+            return;
+        }
+        let retry_in = match self.config.jitter {
+            Jitter::None => quick,
+            // Within the upper half, so a fleet spreads out but still comes back soon.
+            _ => quick.mul_f64(rand::Rng::gen_range(&mut self.rng, 0.5..=1.0)),
+        };
+        self.stats.failed_attempts += 1;
+        self.events.push_back(DeviceEvent::AttemptFailed {
+            reason,
+            sequence: self.sequence,
+            attempt: self.attempt,
+            retry_in,
+        });
+        self.phase = Phase::Waiting(now + retry_in);
     }
 
     /// The session ended without the client asking (server close_notify, fatal alert).
@@ -350,15 +395,16 @@ impl Lwm2mClient {
             return;
         }
         self.events.push_back(DeviceEvent::ConnectionLost);
-        // Reconnect now, or with jitter within the first retry delay, so a fleet that lost
-        // its server at one instant does not come back at one instant; the schedule spaces
-        // out further attempts if the server is down.
+        // Reconnect now, or with jitter within a few seconds (never later than the first
+        // retry delay), so a fleet that lost its server at one instant does not come back
+        // at one instant; a server still restarting refuses, and the device retries soon.
         self.reset_schedule();
+        self.refused = 0;
+        let spread = RECONNECT_SPREAD.min(self.objects.retry.retry_timer);
         let delay = match self.config.jitter {
             Jitter::None => Duration::ZERO,
-            _ => self.backoff.delay(1).unwrap_or(Duration::ZERO),
+            _ => spread.mul_f64(rand::Rng::gen_range(&mut self.rng, 0.0..=1.0)),
         };
-        self.backoff.reset();
         self.phase = Phase::Waiting(now + delay);
     }
 
@@ -581,7 +627,8 @@ impl Lwm2mClient {
                             if kind == Exchange::Deregister {
                                 self.stop();
                             } else {
-                                self.attempt_failed(now, format!("{kind:?}: {reason}"));
+                                let reason = format!("no answer to {kind:?} from the server ({reason})");
+                                self.attempt_failed(now, reason);
                             }
                         }
                     }
@@ -631,7 +678,18 @@ impl Lwm2mClient {
                 self.send_register(now);
             }
             (Exchange::Deregister, _) => self.stop(),
-            (kind, code) => self.attempt_failed(now, format!("{kind:?} answered {code:?}")),
+            (Exchange::Register, ResponseType::Forbidden) => {
+                let reason = format!(
+                    "the server refused to register endpoint {:?} (4.03 Forbidden): this identity may not \
+                     register that endpoint name",
+                    self.config.endpoint
+                );
+                self.attempt_failed(now, reason);
+            }
+            (kind, code) => {
+                let code = MessageClass::Response(code);
+                self.attempt_failed(now, format!("the server answered {kind:?} with {code}"));
+            }
         }
     }
 
