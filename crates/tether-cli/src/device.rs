@@ -1,6 +1,7 @@
 //! `tether device`: one LwM2M device, or a fleet of them in one process (one UDP socket per
 //! device, one shared runtime), against a server.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use tether_proto::dtls::{CertifiedKey, ClientConfig, DtlsContext, PskKey, X509};
 use tether_proto::resilience::Jitter;
 use tokio::sync::{broadcast, mpsc};
 
-use crate::serve::{DEV_ENDPOINT, DEV_IDENTITY, DEV_KEY_HEX};
+use crate::serve::{parse_key, read_psk_entries, DEV_ENDPOINT, DEV_IDENTITY, DEV_KEY_HEX};
 
 /// Flags of `tether device`.
 #[derive(Debug, clap::Args)]
@@ -21,15 +22,21 @@ pub struct DeviceArgs {
     /// The server, `coaps://HOST:PORT` (HOST an IP address).
     #[arg(long, default_value = "coaps://127.0.0.1:5684")]
     pub server: String,
-    /// Endpoint name; with `--count N`, devices are NAME-0 … NAME-(N-1).
-    #[arg(long, default_value = DEV_ENDPOINT)]
-    pub endpoint: String,
+    /// Endpoint name; with `--count N`, devices are NAME-0 … NAME-(N-1). Default: the
+    /// certificate's CN with `--certificate`, else `tether-dev` (the development device).
+    #[arg(long)]
+    pub endpoint: Option<String>,
     /// PSK identity; with `--count N`, identities are ID-0 … ID-(N-1), all with the same key.
     #[arg(long, default_value = DEV_IDENTITY)]
     pub psk_identity: String,
-    /// PSK key in hex. Default: the public development key `tether serve` accepts.
-    #[arg(long, default_value = DEV_KEY_HEX)]
-    pub psk_key: String,
+    /// PSK key in hex, for every device. Default: each device's key from `--security FILE`,
+    /// else the public development key `tether serve` accepts.
+    #[arg(long)]
+    pub psk_key: Option<String>,
+    /// Take each device's PSK from this security file (its `[[psk]]` entries, as
+    /// `--write-security` writes them), by identity.
+    #[arg(long, value_name = "FILE", conflicts_with = "psk_key")]
+    pub security: Option<PathBuf>,
     /// Authenticate with this certificate (PEM) instead of a PSK; its CN is the endpoint name.
     #[arg(long, value_name = "FILE", requires_all = ["private_key", "server_ca"])]
     pub certificate: Option<PathBuf>,
@@ -84,19 +91,44 @@ pub struct DeviceArgs {
     /// Run this many seconds, then de-register and exit (default: until SIGINT/SIGTERM).
     #[arg(long, value_name = "SECONDS")]
     pub duration: Option<f64>,
-    /// Write the `[[psk]]` entries of this fleet (identity, key, endpoint) to FILE, for
-    /// `tether serve --security FILE`, and exit.
-    #[arg(long, value_name = "FILE")]
+    /// Write the `[[psk]]` entries of this fleet (identity, a new random key per device,
+    /// endpoint) to FILE (mode 0600), for `tether serve --security FILE` and `tether device
+    /// --security FILE`, and exit.
+    #[arg(long, value_name = "FILE", conflicts_with = "security")]
     pub write_security: Option<PathBuf>,
 }
 
 impl DeviceArgs {
+    /// Endpoint name and PSK identity of device `i`.
     fn names(&self, i: usize) -> (String, String) {
+        let endpoint = self.endpoint.as_deref().unwrap_or(DEV_ENDPOINT);
         if self.count == 1 {
-            (self.endpoint.clone(), self.psk_identity.clone())
+            (endpoint.to_string(), self.psk_identity.clone())
         } else {
-            (format!("{}-{i}", self.endpoint), format!("{}-{i}", self.psk_identity))
+            (format!("{endpoint}-{i}"), format!("{}-{i}", self.psk_identity))
         }
+    }
+
+    /// The key of each device, by index: `--psk-key`, the security file's entry for its
+    /// identity, or the development key.
+    fn keys(&self) -> Result<Keys> {
+        if let Some(hex) = &self.psk_key {
+            return Ok(Keys::Shared(parse_key(hex).context("--psk-key")?));
+        }
+        let Some(path) = &self.security else {
+            return Ok(Keys::Shared(parse_key(DEV_KEY_HEX)?));
+        };
+        let entries: HashMap<String, PskKey> =
+            read_psk_entries(path)?.into_iter().map(|e| (e.identity, e.key)).collect();
+        let mut keys = Vec::with_capacity(self.count);
+        for i in 0..self.count {
+            let (_, identity) = self.names(i);
+            match entries.get(&identity) {
+                Some(key) => keys.push(key.clone()),
+                None => bail!("{}: no [[psk]] entry for identity {identity:?}", path.display()),
+            }
+        }
+        Ok(Keys::PerDevice(keys))
     }
 
     fn validate(&self) -> Result<SocketAddr> {
@@ -141,10 +173,7 @@ impl DeviceArgs {
                 }
                 config
             }
-            _ => {
-                let key = PskKey::from_hex(&self.psk_key).map_err(|e| anyhow::anyhow!("--psk-key: {e}"))?;
-                ClientConfig::psk(identity, key)
-            }
+            _ => ClientConfig::psk(identity, self.keys()?.of(0).clone()),
         };
         let config = if self.cid { config.connection_id(Vec::new()) } else { config };
         Ok(DtlsContext::client(config)?)
@@ -174,8 +203,12 @@ impl DeviceArgs {
 }
 
 /// Runs the devices until `--duration` or a signal; prints progress and a summary.
-pub fn run(args: DeviceArgs) -> Result<()> {
+pub fn run(mut args: DeviceArgs) -> Result<()> {
     let server = args.validate()?;
+    if let (Some(certificate), None) = (&args.certificate, &args.endpoint) {
+        // The server binds a certificate to the endpoint named by its CN: register as that.
+        args.endpoint = Some(common_name(certificate)?);
+    }
     if let Some(path) = &args.write_security {
         return write_security(&args, path);
     }
@@ -186,18 +219,67 @@ pub fn run(args: DeviceArgs) -> Result<()> {
 }
 
 fn write_security(args: &DeviceArgs, path: &PathBuf) -> Result<()> {
-    PskKey::from_hex(&args.psk_key).map_err(|e| anyhow::anyhow!("--psk-key: {e}"))?;
-    let mut text = String::from("# PSK entries of a tether device fleet, for `tether serve --security`.\n");
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(hex) = &args.psk_key {
+        parse_key(hex).context("--psk-key")?;
+    }
+    let mut text = String::from(
+        "# PSK entries of a tether device fleet, for `tether serve --security` and\n\
+         # `tether device --security`. The keys are secrets: keep this file private.\n",
+    );
     for i in 0..args.count {
         let (endpoint, identity) = args.names(i);
-        text.push_str(&format!(
-            "\n[[psk]]\nidentity = {identity:?}\nkey = {:?}\nendpoint = {endpoint:?}\n",
-            args.psk_key
-        ));
+        // A new random 128-bit key per device, unless one shared key was asked for.
+        let key = args.psk_key.clone().unwrap_or_else(|| encode_hex(&rand::random::<[u8; 16]>()));
+        text.push_str(&format!("\n[[psk]]\nidentity = {identity:?}\nkey = {key:?}\nendpoint = {endpoint:?}\n"));
     }
-    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
-    say!("tether device: wrote {} PSK entries to {}", args.count, path.display());
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut file| file.write_all(text.as_bytes()).map(|()| file))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    file.flush()?;
+    let keys = if args.psk_key.is_some() { "one shared key (--psk-key)" } else { "a random key each" };
+    say!("tether device: wrote {} PSK entries ({keys}) to {} (mode 0600)", args.count, path.display());
     Ok(())
+}
+
+/// The subject CN of the certificate (PEM) at `path`.
+fn common_name(path: &PathBuf) -> Result<String> {
+    let pem = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let certificate =
+        openssl::x509::X509::from_pem(&pem).with_context(|| format!("{} is not a PEM certificate", path.display()))?;
+    let cn = certificate.subject_name().entries_by_nid(openssl::nid::Nid::COMMONNAME).next();
+    // Read as the server reads it (the bytes of the first CN).
+    match cn.map(|entry| String::from_utf8_lossy(entry.data().as_slice()).into_owned()) {
+        Some(cn) if !cn.is_empty() => Ok(cn),
+        _ => bail!("{} has no subject CN: give the endpoint name with --endpoint", path.display()),
+    }
+}
+
+fn encode_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The devices' PSKs.
+enum Keys {
+    /// One key for every device.
+    Shared(PskKey),
+    /// Device `i`'s key at `i`.
+    PerDevice(Vec<PskKey>),
+}
+
+impl Keys {
+    fn of(&self, i: usize) -> &PskKey {
+        match self {
+            Self::Shared(key) => key,
+            Self::PerDevice(keys) => &keys[i],
+        }
+    }
 }
 
 async fn fleet(args: DeviceArgs, server: SocketAddr) -> Result<()> {
@@ -205,7 +287,7 @@ async fn fleet(args: DeviceArgs, server: SocketAddr) -> Result<()> {
     let mut devices = Vec::with_capacity(args.count);
     // One DTLS context for the whole fleet; PSK devices bring their own identity.
     let context = args.context(&args.names(0).1)?;
-    let key = PskKey::from_hex(&args.psk_key).map_err(|e| anyhow::anyhow!("--psk-key: {e}"))?;
+    let keys = args.keys()?;
     for i in 0..args.count {
         if args.rate > 0.0 {
             let due = started + Duration::from_secs_f64(i as f64 / args.rate);
@@ -213,7 +295,7 @@ async fn fleet(args: DeviceArgs, server: SocketAddr) -> Result<()> {
         }
         let mut config = args.device_config(i, server, Arc::clone(&context));
         if args.certificate.is_none() {
-            config.psk = Some((args.names(i).1.into_bytes(), key.clone()));
+            config.psk = Some((args.names(i).1.into_bytes(), keys.of(i).clone()));
         }
         devices.push(Lwm2mDevice::start(config)?);
     }
@@ -293,7 +375,7 @@ async fn fleet(args: DeviceArgs, server: SocketAddr) -> Result<()> {
 fn forward_events(devices: &[Lwm2mDevice]) -> mpsc::UnboundedReceiver<(Arc<str>, DeviceEvent)> {
     let (tx, rx) = mpsc::unbounded_channel();
     for device in devices {
-        let mut events = device.events();
+        let mut events = device.events_from_start();
         let endpoint: Arc<str> = device.endpoint().into();
         let tx = tx.clone();
         tokio::spawn(async move {

@@ -147,11 +147,7 @@ impl Settings {
             }
         }
         for flag in &args.psk {
-            let mut parts = flag.splitn(3, ':');
-            let (Some(identity), Some(key), Some(endpoint)) = (parts.next(), parts.next(), parts.next()) else {
-                bail!("--psk {flag:?}: expected IDENTITY:HEXKEY:ENDPOINT");
-            };
-            entries.push(entry(identity, key, endpoint).with_context(|| format!("--psk {identity}:…:{endpoint}"))?);
+            entries.push(psk_flag(flag)?);
         }
         let mut seen = HashMap::new();
         for e in &entries {
@@ -159,7 +155,8 @@ impl Settings {
                 bail!("PSK identity {:?} is configured twice (for {previous:?} and {:?})", e.identity, e.endpoint);
             }
         }
-        let development_psk = entries.is_empty();
+        // Any configured credential, PSK or certificate, turns the public development key off.
+        let development_psk = entries.is_empty() && x509.is_none();
         if development_psk {
             entries.push(entry(DEV_IDENTITY, DEV_KEY_HEX, DEV_ENDPOINT)?);
         }
@@ -198,12 +195,100 @@ fn load_x509(security: &Path, section: &X509File) -> Result<X509Settings> {
     Ok(X509Settings { certificate, client_ca })
 }
 
+/// `--psk IDENTITY:HEXKEY:ENDPOINT`. The endpoint may itself hold ':' only as a URN
+/// (`urn:imei:…`, the usual LwM2M endpoint names); any other extra field is a mistake.
+fn psk_flag(flag: &str) -> Result<PskEntry> {
+    let fields: Vec<&str> = flag.splitn(3, ':').collect();
+    let [identity, key, endpoint] = fields[..] else {
+        bail!("--psk: expected IDENTITY:HEXKEY:ENDPOINT (three fields separated by ':'), got {}", fields.len());
+    };
+    if endpoint.contains(':') && !endpoint.starts_with("urn:") {
+        bail!(
+            "--psk: expected IDENTITY:HEXKEY:ENDPOINT, got {} fields (an endpoint name holds ':' only as a URN, \
+             urn:…)",
+            flag.split(':').count()
+        );
+    }
+    entry(identity, key, endpoint).with_context(|| format!("--psk {identity}:…:{endpoint}"))
+}
+
 fn entry(identity: &str, key: &str, endpoint: &str) -> Result<PskEntry> {
     if identity.is_empty() || endpoint.is_empty() {
         bail!("identity and endpoint must not be empty");
     }
-    let key = PskKey::from_hex(key).map_err(|e| anyhow::anyhow!("key: {e}"))?;
+    let key = parse_key(key)?;
     Ok(PskEntry { identity: identity.to_string(), key, endpoint: endpoint.to_string() })
+}
+
+/// A PSK from hex, or an error that says exactly what is wrong with the text (never the
+/// text itself: it is a secret, or nearly one).
+pub fn parse_key(hex: &str) -> Result<PskKey> {
+    let hex = hex.trim();
+    if hex.is_empty() {
+        bail!("the key is empty: give it as hex digits, e.g. 16 random bytes = 32 hex digits");
+    }
+    if let Some((position, _)) = hex.char_indices().find(|(_, c)| !c.is_ascii_hexdigit()) {
+        bail!("the key is not hex: character {} of {} is not a hex digit (0-9, a-f)", position + 1, hex.len());
+    }
+    if hex.len() % 2 != 0 {
+        bail!("the key has an odd number of hex digits ({}): two digits per byte", hex.len());
+    }
+    PskKey::from_hex(hex).map_err(|e| anyhow::anyhow!("the key is not usable: {e}"))
+}
+
+/// Reads the `[[psk]]` entries of a security file (as `tether device --write-security`
+/// writes it).
+pub fn read_psk_entries(path: &Path) -> Result<Vec<PskEntry>> {
+    let security = read_toml::<SecurityFile>(path)?;
+    security
+        .psk
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            entry(&e.identity, &e.key, &e.endpoint).with_context(|| format!("{}: psk entry {}", path.display(), i + 1))
+        })
+        .collect()
+}
+
+/// Holds the data directory for this process: a second `tether serve` on the same
+/// directory would write the same databases and answer with the same sessions.
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: std::fs::File,
+}
+
+impl DataDirLock {
+    /// Creates the directory if needed, checks it is writable and takes its lock file
+    /// (`tether.lock`, released when the process ends, however it ends).
+    pub fn acquire(dir: &Path) -> Result<Self> {
+        use std::io::{Read, Seek, Write};
+        use std::os::fd::AsRawFd;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create the data directory {}", dir.display()))?;
+        let path = dir.join("tether.lock");
+        let mut file =
+            std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).with_context(
+                || format!("the data directory {} is not writable (cannot open {})", dir.display(), path.display()),
+            )?;
+        // SAFETY: flock on a file descriptor this function owns; no memory is shared.
+        #[allow(unsafe_code, reason = "flock(2): std's File::try_lock needs Rust 1.89, tether builds on 1.85")]
+        let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        if !locked {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            let holder = if holder.is_empty() { String::new() } else { format!(" (pid {holder})") };
+            bail!(
+                "the data directory {} is in use by another tether serve{holder}: each server needs its own \
+                 --data-dir (lock {})",
+                dir.display(),
+                path.display()
+            );
+        }
+        let write_pid =
+            file.set_len(0).and_then(|()| file.rewind()).and_then(|()| write!(file, "{}", std::process::id()));
+        write_pid.with_context(|| format!("the data directory {} is not writable", dir.display()))?;
+        Ok(Self { _file: file })
+    }
 }
 
 /// Runs the server until SIGINT or SIGTERM; then closes every session (close_notify) and
@@ -224,8 +309,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         }
     }
     let context = DtlsContext::server(server_config)?;
-    std::fs::create_dir_all(&settings.data_dir)
-        .with_context(|| format!("cannot create data directory {}", settings.data_dir.display()))?;
+    let _lock = DataDirLock::acquire(&settings.data_dir)?;
     let db = settings.data_dir.join("registrations.db");
     let store = Arc::new(RegistrationStore::open(&db).with_context(|| format!("cannot open {}", db.display()))?);
     let sessions_db = settings.data_dir.join("sessions.db");

@@ -18,7 +18,10 @@ async fn aiocoap_with_tinydtls_registers_over_ccm8() {
     let json = serde_json::json!({ pattern: { "dtls": { "psk": { "ascii": "secretPSK" }, "client-identity": { "ascii": "device-3" } } } });
     std::fs::write(&credentials, json.to_string()).unwrap();
     let uri = format!("coaps://{}/rd?ep=urn:dev:3&lt=300&lwm2m=1.1", server.coaps);
-    let output = Command::new("aiocoap-client")
+    // Installed by .ci/run in a virtual environment under target/ (see PEERS.md).
+    let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/interop-python/bin/aiocoap-client");
+    let client = if std::path::Path::new(venv).exists() { venv } else { "aiocoap-client" };
+    let output = Command::new(client)
         .arg("--credentials")
         .arg(&credentials)
         .args([

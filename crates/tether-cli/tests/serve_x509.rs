@@ -59,12 +59,13 @@ async fn certificate_cn_is_the_endpoint_name() {
     let client = DtlsClient::connect(server.coaps, &psk).await.unwrap();
     assert_eq!(register(client, "urn:dev:psk").await, ResponseType::Created, "PSK devices on the same server");
 
-    // `tether device` with a certificate (CN urn:dev:cli) registers, answers a read, leaves.
+    // `tether device` with a certificate (CN urn:dev:cli) registers as its CN (no --endpoint),
+    // answers a read, leaves.
     let cli_cert = ca.issue("urn:dev:cli", validity).unwrap();
     std::fs::write(data.join("cli.pem"), cli_cert.chain[0].to_pem().unwrap()).unwrap();
     std::fs::write(data.join("cli.key"), cli_cert.key.private_key_to_pem_pkcs8().unwrap()).unwrap();
     let device = std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["device", "--server", &format!("coaps://{}", server.coaps), "--endpoint", "urn:dev:cli"])
+        .args(["device", "--server", &format!("coaps://{}", server.coaps)])
         .arg("--certificate")
         .arg(data.join("cli.pem"))
         .arg("--private-key")

@@ -160,29 +160,9 @@ fn malformed(format: &'static str, reason: impl Into<String>) -> ContentError {
     ContentError::Malformed { format, reason: reason.into() }
 }
 
-/// The resource types of the core objects.
+/// The resource types of the modelled objects ([`crate::model`]).
 pub fn resource_type(object: u16, resource: u16) -> Option<ResourceType> {
-    use ResourceType::*;
-    let t = match (object, resource) {
-        (0, 0) => String,
-        (0, 1) => Boolean,
-        (0, 2 | 6 | 10..=12) => Integer,
-        (0, 3..=5 | 7 | 8) => Opaque,
-        (0, 9) => String,
-        (1, 0 | 1..=3 | 5 | 11) => Integer,
-        (1, 4 | 8 | 9) => None,
-        (1, 6 | 15 | 16 | 21 | 23) => Boolean,
-        (1, 7 | 22) => String,
-        (1, 10) => ObjectLink,
-        (1, 12) => Time,
-        (1, 13 | 14 | 17..=20) => Unsigned,
-        (3, 0..=3 | 14..=19) => String,
-        (3, 4 | 5 | 12) => None,
-        (3, 6..=11 | 20 | 21) => Integer,
-        (3, 13) => Time,
-        _ => return Option::None,
-    };
-    Some(t)
+    crate::model::resource(object, resource).map(|r| r.kind)
 }
 
 /// Decodes a payload of `format` answering a request on `base`.

@@ -4,6 +4,7 @@
 //!   piggybacked and separate responses, deduplication, resets, observe notifications.
 //! - [`content`]: LwM2M content formats (text, opaque, TLV, SenML JSON, SenML CBOR) to and
 //!   from typed values, with the resource types of the core objects 0, 1 and 3.
+//! - [`model`]: object models (names, types, operations) of objects 0, 1 and 3.
 //! - [`link_format`]: CoRE link format (RFC 6690), as LwM2M registration bodies use it.
 //! - [`packet`]: requests and uint option values.
 //! - [`registration`]: the LwM2M registration interface: requests, authorization, the registry
@@ -21,6 +22,7 @@ pub mod content;
 pub mod device;
 pub mod link_format;
 pub mod message;
+pub mod model;
 pub mod packet;
 pub mod registration;
 mod small_map;

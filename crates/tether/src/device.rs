@@ -242,9 +242,14 @@ impl Lwm2mDevice {
         self.local_addr
     }
 
-    /// Subscribes to events. The first subscriber receives every event since the device
-    /// started (up to the last 32); later ones, those from their subscription on.
+    /// Subscribes to events from now on.
     pub fn events(&self) -> broadcast::Receiver<DeviceEvent> {
+        self.events.subscribe()
+    }
+
+    /// Events since the device started (the last 32 of them at most) and on: the first call
+    /// gets the receiver subscribed at the start, later calls behave as [`events`](Self::events).
+    pub fn events_from_start(&self) -> broadcast::Receiver<DeviceEvent> {
         let first = self.first_events.lock().unwrap_or_else(|e| e.into_inner()).take();
         first.unwrap_or_else(|| self.events.subscribe())
     }

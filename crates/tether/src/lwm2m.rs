@@ -115,6 +115,20 @@ enum Command {
     },
     CancelObservation(u64, oneshot::Sender<bool>),
     Registrations(oneshot::Sender<Vec<Registration>>),
+    Clients(oneshot::Sender<Vec<ClientState>>),
+}
+
+/// A registration, and whether its device can be reached now.
+#[derive(Debug, Clone)]
+pub struct ClientState {
+    /// The registration.
+    pub registration: Registration,
+    /// Whether the device's DTLS session is open. A registration outlives its session
+    /// (close_notify, a fatal alert, idle expiry): until the device connects again it is
+    /// offline, and requests to it fail at once.
+    pub online: bool,
+    /// When the device was last heard from over its current session.
+    pub last_heard: Option<std::time::Instant>,
 }
 
 /// The LwM2M server. See the module docs.
@@ -180,6 +194,15 @@ impl Lwm2mServer {
     pub async fn registrations(&self) -> Vec<Registration> {
         let (tx, rx) = oneshot::channel();
         if self.commands.send(Command::Registrations(tx)).await.is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// Every registration with its device's session state.
+    pub async fn clients(&self) -> Vec<ClientState> {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Clients(tx)).await.is_err() {
             return Vec::new();
         }
         rx.await.unwrap_or_default()
@@ -531,6 +554,21 @@ impl Actor {
         match command {
             Command::Registrations(reply) => {
                 let _ = reply.send(self.registry.registrations().cloned().collect());
+            }
+            Command::Clients(reply) => {
+                let clients = self
+                    .registry
+                    .registrations()
+                    .map(|registration| {
+                        let session = self.sessions.get(&registration.peer);
+                        ClientState {
+                            registration: registration.clone(),
+                            online: session.is_some(),
+                            last_heard: session.and_then(|s| s.last_heard),
+                        }
+                    })
+                    .collect();
+                let _ = reply.send(clients);
             }
             Command::Request { endpoint, mut request, negotiate, reply } => {
                 let Some(registration) = self.registry.get(&endpoint) else {

@@ -1,7 +1,11 @@
 //! The REST API (Leshan-like) and `/metrics`.
 
+mod options;
+mod typed;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::extract::{FromRef, Path, RawQuery, State};
 use axum::http::StatusCode;
@@ -10,10 +14,12 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
 use serde_json::{json, Value};
-use tether::lwm2m::{build, DeviceResponse, Lwm2mError, Lwm2mServer};
+use tether::lwm2m::{build, ClientState, DeviceResponse, Lwm2mError, Lwm2mServer};
+use tether_coap::coap_lite::CoapOption;
+
+use options::{within, RequestOptions};
 use tether_coap::coap_lite::{MessageClass, RequestType, ResponseType};
 use tether_coap::content;
-use tether_coap::registration::Registration;
 use tokio::sync::mpsc;
 
 /// Observations started through the API, by id, with their notification queues.
@@ -43,7 +49,17 @@ pub fn router(server: Lwm2mServer) -> Router {
         .route("/api/observations/{id}", get(notifications).delete(cancel))
         .route("/api/pool", get(pool))
         .route("/metrics", get(metrics))
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(api)
+}
+
+async fn unknown_route(uri: axum::http::Uri) -> Response {
+    error(StatusCode::NOT_FOUND, None, format!("no such route: {} (see README.md, \"REST API\")", uri.path()))
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    error(StatusCode::METHOD_NOT_ALLOWED, None, format!("{method} is not allowed on {}", uri.path()))
 }
 
 #[derive(Serialize)]
@@ -58,9 +74,16 @@ struct ClientView {
     expires_in_s: u64,
     /// Seconds since the device last registered or updated.
     updated_s_ago: f64,
+    /// Whether its DTLS session is open: false after the session closed (close_notify,
+    /// fatal alert, idle expiry) until the device connects again; requests fail at once.
+    online: bool,
+    /// Seconds since the device was last heard from over its session, if it was.
+    last_heard_s_ago: Option<f64>,
 }
 
-fn view(r: &Registration) -> ClientView {
+fn view(client: &ClientState) -> ClientView {
+    let r = &client.registration;
+    let now = std::time::Instant::now();
     ClientView {
         endpoint: r.endpoint.clone(),
         registration_id: r.id.clone(),
@@ -70,103 +93,153 @@ fn view(r: &Registration) -> ClientView {
         lwm2m_version: r.version.clone(),
         objects: r.links.as_str().to_string(),
         expires_in_s: r.expires_at().saturating_duration_since(std::time::Instant::now()).as_secs(),
-        updated_s_ago: std::time::Instant::now().saturating_duration_since(r.last_update).as_secs_f64(),
+        updated_s_ago: now.saturating_duration_since(r.last_update).as_secs_f64(),
+        online: client.online,
+        last_heard_s_ago: client.last_heard.map(|at| now.saturating_duration_since(at).as_secs_f64()),
     }
 }
 
 async fn clients(State(server): State<Lwm2mServer>) -> Json<Vec<ClientView>> {
-    let mut all: Vec<ClientView> = server.registrations().await.iter().map(view).collect();
-    all.sort_by(|a, b| a.endpoint.cmp(&b.endpoint));
+    let mut all: Vec<ClientView> = server.clients().await.iter().map(view).collect();
+    all.sort_by(|a, b| natural_cmp(&a.endpoint, &b.endpoint));
     Json(all)
 }
 
 async fn client(State(server): State<Lwm2mServer>, Path(endpoint): Path<String>) -> Response {
-    match server.registrations().await.iter().find(|r| r.endpoint == endpoint) {
-        Some(r) => Json(view(r)).into_response(),
-        None => error(StatusCode::NOT_FOUND, Some("4.04"), format!("endpoint {endpoint:?} is not registered")),
+    match server.clients().await.iter().find(|c| c.registration.endpoint == endpoint) {
+        Some(c) => Json(view(c)).into_response(),
+        None => not_registered(&endpoint),
     }
 }
 
-/// `GET …/{path}`: Read; `GET …/{path}/discover`: Discover.
-async fn read(State(server): State<Lwm2mServer>, Path((endpoint, path)): Path<(String, String)>) -> Response {
+fn not_registered(endpoint: &str) -> Response {
+    error(StatusCode::NOT_FOUND, None, format!("endpoint {endpoint:?} is not registered"))
+}
+
+/// Orders names as people read them: digit runs by value (`fleet-2` before `fleet-10`).
+fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    fn chunks(s: &str) -> impl Iterator<Item = (bool, &str)> {
+        let mut rest = s;
+        std::iter::from_fn(move || {
+            let first = rest.chars().next()?;
+            let digits = first.is_ascii_digit();
+            let end = rest.find(|c: char| c.is_ascii_digit() != digits).unwrap_or(rest.len());
+            let (chunk, tail) = rest.split_at(end);
+            rest = tail;
+            Some((digits, chunk))
+        })
+    }
+    let mut left = chunks(a);
+    let mut right = chunks(b);
+    loop {
+        let ordering = match (left.next(), right.next()) {
+            (None, None) => return a.cmp(b),
+            (None, Some(_)) => return std::cmp::Ordering::Less,
+            (Some(_), None) => return std::cmp::Ordering::Greater,
+            (Some((true, x)), Some((true, y))) => {
+                let (x, y) = (x.trim_start_matches('0'), y.trim_start_matches('0'));
+                x.len().cmp(&y.len()).then_with(|| x.cmp(y))
+            }
+            (Some((_, x)), Some((_, y))) => x.cmp(y),
+        };
+        if ordering.is_ne() {
+            return ordering;
+        }
+    }
+}
+
+/// `GET …/{path}`: Read (`?format=` asks for a content format); `GET …/{path}/discover`:
+/// Discover. Both take `?timeout=`.
+async fn read(
+    State(server): State<Lwm2mServer>,
+    Path((endpoint, path)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let options = match RequestOptions::parse(query.as_deref()) {
+        Ok(options) => options,
+        Err(err) => return err.into_response(),
+    };
+    if let Err(err) = options.no_others() {
+        return err.into_response();
+    }
     if let Some(target) = path.strip_suffix("/discover") {
         if let Some(response) = path_error(target) {
             return response;
         }
-        return answer(server.discover(&endpoint, target).await, target);
+        return answer(within(options.timeout, server.discover(&endpoint, target)).await, target);
     }
     if let Some(response) = path_error(&path) {
         return response;
     }
-    answer(server.read(&endpoint, &path).await, &path)
+    if let Some(response) = typed::refuses(&path, typed::Operation::Read) {
+        return response;
+    }
+    let request = match options.format {
+        Some(format) => {
+            let mut request = build(RequestType::Get, &path, None, Vec::new());
+            request.add_option(CoapOption::Accept, tether_coap::packet::encode_uint(u32::from(format)));
+            within(options.timeout, server.request(&endpoint, request)).await
+        }
+        None => within(options.timeout, server.read(&endpoint, &path)).await,
+    };
+    answer(request, &path)
 }
 
-/// Body of a write: `{"value": "..."}` as text/plain, or `{"hex": "..."}` as opaque.
+/// `PUT …/{path}`: Write. Body `{"value": …}` (sent as text/plain) or `{"hex": "…"}`
+/// (opaque), checked against the object model first. `PUT …/{path}/attributes?pmin=…`:
+/// Write-Attributes. Both take `?timeout=`.
 async fn write(
     State(server): State<Lwm2mServer>,
     Path((endpoint, path)): Path<(String, String)>,
     RawQuery(query): RawQuery,
     body: String,
 ) -> Response {
+    let options = match RequestOptions::parse(query.as_deref()) {
+        Ok(options) => options,
+        Err(err) => return err.into_response(),
+    };
     if let Some(target) = path.strip_suffix("/attributes") {
         if let Some(response) = path_error(target) {
             return response;
         }
-        let attributes: Vec<(String, String)> = query
-            .unwrap_or_default()
-            .split('&')
-            .filter(|p| !p.is_empty())
-            .map(|p| {
-                let (k, v) = p.split_once('=').unwrap_or((p, ""));
-                (k.to_string(), v.to_string())
-            })
-            .collect();
         const KNOWN: [&str; 7] = ["pmin", "pmax", "gt", "lt", "st", "epmin", "epmax"];
-        if let Some((bad, _)) = attributes.iter().find(|(k, _)| !KNOWN.contains(&k.as_str())) {
-            return error(
-                StatusCode::BAD_REQUEST,
-                None,
-                format!("unknown attribute {bad:?} (known: {})", KNOWN.join(", ")),
-            );
+        if let Some((bad, _)) = options.rest.iter().find(|(k, _)| !KNOWN.contains(&k.as_str())) {
+            return bad_request(format!("unknown attribute {bad:?} (known: {})", KNOWN.join(", "))).into_response();
         }
-        return answer(server.write_attributes(&endpoint, target, &attributes).await, target);
+        return answer(
+            within(options.timeout, server.write_attributes(&endpoint, target, &options.rest)).await,
+            target,
+        );
     }
-    let Ok(body) = serde_json::from_str::<Value>(&body) else {
-        return error(StatusCode::BAD_REQUEST, None, "body must be JSON".into());
-    };
+    if let Err(err) = options.no_others() {
+        return err.into_response();
+    }
     if let Some(response) = path_error(&path) {
         return response;
     }
-    let (format, payload) = match (&body["value"], &body["hex"]) {
-        (Value::String(text), Value::Null) => (0, text.as_bytes().to_vec()),
-        (Value::Number(n), Value::Null) => (0, n.to_string().into_bytes()),
-        (Value::Bool(b), Value::Null) => (0, if *b { b"1".to_vec() } else { b"0".to_vec() }),
-        (Value::Null, Value::String(hex)) => match decode_hex(hex) {
-            Some(bytes) => (42, bytes),
-            None => return error(StatusCode::BAD_REQUEST, None, "\"hex\" must be an even number of hex digits".into()),
-        },
-        _ => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                None,
-                "body must be {\"value\": text|number|bool} or {\"hex\": \"…\"}".into(),
-            )
-        }
+    let (format, payload) = match typed::write_payload(&path, &body) {
+        Ok(payload) => payload,
+        Err(err) => return err.into_response(),
     };
-    answer(server.write(&endpoint, &path, format, payload).await, &path)
+    answer(within(options.timeout, server.write(&endpoint, &path, format, payload)).await, &path)
 }
 
 /// `POST …/{path}`: Execute; `POST …/{path}/observe`: start an observation.
 async fn execute_or_observe(
     State(api): State<Api>,
     Path((endpoint, path)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
     body: String,
 ) -> Response {
+    let options = match RequestOptions::parse(query.as_deref()).and_then(|o| o.no_others().map(|()| o)) {
+        Ok(options) => options,
+        Err(err) => return err.into_response(),
+    };
     if let Some(path) = path.strip_suffix("/observe") {
-        if let Some(response) = path_error(path) {
+        if let Some(response) = path_error(path).or_else(|| typed::refuses(path, typed::Operation::Read)) {
             return response;
         }
-        return match api.server.observe(&endpoint, path).await {
+        return match within(options.timeout, api.server.observe(&endpoint, path)).await {
             Ok(observation) => {
                 let id = observation.id;
                 api.observations.lock().unwrap_or_else(|e| e.into_inner()).insert(id, observation.notifications);
@@ -175,22 +248,25 @@ async fn execute_or_observe(
                 body["observation"] = json!(id);
                 Json(body).into_response()
             }
-            Err(err) => answer(Err(err), path),
+            Err(err) => err.into_response(),
         };
     }
     if let Some(response) = path_error(&path) {
         return response;
     }
     if !path.trim_matches('/').contains('/') {
-        return create(&api.server, &endpoint, &path, &body).await;
+        return create(&api.server, &endpoint, &path, &body, options.timeout).await;
     }
-    answer(api.server.execute(&endpoint, &path, &body).await, &path)
+    if let Some(response) = typed::refuses(&path, typed::Operation::Execute) {
+        return response;
+    }
+    answer(within(options.timeout, api.server.execute(&endpoint, &path, &body)).await, &path)
 }
 
 /// `POST /api/clients/{ep}/{object}` with `{"instance": 1, "resources": {"0": "x", "1": 5}}`:
 /// Create, sent as TLV (the format every LwM2M device supports). Without `instance` the
 /// device chooses one.
-async fn create(server: &Lwm2mServer, endpoint: &str, object: &str, body: &str) -> Response {
+async fn create(server: &Lwm2mServer, endpoint: &str, object: &str, body: &str, timeout: Duration) -> Response {
     let Ok(Value::Object(request)) = serde_json::from_str::<Value>(body) else {
         return error(
             StatusCode::BAD_REQUEST,
@@ -249,11 +325,15 @@ async fn create(server: &Lwm2mServer, endpoint: &str, object: &str, body: &str) 
         Ok(payload) => payload,
         Err(err) => return error(StatusCode::BAD_REQUEST, None, err.to_string()),
     };
-    answer(server.create(endpoint, object, content::format::TLV, payload).await, object)
+    answer(within(timeout, server.create(endpoint, object, content::format::TLV, payload)).await, object)
 }
 
 /// The notifications received since the last call, oldest first.
-async fn notifications(State(api): State<Api>, Path(id): Path<u64>) -> Response {
+async fn notifications(State(api): State<Api>, Path(id): Path<String>) -> Response {
+    let id = match observation_id(&id) {
+        Ok(id) => id,
+        Err(err) => return err.into_response(),
+    };
     let path = api.paths.lock().unwrap_or_else(|e| e.into_inner()).get(&id).cloned().unwrap_or_default();
     let mut observations = api.observations.lock().unwrap_or_else(|e| e.into_inner());
     let Some(queue) = observations.get_mut(&id) else {
@@ -277,7 +357,11 @@ async fn notifications(State(api): State<Api>, Path(id): Path<u64>) -> Response 
     Json(json!({ "observation": id, "active": active, "notifications": values })).into_response()
 }
 
-async fn cancel(State(api): State<Api>, Path(id): Path<u64>) -> Response {
+async fn cancel(State(api): State<Api>, Path(id): Path<String>) -> Response {
+    let id = match observation_id(&id) {
+        Ok(id) => id,
+        Err(err) => return err.into_response(),
+    };
     api.observations.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
     if api.server.cancel_observation(id).await {
         Json(json!({ "observation": id, "cancelled": true })).into_response()
@@ -297,7 +381,9 @@ fn payload_json(response: &DeviceResponse, path: &str) -> Value {
     let decoded = content::Path::parse(path).ok().and_then(|base| {
         content::decode(response.content_format.unwrap_or(content::format::TEXT), &base, &response.payload).ok()
     });
-    if let (Some(entries), false) = (decoded, response.code.is_error() || response.payload.is_empty()) {
+    if let (Some(mut entries), false) = (decoded, response.code.is_error() || response.payload.is_empty()) {
+        // In numeric order (/3/0/2 before /3/0/10); the JSON object keeps it.
+        entries.sort_by_key(|e| e.path);
         let values: serde_json::Map<String, Value> =
             entries.iter().map(|e| (e.path.to_string(), typed(&e.value))).collect();
         body["values"] = Value::Object(values);
@@ -317,11 +403,24 @@ fn typed(value: &content::Value) -> Value {
     }
 }
 
-async fn delete(State(server): State<Lwm2mServer>, Path((endpoint, path)): Path<(String, String)>) -> Response {
+fn observation_id(text: &str) -> Result<u64, ApiError> {
+    text.parse().map_err(|_| bad_request(format!("{text:?} is not an observation id (a number)")))
+}
+
+async fn delete(
+    State(server): State<Lwm2mServer>,
+    Path((endpoint, path)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let options = match RequestOptions::parse(query.as_deref()).and_then(|o| o.no_others().map(|()| o)) {
+        Ok(options) => options,
+        Err(err) => return err.into_response(),
+    };
     if let Some(response) = path_error(&path) {
         return response;
     }
-    answer(server.request(&endpoint, build(RequestType::Delete, &path, None, Vec::new())).await, &path)
+    let request = build(RequestType::Delete, &path, None, Vec::new());
+    answer(within(options.timeout, server.request(&endpoint, request)).await, &path)
 }
 
 async fn pool(State(server): State<Lwm2mServer>) -> Response {
@@ -371,20 +470,25 @@ async fn metrics(State(server): State<Lwm2mServer>) -> Response {
     }
 }
 
-/// Object, object/instance or object/instance/resource: 1 to 3 numeric segments.
+/// An LwM2M path: object, object/instance, object/instance/resource or
+/// object/instance/resource/resource-instance, each an ID below 65535 (which is reserved).
 fn path_error(path: &str) -> Option<Response> {
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    if segments.is_empty() || segments.len() > 4 || segments.iter().any(|s| s.parse::<u16>().is_err()) {
-        return Some(error(
-            StatusCode::BAD_REQUEST,
-            None,
-            format!("{path:?} is not an LwM2M path (object[/instance[/resource]])"),
-        ));
+    let ids_valid = segments.iter().all(|s| s.parse::<u16>().is_ok_and(|id| id < u16::MAX));
+    if segments.is_empty() || segments.len() > 4 || !ids_valid {
+        return Some(
+            bad_request(format!(
+                "{path:?} is not an LwM2M path: object[/instance[/resource[/resource-instance]]], IDs 0–65534"
+            ))
+            .into_response(),
+        );
     }
     None
 }
 
-fn answer(result: Result<DeviceResponse, Lwm2mError>, path: &str) -> Response {
+/// A device's answer as the API's JSON: 200 with the payload, or the device's error code
+/// as an HTTP status with `coap_code`.
+fn answer(result: Result<DeviceResponse, ApiError>, path: &str) -> Response {
     match result {
         Ok(response) => {
             let code = coap_code(response.code);
@@ -395,18 +499,48 @@ fn answer(result: Result<DeviceResponse, Lwm2mError>, path: &str) -> Response {
             }
             (status, Json(body)).into_response()
         }
-        Err(Lwm2mError::NotRegistered(endpoint)) => {
-            error(StatusCode::NOT_FOUND, None, format!("endpoint {endpoint:?} is not registered"))
-        }
-        Err(err @ (Lwm2mError::NoAnswer(_) | Lwm2mError::SessionClosed)) => {
-            error(StatusCode::GATEWAY_TIMEOUT, None, err.to_string())
-        }
-        Err(err) => error(StatusCode::INTERNAL_SERVER_ERROR, None, err.to_string()),
+        Err(err) => err.into_response(),
     }
 }
 
+/// A request that got no answer from the device.
+fn failure(err: Lwm2mError) -> ApiError {
+    let status = match &err {
+        Lwm2mError::NotRegistered(_) => StatusCode::NOT_FOUND,
+        Lwm2mError::SessionClosed | Lwm2mError::NoAnswer(_) => StatusCode::GATEWAY_TIMEOUT,
+        Lwm2mError::QueueFull(_) => StatusCode::SERVICE_UNAVAILABLE,
+        Lwm2mError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    let message = match err {
+        Lwm2mError::SessionClosed => {
+            "the device is offline: its DTLS session is closed (it is reachable again once it reconnects)".into()
+        }
+        err => err.to_string(),
+    };
+    ApiError { status, message }
+}
+
+/// An error of the API, answered as `{"error": "…", "coap_code": null}` with its status.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        error(self.status, None, self.message)
+    }
+}
+
+/// Every error of the API has this shape: `{"error": "…", "coap_code": "4.04" | null}`.
 fn error(status: StatusCode, coap_code: Option<&str>, message: String) -> Response {
     (status, Json(json!({ "error": message, "coap_code": coap_code }))).into_response()
+}
+
+fn bad_request(message: String) -> ApiError {
+    ApiError { status: StatusCode::BAD_REQUEST, message }
 }
 
 fn coap_code(code: ResponseType) -> String {
@@ -433,4 +567,24 @@ fn decode_hex(hex: &str) -> Option<Vec<u8>> {
         return None;
     }
     (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_sort_as_people_read_them() {
+        let mut names = vec!["fleet-10", "fleet-2", "fleet-1", "urn:dev:02", "fleet", "urn:dev:1", "a10b2", "a10b10"];
+        names.sort_by(|a, b| natural_cmp(a, b));
+        assert_eq!(names, ["a10b2", "a10b10", "fleet", "fleet-1", "fleet-2", "fleet-10", "urn:dev:1", "urn:dev:02"]);
+    }
+
+    #[test]
+    fn paths_deeper_than_a_resource_instance_are_refused() {
+        assert!(path_error("3/0/11/0").is_none());
+        for bad in ["3/0/11/0/1", "", "3/x", "3/65535", "70000"] {
+            assert_eq!(path_error(bad).map(|r| r.status().as_u16()), Some(400), "{bad:?}");
+        }
+    }
 }
