@@ -353,3 +353,58 @@ async fn shutdown_signal() {
         _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tether_proto::dtls::pki::{CertificateAuthority, Validity};
+
+    fn args(security: Option<PathBuf>, psk: &[&str]) -> ServeArgs {
+        ServeArgs {
+            coaps: None,
+            http: None,
+            data_dir: None,
+            // A file that exists and is empty: no tether.toml of the working directory.
+            config: Some(PathBuf::from("/dev/null")),
+            security,
+            psk: psk.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn any_configured_credential_turns_the_development_psk_off() {
+        assert!(Settings::resolve(&args(None, &[])).unwrap().development_psk, "nothing configured: on");
+        let settings = Settings::resolve(&args(None, &["dev-1:0011:urn:dev:1"])).unwrap();
+        assert!(!settings.development_psk);
+        assert_eq!(settings.psk[0].endpoint, "urn:dev:1", "a URN endpoint keeps its ':'");
+
+        let dir = std::env::temp_dir().join(format!("tether-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let validity = Validity::days_around(1_800_000_000, 1);
+        let mut ca = CertificateAuthority::generate("ca", validity).unwrap();
+        let server = ca.issue("localhost", validity).unwrap();
+        std::fs::write(dir.join("s.pem"), server.chain[0].to_pem().unwrap()).unwrap();
+        std::fs::write(dir.join("s.key"), server.key.private_key_to_pem_pkcs8().unwrap()).unwrap();
+        std::fs::write(dir.join("security.toml"), "[x509]\ncertificate = \"s.pem\"\nprivate_key = \"s.key\"\n")
+            .unwrap();
+        let settings = Settings::resolve(&args(Some(dir.join("security.toml")), &[])).unwrap();
+        assert!(!settings.development_psk, "a certificate alone turns it off");
+        assert!(settings.psk.is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn psk_flags_with_mistakes_say_which() {
+        for (flag, problem) in [
+            ("a:0011:b:c", "got 4 fields"),
+            ("a:0011", "got 2"),
+            ("a:00zz:b", "character 3 of 4 is not a hex digit"),
+            ("a:001:b", "odd number of hex digits (3)"),
+            (":0011:b", "must not be empty"),
+        ] {
+            let err = format!("{:#}", Settings::resolve(&args(None, &[flag])).unwrap_err());
+            assert!(err.contains(problem), "{flag}: {err}");
+            assert!(!err.contains("00zz"), "the key is not echoed: {err}");
+        }
+    }
+}
