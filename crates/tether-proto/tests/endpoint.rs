@@ -358,3 +358,38 @@ fn a_duplicated_cookie_client_hello_after_completion_creates_no_second_session()
     assert!(client.is_established(), "{events:?}");
     assert_eq!(ep.stats().sessions_created, 1);
 }
+
+/// RFC 6347 §4.1: a client may put any {254, x} record version on its initial ClientHello
+/// (Mbed TLS 2.x with a low minimum version sends {254, 0}); the handshake's own version
+/// decides. Both ClientHellos, the cookieless and the cookie one, carry it here.
+#[test]
+fn a_client_hello_with_any_254_x_record_version_is_answered_and_completes() {
+    for minor in [0x00, 0x01, 0xfd, 0xfe, 0xff] {
+        let now = Instant::now();
+        let mut ep = endpoint(now);
+        let at = addr(40);
+        let mut client = Session::client(&psk_client(fast_session()), now).unwrap();
+        let mut hello = client.poll_transmit().unwrap().contents;
+        hello[1..3].copy_from_slice(&[0xfe, minor]);
+        ep.handle(now, at, &hello);
+        let hvr = ep.poll_transmit().expect("a HelloVerifyRequest");
+        client.handle_datagram(now, &hvr.contents);
+        let mut hello = client.poll_transmit().unwrap().contents;
+        hello[1..3].copy_from_slice(&[0xfe, minor]);
+        ep.handle(now, at, &hello);
+        let (events, _) = exchange(now, &mut ep, &mut client, at);
+        assert!(client.is_established(), "{{254, {minor}}}: {events:?}");
+        connected_handle(&events);
+    }
+    // Only the initial ClientHello: another version on any other record is still not DTLS.
+    let server_hello = [22, 0xfe, 0x00, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2];
+    assert!(record::parse_records(&server_hello).is_none(), "a {{254, 0}} record that is not a ClientHello");
+    let mut client_hello = server_hello;
+    client_hello[13] = 1;
+    assert!(record::parse_records(&client_hello).is_some());
+    client_hello[3] = 1; // epoch 1
+    assert!(record::parse_records(&client_hello).is_none(), "a {{254, 0}} ClientHello outside epoch 0");
+    client_hello[3] = 0;
+    client_hello[1] = 0x03; // TLS
+    assert!(record::parse_records(&client_hello).is_none());
+}

@@ -82,6 +82,9 @@ impl Record<'_> {
     }
 }
 
+/// The handshake message type of a ClientHello.
+const HANDSHAKE_CLIENT_HELLO: u8 = 1;
+
 /// The record version of DTLS 1.0 (`{254, 255}`).
 pub const DTLS_1_0: u16 = 0xfeff;
 /// The record version of DTLS 1.2 (`{254, 253}`).
@@ -141,9 +144,6 @@ fn parse_record(bytes: &[u8], cid_len: Option<usize>) -> Option<(Record<'_>, &[u
     let header = bytes.get(..RECORD_HEADER_LEN)?;
     let content_type = ContentType::from_byte(header[0])?;
     let version = u16::from_be_bytes([header[1], header[2]]);
-    if version != DTLS_1_0 && version != DTLS_1_2 {
-        return None;
-    }
     let epoch = u16::from_be_bytes([header[3], header[4]]);
     let sequence = read_u48(&header[5..11]);
     // A tls12_cid header has the CID between the sequence number and the length.
@@ -158,6 +158,15 @@ fn parse_record(bytes: &[u8], cid_len: Option<usize>) -> Option<(Record<'_>, &[u
     let start = length_at + 2;
     let end = start.checked_add(length)?;
     let fragment = bytes.get(start..end)?;
+    // RFC 6347 §4.1: an initial ClientHello may carry any {254, x} (Mbed TLS 2.x with a low
+    // minimum version sends {254, 0}); its handshake version decides. Elsewhere only 1.0/1.2.
+    let initial_client_hello = content_type == ContentType::Handshake
+        && epoch == 0
+        && header[1] == 0xfe
+        && fragment.first() == Some(&HANDSHAKE_CLIENT_HELLO);
+    if version != DTLS_1_0 && version != DTLS_1_2 && !initial_client_hello {
+        return None;
+    }
     let record = Record { content_type, version, epoch, sequence, cid, fragment, raw: &bytes[..end] };
     Some((record, &bytes[end..]))
 }
@@ -212,8 +221,7 @@ pub fn parse_client_hello(datagram: &[u8]) -> Option<ClientHello<'_>> {
     }
     let message = record.fragment;
     let header = message.get(..HANDSHAKE_HEADER_LEN)?;
-    const CLIENT_HELLO: u8 = 1;
-    if header[0] != CLIENT_HELLO {
+    if header[0] != HANDSHAKE_CLIENT_HELLO {
         return None;
     }
     let length = read_u24(&header[1..4]);
