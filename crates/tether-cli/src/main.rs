@@ -180,21 +180,13 @@ enum BenchTarget {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Serve(args) => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-                )
-                .init();
+            serve::init_logging(args.log_format, "info");
             let settings = serve::Settings::resolve(&args)?;
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(serve::run(settings))
         }
         Command::Device(args) => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into()),
-                )
-                .init();
+            serve::init_logging(serve::LogFormat::Text, "error");
             device::run(args)
         }
         Command::Demo { rounds, samples } => {

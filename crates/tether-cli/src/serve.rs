@@ -41,6 +41,31 @@ pub struct ServeArgs {
     /// A PSK entry; repeatable. Replaces the development entry.
     #[arg(long = "psk", value_name = "IDENTITY:HEXKEY:ENDPOINT")]
     pub psk: Vec<String>,
+    /// Log lines (on stderr) as text or as one JSON object per line. Levels: `RUST_LOG`
+    /// (default `info`).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (timestamp, level, target, fields).
+    Json,
+}
+
+/// Sends `tracing` to stderr at `RUST_LOG`'s levels (default `default_level`).
+pub fn init_logging(format: LogFormat, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -301,6 +326,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         authorizer.psk.insert(e.identity.clone(), e.endpoint.clone());
     }
     let mut server_config = ServerConfig::psk(store);
+    let x509_configured = settings.x509.is_some();
     if let Some(x509) = settings.x509 {
         server_config = server_config.certificate(x509.certificate);
         if let Some(cas) = x509.client_ca {
@@ -323,6 +349,17 @@ pub async fn run(settings: Settings) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen for HTTP on {}", settings.http))?;
     let restored = lwm2m.registrations().await.len();
+    tracing::info!(
+        coaps = %dtls.local_addr(),
+        http = %listener.local_addr()?,
+        data_dir = %settings.data_dir.display(),
+        psk_identities = settings.psk.len(),
+        x509 = x509_configured,
+        development_psk = settings.development_psk,
+        registrations_restored = restored,
+        sessions_restored = stored_sessions,
+        "tether serve started"
+    );
     say!("tether serve: CoAPs (DTLS 1.2) on udp {}", dtls.local_addr());
     say!("tether serve: REST API on http://{}/api/clients, metrics on /metrics", listener.local_addr()?);
     say!("tether serve: registrations in {} ({restored} restored)", db.display());
@@ -341,6 +378,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     let app = crate::api::router(lwm2m.clone());
     let http = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
     http.await?;
+    tracing::info!("shutting down: close_notify to every device");
     say!("tether serve: shutting down: close_notify to every peer");
     dtls.shutdown().await;
     Ok(())
@@ -368,6 +406,7 @@ mod tests {
             config: Some(PathBuf::from("/dev/null")),
             security,
             psk: psk.iter().map(ToString::to_string).collect(),
+            log_format: LogFormat::Text,
         }
     }
 

@@ -27,6 +27,7 @@ mod clock;
 mod device;
 pub mod lwm2m;
 pub mod metrics;
+mod oplog;
 mod pool;
 mod resilient;
 mod server;

@@ -302,6 +302,56 @@ impl Lwm2mServer {
     }
 }
 
+/// One info line per registry change: what an operator follows a fleet by.
+fn log_registry_event(event: &RegistryEvent) {
+    match event {
+        RegistryEvent::Registered { registration: r, replaced } => tracing::info!(
+            endpoint = %r.endpoint,
+            identity = %r.identity,
+            peer = %r.peer,
+            lifetime_s = r.lifetime.as_secs(),
+            binding = r.binding.as_str(),
+            objects = object_count(r),
+            replaced = replaced.is_some(),
+            "registered"
+        ),
+        RegistryEvent::Updated { registration: r, moved_from } => tracing::info!(
+            endpoint = %r.endpoint,
+            identity = %r.identity,
+            peer = %r.peer,
+            lifetime_s = r.lifetime.as_secs(),
+            binding = r.binding.as_str(),
+            objects = object_count(r),
+            moved_from = moved_from.map(|a| a.to_string()),
+            "updated"
+        ),
+        RegistryEvent::Deregistered { registration: r } => {
+            tracing::info!(endpoint = %r.endpoint, identity = %r.identity, peer = %r.peer, "deregistered")
+        }
+        RegistryEvent::Expired { registration: r } => tracing::info!(
+            endpoint = %r.endpoint,
+            identity = %r.identity,
+            peer = %r.peer,
+            lifetime_s = r.lifetime.as_secs(),
+            "registration expired"
+        ),
+        _ => {}
+    }
+}
+
+/// How many distinct objects a registration lists.
+fn object_count(registration: &Registration) -> usize {
+    let mut objects: Vec<u16> = registration
+        .links
+        .to_vec()
+        .iter()
+        .filter_map(|link| link.target.trim_start_matches('/').split('/').next()?.parse().ok())
+        .collect();
+    objects.sort_unstable();
+    objects.dedup();
+    objects.len()
+}
+
 /// A request with `path`'s segments as Uri-Path options (`tether_coap::packet::request`).
 pub use tether_coap::packet::request as build;
 use tether_coap::packet::{decode_uint, encode_uint};
@@ -813,6 +863,7 @@ impl Actor {
     async fn apply_registry_events(&mut self) {
         self.persist().await;
         for event in std::mem::take(&mut self.unapplied) {
+            log_registry_event(&event);
             match &event {
                 RegistryEvent::Registered { registration, replaced } => {
                     self.dtls.set_identity(registration.peer, registration.endpoint.clone()).await;

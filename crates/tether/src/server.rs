@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 
 use crate::client::sleep_until;
 use crate::clock;
+use crate::oplog::{DropSummary, LogBudget};
 use crate::session_store::{SessionStore, SessionWrite};
 use crate::socket::{Socket, SERVER_RECV_BUFFER};
 
@@ -268,6 +269,8 @@ impl DtlsServer {
             checkpoint_interval: config.checkpoint_interval,
             next_checkpoint: now + config.checkpoint_interval,
             store_failures: 0,
+            handshake_log: LogBudget::new(HANDSHAKE_LOG_WINDOW, HANDSHAKE_LOG_BURST),
+            drop_log: DropSummary::new(now, DROP_SUMMARY_INTERVAL),
         };
         tokio::spawn(actor.run(command_rx));
         Ok(Self {
@@ -377,7 +380,17 @@ struct Actor {
     checkpoint_interval: Duration,
     next_checkpoint: std::time::Instant,
     store_failures: u64,
+    /// Failed handshakes are logged within a budget: anyone can cause them.
+    handshake_log: LogBudget,
+    drop_log: DropSummary,
 }
+
+/// Failed handshakes logged per window at most; the rest are counted in the next line.
+const HANDSHAKE_LOG_BURST: u32 = 10;
+/// The window of [`HANDSHAKE_LOG_BURST`].
+const HANDSHAKE_LOG_WINDOW: Duration = Duration::from_secs(10);
+/// How often dropped datagrams are summarised in the log (when any were dropped).
+const DROP_SUMMARY_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Datagrams read per wake-up before outputs are flushed.
 const RECV_BATCH: usize = 64;
@@ -399,8 +412,11 @@ impl Actor {
             }
             let checkpoint =
                 (self.store.is_some() && self.endpoint.dirty_sessions() > 0).then_some(self.next_checkpoint);
-            let deadline =
-                [self.endpoint.poll_timeout(), self.pool.poll_timeout(), checkpoint].into_iter().flatten().min();
+            let drop_summary = self.drop_log.deadline(self.endpoint.stats());
+            let deadline = [self.endpoint.poll_timeout(), self.pool.poll_timeout(), checkpoint, drop_summary]
+                .into_iter()
+                .flatten()
+                .min();
             tokio::select! {
                 received = self.socket.recv_from(&mut buf) => {
                     let Ok((n, from)) = received else { continue };
@@ -639,12 +655,23 @@ impl Actor {
                         self.events_dropped += 1;
                     }
                 }
-                EndpointEvent::Closed { handle, peer, reason, .. } => {
+                EndpointEvent::Closed { handle, peer, reason, was_established } => {
+                    if !was_established {
+                        if let Some(held_back) = self.handshake_log.allow(now) {
+                            tracing::warn!(%peer, %reason, held_back, "handshake failed");
+                        }
+                    }
                     let Some(generation) = self.generations.remove(&handle) else {
                         continue;
                     };
                     self.handles.remove(&generation);
+                    let identity = self.pool.get(peer).and_then(|e| e.identity.clone());
                     if self.pool.remove(peer, generation).is_some() {
+                        let identity = identity.as_deref().unwrap_or("-");
+                        match reason {
+                            CloseReason::Local => tracing::debug!(%peer, identity, "session closed by the server"),
+                            _ => tracing::info!(%peer, identity, %reason, "session closed"),
+                        }
                         self.depart(peer, generation, DepartReason::Closed(reason));
                     }
                 }
@@ -657,6 +684,10 @@ impl Actor {
                 PoolEvent::Evicted { peer, generation } => (peer, generation, DepartReason::Evicted),
                 _ => continue,
             };
+            match reason {
+                DepartReason::Expired => tracing::info!(%peer, "session expired (idle)"),
+                _ => tracing::info!(%peer, "session evicted (the pool is at capacity)"),
+            }
             if let Some(handle) = self.handles.get(&generation) {
                 self.endpoint.close(now, *handle);
             }
@@ -664,6 +695,9 @@ impl Actor {
         }
         if self.endpoint.checkpoint_due() {
             self.write_store(Vec::new(), true).await;
+        }
+        if let Some((summary, over)) = self.drop_log.poll(now, self.endpoint.stats()) {
+            tracing::info!(over_s = over.as_secs(), "datagrams dropped: {summary}");
         }
     }
 

@@ -40,6 +40,8 @@ impl Server {
         let mut command = Command::new(env!("CARGO_BIN_EXE_tether"));
         command.args(["serve", "--coaps", coaps, "--http", "127.0.0.1:0", "--data-dir"]).arg(data_dir);
         command.args(extra);
+        // Info lines of hundreds of devices would bury the test output; tests/logs.rs reads them.
+        command.env("RUST_LOG", "warn");
         for i in 0..DEVICES {
             command.args(["--psk", &format!("device-{i}:{KEY}:urn:dev:{i}")]);
         }
