@@ -11,6 +11,7 @@ use tether::lwm2m::{EndpointBindings, Lwm2mServer, Lwm2mServerConfig};
 use tether::session_store::SessionStore;
 use tether::store::RegistrationStore;
 use tether::{DtlsServer, DtlsServerConfig};
+use tether_coap::model::Models;
 use tether_proto::dtls::{ClientAuth, DtlsContext, PskKey, ServerConfig, StaticPskStore};
 
 /// The development PSK entry used when none is configured. Its key is public (README).
@@ -41,6 +42,11 @@ pub struct ServeArgs {
     /// A PSK entry; repeatable. Replaces the development entry.
     #[arg(long = "psk", value_name = "IDENTITY:HEXKEY:ENDPOINT")]
     pub psk: Vec<String>,
+    /// A directory of OMA DDF XML object definitions (as the OMA registry publishes them) to
+    /// know besides the built-in objects; values of those objects decode to typed, named
+    /// values in the REST API and writes to them are checked.
+    #[arg(long, value_name = "DIR")]
+    pub models: Option<PathBuf>,
     /// Log lines (on stderr) as text or as one JSON object per line. Levels: `RUST_LOG`
     /// (default `info`).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
@@ -75,6 +81,7 @@ struct FileConfig {
     http: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
     security: Option<PathBuf>,
+    models: Option<PathBuf>,
     #[serde(default)]
     psk: Vec<PskEntryFile>,
 }
@@ -132,6 +139,8 @@ pub struct Settings {
     pub development_psk: bool,
     /// Server certificate and key, and the client CA, loaded from the security file.
     pub x509: Option<X509Settings>,
+    /// Object models: built in, and those of `--models DIR`.
+    pub models: Models,
 }
 
 /// Certificate settings.
@@ -192,8 +201,32 @@ impl Settings {
             psk: entries,
             development_psk,
             x509,
+            models: match args.models.as_ref().or(file.models.as_ref()) {
+                Some(dir) => load_models(dir)?,
+                None => Models::built_in(),
+            },
         })
     }
+}
+
+/// The built-in models and every `*.xml` DDF file in `dir`.
+pub fn load_models(dir: &Path) -> Result<Models> {
+    let mut models = Models::built_in();
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("--models: cannot read directory {}", dir.display()))?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("xml")))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!("--models: no *.xml DDF file in {}", dir.display());
+    }
+    for file in &files {
+        let xml = std::fs::read_to_string(file).with_context(|| format!("--models: cannot read {}", file.display()))?;
+        models.load_ddf(&xml).with_context(|| format!("--models: {}", file.display()))?;
+    }
+    Ok(models)
 }
 
 fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
@@ -375,7 +408,13 @@ pub async fn run(settings: Settings) -> Result<()> {
     } else {
         say!("tether serve: {} PSK identities configured (keys not shown)", settings.psk.len());
     }
-    let app = crate::api::router(lwm2m.clone());
+    say!(
+        "tether serve: {} object models known ({} built in, {} from DDF files)",
+        settings.models.len(),
+        tether_coap::model::BUILT_IN.len(),
+        settings.models.loaded()
+    );
+    let app = crate::api::router(lwm2m.clone(), Arc::new(settings.models));
     let http = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
     http.await?;
     tracing::info!("shutting down: close_notify to every device");
@@ -407,6 +446,7 @@ mod tests {
             security,
             psk: psk.iter().map(ToString::to_string).collect(),
             log_format: LogFormat::Text,
+            models: None,
         }
     }
 
@@ -429,6 +469,30 @@ mod tests {
         let settings = Settings::resolve(&args(Some(dir.join("security.toml")), &[])).unwrap();
         assert!(!settings.development_psk, "a certificate alone turns it off");
         assert!(settings.psk.is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn models_load_from_a_directory_and_a_bad_file_is_named() {
+        let dir = std::env::temp_dir().join(format!("tether-models-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(format!("{:#}", load_models(&dir).unwrap_err()).contains("no *.xml DDF file"));
+        std::fs::write(
+            dir.join("33333.xml"),
+            "<LWM2M><Object><Name>Widget</Name><ObjectID>33333</ObjectID><MultipleInstances>Multiple\
+             </MultipleInstances><Resources><Item ID=\"1\"><Name>Spin</Name><Operations>RW</Operations>\
+             <MultipleInstances>Single</MultipleInstances><Type>Float</Type><Units>Hz</Units></Item>\
+             </Resources></Object></LWM2M>",
+        )
+        .unwrap();
+        let models = load_models(&dir).unwrap();
+        assert_eq!(models.loaded(), 1);
+        assert_eq!(models.resource(33333, 1).map(|r| r.name.to_string()), Some("Spin".into()));
+        assert!(models.resource(3303, 5700).is_some(), "built-ins stay");
+        std::fs::write(dir.join("broken.xml"), "<LWM2M>").unwrap();
+        let err = format!("{:#}", load_models(&dir).unwrap_err());
+        assert!(err.contains("broken.xml") && err.contains("not XML"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -165,12 +165,27 @@ pub fn resource_type(object: u16, resource: u16) -> Option<ResourceType> {
     crate::model::resource(object, resource).map(|r| r.kind)
 }
 
-/// Decodes a payload of `format` answering a request on `base`.
+/// The type of `/object/x/resource` by some set of models.
+pub type Types<'a> = &'a dyn Fn(u16, u16) -> Option<ResourceType>;
+
+fn type_of(types: Types<'_>, path: &Path) -> Option<ResourceType> {
+    types(path.object, path.resource?)
+}
+
+/// Decodes a payload of `format` answering a request on `base`, typed by the built-in
+/// models.
 pub fn decode(format: u16, base: &Path, payload: &[u8]) -> Result<Vec<Entry>, ContentError> {
+    decode_with(format, base, payload, &resource_type)
+}
+
+/// Decodes a payload of `format` answering a request on `base`, typed by `types` (say
+/// [`Models::resource_type`](crate::model::Models::resource_type)); resources it does not
+/// know keep the type their format gives them (text as strings, TLV as opaque bytes).
+pub fn decode_with(format: u16, base: &Path, payload: &[u8], types: Types<'_>) -> Result<Vec<Entry>, ContentError> {
     match format {
         format::TEXT => {
             let text = std::str::from_utf8(payload).map_err(|_| malformed("text", "not UTF-8"))?;
-            let value = match base.resource_type() {
+            let value = match type_of(types, base) {
                 Some(t) => parse_text(t, text)?,
                 Option::None => Value::String(text.to_string()),
             };
@@ -179,11 +194,11 @@ pub fn decode(format: u16, base: &Path, payload: &[u8]) -> Result<Vec<Entry>, Co
         format::OPAQUE => Ok(vec![Entry { path: *base, value: Value::Opaque(payload.to_vec()) }]),
         format::TLV => {
             let mut entries = Vec::new();
-            decode_tlv(payload, *base, &mut entries, 0)?;
+            decode_tlv(payload, *base, &mut entries, 0, types)?;
             Ok(entries)
         }
-        format::SENML_JSON => decode_senml_json(payload),
-        format::SENML_CBOR => decode_senml_cbor(payload),
+        format::SENML_JSON => decode_senml_json(payload, types),
+        format::SENML_CBOR => decode_senml_cbor(payload, types),
         other => Err(ContentError::Unsupported(other)),
     }
 }
@@ -252,7 +267,13 @@ enum TlvKind {
 
 const MAX_TLV_DEPTH: usize = 4;
 
-fn decode_tlv(mut bytes: &[u8], base: Path, out: &mut Vec<Entry>, depth: usize) -> Result<(), ContentError> {
+fn decode_tlv(
+    mut bytes: &[u8],
+    base: Path,
+    out: &mut Vec<Entry>,
+    depth: usize,
+    types: Types<'_>,
+) -> Result<(), ContentError> {
     if depth > MAX_TLV_DEPTH {
         return Err(malformed("TLV", "nested too deeply"));
     }
@@ -278,9 +299,9 @@ fn decode_tlv(mut bytes: &[u8], base: Path, out: &mut Vec<Entry>, depth: usize) 
         let value = bytes.get(start..start + length).ok_or_else(|| malformed("TLV", "value runs past the end"))?;
         let path = base.with(kind, id);
         match kind {
-            TlvKind::ObjectInstance | TlvKind::MultipleResource => decode_tlv(value, path, out, depth + 1)?,
+            TlvKind::ObjectInstance | TlvKind::MultipleResource => decode_tlv(value, path, out, depth + 1, types)?,
             TlvKind::Resource | TlvKind::ResourceInstance => {
-                out.push(Entry { path, value: tlv_value(path.resource_type(), value)? });
+                out.push(Entry { path, value: tlv_value(type_of(types, &path), value)? });
             }
         }
         bytes = &bytes[start + length..];
@@ -442,16 +463,16 @@ fn records(entries: &[Entry]) -> Vec<Record> {
     entries.iter().map(|e| Record { name: e.path.to_string(), value: e.value.clone() }).collect()
 }
 
-fn entry_from(name: &str, value: SenmlValue) -> Result<Entry, ContentError> {
+fn entry_from(name: &str, value: SenmlValue, types: Types<'_>) -> Result<Entry, ContentError> {
     let path = Path::parse(name)?;
     let value = match value {
-        SenmlValue::Number(v) => match path.resource_type() {
+        SenmlValue::Number(v) => match type_of(types, &path) {
             Some(ResourceType::Integer) if v.fract() == 0.0 => Value::Integer(v as i64),
             Some(ResourceType::Time) if v.fract() == 0.0 => Value::Time(v as i64),
             Some(ResourceType::Unsigned) if v.fract() == 0.0 && v >= 0.0 => Value::Unsigned(v as u64),
             _ => Value::Float(v),
         },
-        SenmlValue::Integer(v) => match path.resource_type() {
+        SenmlValue::Integer(v) => match type_of(types, &path) {
             Some(ResourceType::Time) => Value::Time(v),
             Some(ResourceType::Unsigned) if v >= 0 => Value::Unsigned(v as u64),
             Some(ResourceType::Float) => Value::Float(v as f64),
@@ -478,7 +499,7 @@ enum SenmlValue {
     ObjectLink(String),
 }
 
-fn decode_senml_json(payload: &[u8]) -> Result<Vec<Entry>, ContentError> {
+fn decode_senml_json(payload: &[u8], types: Types<'_>) -> Result<Vec<Entry>, ContentError> {
     use serde_json::Value as J;
     let json: J = serde_json::from_slice(payload).map_err(|e| malformed("SenML JSON", e.to_string()))?;
     let J::Array(items) = json else { return Err(malformed("SenML JSON", "not an array")) };
@@ -507,7 +528,7 @@ fn decode_senml_json(payload: &[u8]) -> Result<Vec<Entry>, ContentError> {
         } else {
             continue; // a record without a value (a base record)
         };
-        out.push(entry_from(&name, value)?);
+        out.push(entry_from(&name, value, types)?);
     }
     Ok(out)
 }
@@ -563,7 +584,7 @@ const VS: i64 = 3;
 const VB: i64 = 4;
 const VD: i64 = 8;
 
-fn decode_senml_cbor(payload: &[u8]) -> Result<Vec<Entry>, ContentError> {
+fn decode_senml_cbor(payload: &[u8], types: Types<'_>) -> Result<Vec<Entry>, ContentError> {
     use ciborium::Value as C;
     let value: C = ciborium::from_reader(payload).map_err(|e| malformed("SenML CBOR", e.to_string()))?;
     let C::Array(items) = value else { return Err(malformed("SenML CBOR", "not an array")) };
@@ -592,7 +613,7 @@ fn decode_senml_cbor(payload: &[u8]) -> Result<Vec<Entry>, ContentError> {
             }
         }
         if let Some(value) = value {
-            out.push(entry_from(&format!("{base}{name}"), value)?);
+            out.push(entry_from(&format!("{base}{name}"), value, types)?);
         }
     }
     Ok(out)

@@ -3,8 +3,9 @@
 //! - [`message`]: one peer's CoAP message layer: confirmable retransmission, tokens,
 //!   piggybacked and separate responses, deduplication, resets, observe notifications.
 //! - [`content`]: LwM2M content formats (text, opaque, TLV, SenML JSON, SenML CBOR) to and
-//!   from typed values, with the resource types of the core objects 0, 1 and 3.
-//! - [`model`]: object models (names, types, operations) of objects 0, 1 and 3.
+//!   from typed values, typed by the object models.
+//! - [`model`]: object models (names, types, operations): the core OMA objects 0–7 and
+//!   common IPSO objects built in, more from OMA DDF XML files.
 //! - [`link_format`]: CoRE link format (RFC 6690), as LwM2M registration bodies use it.
 //! - [`packet`]: requests and uint option values.
 //! - [`registration`]: the LwM2M registration interface: requests, authorization, the registry

@@ -20,6 +20,7 @@ use tether_coap::coap_lite::CoapOption;
 use options::{within, RequestOptions};
 use tether_coap::coap_lite::{MessageClass, RequestType, ResponseType};
 use tether_coap::content;
+use tether_coap::model::Models;
 use tokio::sync::mpsc;
 
 /// Observations started through the API, by id, with their notification queues.
@@ -28,9 +29,17 @@ type Observations = Arc<Mutex<HashMap<u64, mpsc::Receiver<DeviceResponse>>>>;
 #[derive(Clone)]
 struct Api {
     server: Lwm2mServer,
+    /// Object models: typed, named values; writes checked.
+    models: Arc<Models>,
     observations: Observations,
     /// The path each observation watches, for decoding its notifications.
     paths: Arc<Mutex<HashMap<u64, String>>>,
+}
+
+impl FromRef<Api> for Arc<Models> {
+    fn from_ref(api: &Api) -> Self {
+        Arc::clone(&api.models)
+    }
 }
 
 impl FromRef<Api> for Lwm2mServer {
@@ -39,9 +48,9 @@ impl FromRef<Api> for Lwm2mServer {
     }
 }
 
-/// The API's routes.
-pub fn router(server: Lwm2mServer) -> Router {
-    let api = Api { server, observations: Arc::default(), paths: Arc::default() };
+/// The API's routes; values are decoded and writes checked with `models`.
+pub fn router(server: Lwm2mServer, models: Arc<Models>) -> Router {
+    let api = Api { server, models, observations: Arc::default(), paths: Arc::default() };
     Router::new()
         .route("/api/clients", get(clients))
         .route("/api/clients/{endpoint}", get(client))
@@ -152,6 +161,7 @@ fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
 /// Discover. Both take `?timeout=`.
 async fn read(
     State(server): State<Lwm2mServer>,
+    State(models): State<Arc<Models>>,
     Path((endpoint, path)): Path<(String, String)>,
     RawQuery(query): RawQuery,
 ) -> Response {
@@ -166,12 +176,12 @@ async fn read(
         if let Some(response) = path_error(target) {
             return response;
         }
-        return answer(within(options.timeout, server.discover(&endpoint, target)).await, target);
+        return answer(within(options.timeout, server.discover(&endpoint, target)).await, target, &models);
     }
     if let Some(response) = path_error(&path) {
         return response;
     }
-    if let Some(response) = typed::refuses(&path, typed::Operation::Read) {
+    if let Some(response) = typed::refuses(&models, &path, typed::Operation::Read) {
         return response;
     }
     let request = match options.format {
@@ -182,7 +192,7 @@ async fn read(
         }
         None => within(options.timeout, server.read(&endpoint, &path)).await,
     };
-    answer(request, &path)
+    answer(request, &path, &models)
 }
 
 /// `PUT …/{path}`: Write. Body `{"value": …}` (sent as text/plain) or `{"hex": "…"}`
@@ -190,6 +200,7 @@ async fn read(
 /// Write-Attributes. Both take `?timeout=`.
 async fn write(
     State(server): State<Lwm2mServer>,
+    State(models): State<Arc<Models>>,
     Path((endpoint, path)): Path<(String, String)>,
     RawQuery(query): RawQuery,
     body: String,
@@ -206,10 +217,8 @@ async fn write(
         if let Some((bad, _)) = options.rest.iter().find(|(k, _)| !KNOWN.contains(&k.as_str())) {
             return bad_request(format!("unknown attribute {bad:?} (known: {})", KNOWN.join(", "))).into_response();
         }
-        return answer(
-            within(options.timeout, server.write_attributes(&endpoint, target, &options.rest)).await,
-            target,
-        );
+        let request = server.write_attributes(&endpoint, target, &options.rest);
+        return answer(within(options.timeout, request).await, target, &models);
     }
     if let Err(err) = options.no_others() {
         return err.into_response();
@@ -217,11 +226,11 @@ async fn write(
     if let Some(response) = path_error(&path) {
         return response;
     }
-    let (format, payload) = match typed::write_payload(&path, &body) {
+    let (format, payload) = match typed::write_payload(&models, &path, &body) {
         Ok(payload) => payload,
         Err(err) => return err.into_response(),
     };
-    answer(within(options.timeout, server.write(&endpoint, &path, format, payload)).await, &path)
+    answer(within(options.timeout, server.write(&endpoint, &path, format, payload)).await, &path, &models)
 }
 
 /// `POST …/{path}`: Execute; `POST …/{path}/observe`: start an observation.
@@ -236,7 +245,7 @@ async fn execute_or_observe(
         Err(err) => return err.into_response(),
     };
     if let Some(path) = path.strip_suffix("/observe") {
-        if let Some(response) = path_error(path).or_else(|| typed::refuses(path, typed::Operation::Read)) {
+        if let Some(response) = path_error(path).or_else(|| typed::refuses(&api.models, path, typed::Operation::Read)) {
             return response;
         }
         return match within(options.timeout, api.server.observe(&endpoint, path)).await {
@@ -244,7 +253,7 @@ async fn execute_or_observe(
                 let id = observation.id;
                 api.observations.lock().unwrap_or_else(|e| e.into_inner()).insert(id, observation.notifications);
                 api.paths.lock().unwrap_or_else(|e| e.into_inner()).insert(id, path.to_string());
-                let mut body = payload_json(&observation.first, path);
+                let mut body = payload_json(&observation.first, path, &api.models);
                 body["observation"] = json!(id);
                 Json(body).into_response()
             }
@@ -255,18 +264,19 @@ async fn execute_or_observe(
         return response;
     }
     if !path.trim_matches('/').contains('/') {
-        return create(&api.server, &endpoint, &path, &body, options.timeout).await;
+        return create(&api, &endpoint, &path, &body, options.timeout).await;
     }
-    if let Some(response) = typed::refuses(&path, typed::Operation::Execute) {
+    if let Some(response) = typed::refuses(&api.models, &path, typed::Operation::Execute) {
         return response;
     }
-    answer(within(options.timeout, api.server.execute(&endpoint, &path, &body)).await, &path)
+    answer(within(options.timeout, api.server.execute(&endpoint, &path, &body)).await, &path, &api.models)
 }
 
 /// `POST /api/clients/{ep}/{object}` with `{"instance": 1, "resources": {"0": "x", "1": 5}}`:
 /// Create, sent as TLV (the format every LwM2M device supports). Without `instance` the
 /// device chooses one.
-async fn create(server: &Lwm2mServer, endpoint: &str, object: &str, body: &str, timeout: Duration) -> Response {
+async fn create(api: &Api, endpoint: &str, object: &str, body: &str, timeout: Duration) -> Response {
+    let (server, models) = (&api.server, &api.models);
     let Ok(Value::Object(request)) = serde_json::from_str::<Value>(body) else {
         return error(
             StatusCode::BAD_REQUEST,
@@ -325,7 +335,7 @@ async fn create(server: &Lwm2mServer, endpoint: &str, object: &str, body: &str, 
         Ok(payload) => payload,
         Err(err) => return error(StatusCode::BAD_REQUEST, None, err.to_string()),
     };
-    answer(within(timeout, server.create(endpoint, object, content::format::TLV, payload)).await, object)
+    answer(within(timeout, server.create(endpoint, object, content::format::TLV, payload)).await, object, models)
 }
 
 /// The notifications received since the last call, oldest first.
@@ -343,7 +353,7 @@ async fn notifications(State(api): State<Api>, Path(id): Path<String>) -> Respon
     let mut active = true;
     loop {
         match queue.try_recv() {
-            Ok(notification) => values.push(payload_json(&notification, &path)),
+            Ok(notification) => values.push(payload_json(&notification, &path, &api.models)),
             Err(mpsc::error::TryRecvError::Empty) => break,
             Err(mpsc::error::TryRecvError::Disconnected) => {
                 active = false;
@@ -371,24 +381,44 @@ async fn cancel(State(api): State<Api>, Path(id): Path<String>) -> Response {
 }
 
 /// A device response as JSON: the raw payload (`value` for text, `hex` otherwise) and, when
-/// the format decodes, `values` by path with their types.
-fn payload_json(response: &DeviceResponse, path: &str) -> Value {
+/// the format decodes, `values` by path, typed by the object models, and `resources`: each
+/// value with its resource's name, type and units where a model names it.
+fn payload_json(response: &DeviceResponse, path: &str, models: &Models) -> Value {
     let mut body = json!({ "coap_code": coap_code(response.code), "content_format": response.content_format });
     match (response.content_format, std::str::from_utf8(&response.payload)) {
         (Some(42), _) | (_, Err(_)) => body["hex"] = json!(encode_hex(&response.payload)),
         (_, Ok(text)) => body["value"] = json!(text),
     }
-    let decoded = content::Path::parse(path).ok().and_then(|base| {
-        content::decode(response.content_format.unwrap_or(content::format::TEXT), &base, &response.payload).ok()
-    });
+    let format = response.content_format.unwrap_or(content::format::TEXT);
+    let types = |object, resource| models.resource_type(object, resource);
+    let decoded = content::Path::parse(path)
+        .ok()
+        .and_then(|base| content::decode_with(format, &base, &response.payload, &types).ok());
     if let (Some(mut entries), false) = (decoded, response.code.is_error() || response.payload.is_empty()) {
         // In numeric order (/3/0/2 before /3/0/10); the JSON object keeps it.
         entries.sort_by_key(|e| e.path);
         let values: serde_json::Map<String, Value> =
             entries.iter().map(|e| (e.path.to_string(), typed(&e.value))).collect();
         body["values"] = Value::Object(values);
+        body["resources"] = entries.iter().map(|e| named(models, e)).collect();
+        if let Some(object) = content::Path::parse(path).ok().and_then(|p| models.object(p.object)) {
+            body["object"] = json!(object.name);
+        }
     }
     body
+}
+
+/// One value with what its model says of it.
+fn named(models: &Models, entry: &content::Entry) -> Value {
+    let mut item = json!({ "path": entry.path.to_string(), "value": typed(&entry.value) });
+    if let Some(resource) = entry.path.resource.and_then(|r| models.resource(entry.path.object, r)) {
+        item["name"] = json!(resource.name);
+        item["type"] = json!(tether_coap::model::type_name(resource.kind));
+        if !resource.units.is_empty() {
+            item["units"] = json!(resource.units);
+        }
+    }
+    item
 }
 
 fn typed(value: &content::Value) -> Value {
@@ -409,6 +439,7 @@ fn observation_id(text: &str) -> Result<u64, ApiError> {
 
 async fn delete(
     State(server): State<Lwm2mServer>,
+    State(models): State<Arc<Models>>,
     Path((endpoint, path)): Path<(String, String)>,
     RawQuery(query): RawQuery,
 ) -> Response {
@@ -420,7 +451,7 @@ async fn delete(
         return response;
     }
     let request = build(RequestType::Delete, &path, None, Vec::new());
-    answer(within(options.timeout, server.request(&endpoint, request)).await, &path)
+    answer(within(options.timeout, server.request(&endpoint, request)).await, &path, &models)
 }
 
 async fn pool(State(server): State<Lwm2mServer>) -> Response {
@@ -488,12 +519,12 @@ fn path_error(path: &str) -> Option<Response> {
 
 /// A device's answer as the API's JSON: 200 with the payload, or the device's error code
 /// as an HTTP status with `coap_code`.
-fn answer(result: Result<DeviceResponse, ApiError>, path: &str) -> Response {
+fn answer(result: Result<DeviceResponse, ApiError>, path: &str, models: &Models) -> Response {
     match result {
         Ok(response) => {
             let code = coap_code(response.code);
             let status = if response.code.is_error() { http_status(response.code) } else { StatusCode::OK };
-            let mut body = payload_json(&response, path);
+            let mut body = payload_json(&response, path, models);
             if response.code.is_error() {
                 body["error"] = json!(format!("device answered {code}"));
             }
@@ -572,6 +603,50 @@ fn decode_hex(hex: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn response(format: u16, payload: Vec<u8>) -> DeviceResponse {
+        DeviceResponse { code: ResponseType::Content, content_format: Some(format), payload }
+    }
+
+    #[test]
+    fn values_of_modelled_objects_come_typed_and_named() {
+        use content::{Entry, Path as LwPath, Value as V};
+        let models = Models::built_in();
+        let at = |p: &str| LwPath::parse(p).unwrap();
+        // Temperature (3303) in TLV: typed by the model (TLV alone does not say Float).
+        let entries = [
+            Entry { path: at("/3303/0/5700"), value: V::Float(21.5) },
+            Entry { path: at("/3303/0/5701"), value: V::String("Cel".into()) },
+        ];
+        let tlv = content::encode(content::format::TLV, &at("/3303/0"), &entries).unwrap();
+        let body = payload_json(&response(content::format::TLV, tlv), "/3303/0", &models);
+        assert_eq!(body["object"], "Temperature");
+        assert_eq!(body["values"]["/3303/0/5700"], 21.5);
+        assert_eq!(body["resources"][0]["name"], "Sensor Value");
+        assert_eq!(body["resources"][0]["type"], "Float");
+        assert_eq!(body["resources"][0]["units"], "Cel");
+        // Firmware Update (5) in SenML JSON.
+        let entries = [
+            Entry { path: at("/5/0/3"), value: V::Integer(1) },
+            Entry { path: at("/5/0/1"), value: V::String("coap://fw/1".into()) },
+        ];
+        let senml = content::encode(content::format::SENML_JSON, &at("/5/0"), &entries).unwrap();
+        let body = payload_json(&response(content::format::SENML_JSON, senml), "/5/0", &models);
+        let names: Vec<&str> =
+            body["resources"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["Package URI", "State"], "named, in numeric order: {body}");
+        assert_eq!(body["values"]["/5/0/3"], 1);
+        // An object without a model still reads, as raw values.
+        let tlv = content::encode(
+            content::format::TLV,
+            &at("/40000/0"),
+            &[Entry { path: at("/40000/0/1"), value: V::Integer(7) }],
+        )
+        .unwrap();
+        let body = payload_json(&response(content::format::TLV, tlv), "/40000/0", &models);
+        assert_eq!(body["values"]["/40000/0/1"], "07", "opaque bytes without a model: {body}");
+        assert!(body["resources"][0].get("name").is_none());
+    }
 
     #[test]
     fn names_sort_as_people_read_them() {

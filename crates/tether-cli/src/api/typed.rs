@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use serde_json::Value;
 use tether_coap::content::{self, ResourceType};
-use tether_coap::model::{self, ResourceModel};
+use tether_coap::model::{self, Models, ResourceModel};
 
 use super::{bad_request, decode_hex, error, ApiError};
 
@@ -21,9 +21,9 @@ pub enum Operation {
 }
 
 /// The model of the resource `path` names, if it names one tether knows.
-fn modelled(path: &str) -> Option<(content::Path, &'static ResourceModel)> {
+fn modelled<'m>(models: &'m Models, path: &str) -> Option<(content::Path, &'m ResourceModel)> {
     let path = content::Path::parse(path).ok()?;
-    Some((path, model::resource(path.object, path.resource?)?))
+    Some((path, models.resource(path.object, path.resource?)?))
 }
 
 fn describe(path: &content::Path, resource: &ResourceModel) -> String {
@@ -32,8 +32,8 @@ fn describe(path: &content::Path, resource: &ResourceModel) -> String {
 }
 
 /// 405 when the model says the operation is not allowed on the resource at `path`.
-pub fn refuses(path: &str, operation: Operation) -> Option<Response> {
-    let (path, resource) = modelled(path)?;
+pub fn refuses(models: &Models, path: &str, operation: Operation) -> Option<Response> {
+    let (path, resource) = modelled(models, path)?;
     let (allowed, verb) = match operation {
         Operation::Read => (resource.operations.readable(), "readable"),
         Operation::Execute => (resource.operations.executable(), "executable"),
@@ -55,7 +55,7 @@ fn not_allowed_message(path: &content::Path, resource: &ResourceModel, verb: &st
 
 /// The content format and payload of a Write of `body` (`{"value": …}` or `{"hex": "…"}`)
 /// to `path`, or the 4xx that says what is wrong with it.
-pub fn write_payload(path: &str, body: &str) -> Result<(u16, Vec<u8>), ApiError> {
+pub fn write_payload(models: &Models, path: &str, body: &str) -> Result<(u16, Vec<u8>), ApiError> {
     const SHAPE: &str = "body must be {\"value\": text|number|bool} or {\"hex\": \"…\"}";
     let Ok(body) = serde_json::from_str::<Value>(body) else {
         return Err(bad_request(format!("{SHAPE}: it is not JSON")));
@@ -77,7 +77,7 @@ pub fn write_payload(path: &str, body: &str) -> Result<(u16, Vec<u8>), ApiError>
     if !one_scalar {
         return Err(bad_request(SHAPE.into()));
     }
-    let Some((path, resource)) = modelled(path) else {
+    let Some((path, resource)) = modelled(models, path) else {
         // No model: text as given, or opaque.
         return Ok(match hex {
             Some(bytes) => (content::format::OPAQUE, bytes),
@@ -174,7 +174,7 @@ mod tests {
     use axum::response::IntoResponse;
 
     fn refused(path: &str, body: &str) -> (u16, String) {
-        let response = write_payload(path, body).expect_err("refused").into_response();
+        let response = write_payload(&Models::built_in(), path, body).expect_err("refused").into_response();
         let status = response.status().as_u16();
         let body = futures::executor::block_on(axum::body::to_bytes(response.into_body(), 10_000)).unwrap();
         (status, String::from_utf8_lossy(&body).into_owned())
@@ -182,14 +182,27 @@ mod tests {
 
     #[test]
     fn writes_are_checked_against_the_model() {
-        assert_eq!(write_payload("1/0/1", r#"{"value": 600}"#).unwrap(), (0, b"600".to_vec()));
-        assert_eq!(write_payload("1/0/1", r#"{"value": "600"}"#).unwrap(), (0, b"600".to_vec()));
-        assert_eq!(write_payload("1/0/6", r#"{"value": true}"#).unwrap(), (0, b"1".to_vec()));
-        assert_eq!(write_payload("3/0/14", r#"{"value": "+02:00"}"#).unwrap(), (0, b"+02:00".to_vec()));
-        assert_eq!(write_payload("1/0/10", r#"{"value": "11:0"}"#).unwrap(), (0, b"11:0".to_vec()));
+        assert_eq!(write_payload(&Models::built_in(), "1/0/1", r#"{"value": 600}"#).unwrap(), (0, b"600".to_vec()));
+        assert_eq!(write_payload(&Models::built_in(), "1/0/1", r#"{"value": "600"}"#).unwrap(), (0, b"600".to_vec()));
+        assert_eq!(write_payload(&Models::built_in(), "1/0/6", r#"{"value": true}"#).unwrap(), (0, b"1".to_vec()));
+        assert_eq!(
+            write_payload(&Models::built_in(), "3/0/14", r#"{"value": "+02:00"}"#).unwrap(),
+            (0, b"+02:00".to_vec())
+        );
+        assert_eq!(
+            write_payload(&Models::built_in(), "1/0/10", r#"{"value": "11:0"}"#).unwrap(),
+            (0, b"11:0".to_vec())
+        );
         // Objects without a model go through as given.
-        assert_eq!(write_payload("3303/0/5700", r#"{"value": "abc"}"#).unwrap(), (0, b"abc".to_vec()));
-        assert_eq!(write_payload("3303/0/5700", r#"{"hex": "00ff"}"#).unwrap(), (42, vec![0, 255]));
+        assert_eq!(
+            write_payload(&Models::built_in(), "40000/0/1", r#"{"value": "abc"}"#).unwrap(),
+            (0, b"abc".to_vec())
+        );
+        assert_eq!(write_payload(&Models::built_in(), "40000/0/1", r#"{"hex": "00ff"}"#).unwrap(), (42, vec![0, 255]));
+        // IPSO objects are modelled too.
+        assert_eq!(write_payload(&Models::built_in(), "3311/0/5851", r#"{"value": 40}"#).unwrap(), (0, b"40".to_vec()));
+        let (status, body) = refused("3303/0/5700", r#"{"value": 1}"#);
+        assert!(status == 405 && body.contains("(Sensor Value) is not writable"), "{body}");
 
         let (status, body) = refused("1/0/1", r#"{"value": "abc"}"#);
         assert_eq!(status, 400);
@@ -210,12 +223,13 @@ mod tests {
 
     #[test]
     fn reads_and_executes_are_checked_against_the_model() {
-        assert!(refuses("3/0/4", Operation::Execute).is_none());
-        assert!(refuses("3/0/0", Operation::Read).is_none());
-        assert_eq!(refuses("3/0/0", Operation::Execute).map(|r| r.status().as_u16()), Some(405));
-        assert_eq!(refuses("3/0/4", Operation::Read).map(|r| r.status().as_u16()), Some(405));
-        assert_eq!(refuses("0/0/5", Operation::Read).map(|r| r.status().as_u16()), Some(405));
-        assert!(refuses("3/0", Operation::Read).is_none());
-        assert!(refuses("3303/0/5700", Operation::Execute).is_none());
+        assert!(refuses(&Models::built_in(), "3/0/4", Operation::Execute).is_none());
+        assert!(refuses(&Models::built_in(), "3/0/0", Operation::Read).is_none());
+        assert_eq!(refuses(&Models::built_in(), "3/0/0", Operation::Execute).map(|r| r.status().as_u16()), Some(405));
+        assert_eq!(refuses(&Models::built_in(), "3/0/4", Operation::Read).map(|r| r.status().as_u16()), Some(405));
+        assert_eq!(refuses(&Models::built_in(), "0/0/5", Operation::Read).map(|r| r.status().as_u16()), Some(405));
+        assert!(refuses(&Models::built_in(), "3/0", Operation::Read).is_none());
+        assert!(refuses(&Models::built_in(), "40000/0/1", Operation::Execute).is_none());
+        assert!(refuses(&Models::built_in(), "3303/0/5605", Operation::Execute).is_none());
     }
 }
