@@ -12,7 +12,7 @@ use tether::session_store::SessionStore;
 use tether::store::RegistrationStore;
 use tether::{DtlsServer, DtlsServerConfig};
 use tether_coap::model::Models;
-use tether_proto::dtls::{ClientAuth, DtlsContext, PskKey, ServerConfig, StaticPskStore};
+use tether_proto::dtls::{CipherSuite, ClientAuth, DtlsContext, PskKey, ServerConfig, SessionConfig, StaticPskStore};
 
 /// The development PSK entry used when none is configured. Its key is public (README).
 pub const DEV_IDENTITY: &str = "identity";
@@ -82,6 +82,8 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     security: Option<PathBuf>,
     models: Option<PathBuf>,
+    /// DTLS cipher suites offered, by OpenSSL name, in order of preference.
+    ciphers: Option<Vec<String>>,
     #[serde(default)]
     psk: Vec<PskEntryFile>,
 }
@@ -141,6 +143,8 @@ pub struct Settings {
     pub x509: Option<X509Settings>,
     /// Object models: built in, and those of `--models DIR`.
     pub models: Models,
+    /// DTLS cipher suites, in order of preference.
+    pub cipher_suites: Vec<CipherSuite>,
 }
 
 /// Certificate settings.
@@ -201,12 +205,32 @@ impl Settings {
             psk: entries,
             development_psk,
             x509,
+            cipher_suites: match &file.ciphers {
+                Some(names) => cipher_suites(names)?,
+                None => CipherSuite::ALL.to_vec(),
+            },
             models: match args.models.as_ref().or(file.models.as_ref()) {
                 Some(dir) => load_models(dir)?,
                 None => Models::built_in(),
             },
         })
     }
+}
+
+/// `ciphers = [...]` of tether.toml: OpenSSL names of suites tether speaks.
+fn cipher_suites(names: &[String]) -> Result<Vec<CipherSuite>> {
+    if names.is_empty() {
+        bail!("tether.toml: ciphers is empty: name at least one suite");
+    }
+    names
+        .iter()
+        .map(|name| {
+            CipherSuite::from_openssl_name(name).ok_or_else(|| {
+                let known: Vec<&str> = CipherSuite::ALL.iter().map(|s| s.openssl_name()).collect();
+                anyhow::anyhow!("tether.toml: unknown cipher suite {name:?} (known: {})", known.join(", "))
+            })
+        })
+        .collect()
 }
 
 /// The built-in models and every `*.xml` DDF file in `dir`.
@@ -358,7 +382,8 @@ pub async fn run(settings: Settings) -> Result<()> {
         store.insert(e.identity.clone(), e.key.clone());
         authorizer.psk.insert(e.identity.clone(), e.endpoint.clone());
     }
-    let mut server_config = ServerConfig::psk(store);
+    let session = SessionConfig::default().cipher_suites(&settings.cipher_suites);
+    let mut server_config = ServerConfig::psk(store).session(session);
     let x509_configured = settings.x509.is_some();
     if let Some(x509) = settings.x509 {
         server_config = server_config.certificate(x509.certificate);

@@ -1,5 +1,5 @@
 //! Interoperability with the real `openssl s_client` and `openssl s_server` processes over
-//! UDP on 127.0.0.1, for both PSK suites.
+//! UDP on 127.0.0.1, for every PSK suite.
 
 #![allow(clippy::disallowed_methods, reason = "tests pick their starting instant and drive real sockets")]
 
@@ -15,7 +15,8 @@ use support::udp::{drive_session, local, serve_echo, KillOnDrop, Lines};
 use support::*;
 use tether_proto::dtls::{CipherSuite, Endpoint, EndpointConfig, EndpointEvent, Event, PeerIdentity, Session};
 
-const SUITES: [CipherSuite; 2] = [CipherSuite::PskAes128Ccm8, CipherSuite::PskAes128GcmSha256];
+const SUITES: [CipherSuite; 3] =
+    [CipherSuite::PskAes128Ccm8, CipherSuite::PskAes128GcmSha256, CipherSuite::PskAes128Ccm];
 
 #[test]
 fn openssl_s_client_connects_to_our_endpoint_and_gets_its_echo() {
@@ -64,7 +65,7 @@ fn our_client_connects_to_openssl_s_server() {
         let mut child = KillOnDrop(
             Command::new("openssl")
                 .args(["s_server", "-dtls1_2", "-nocert", "-psk", KEY_HEX, "-accept", "127.0.0.1:0"])
-                .args(["-cipher", "PSK-AES128-CCM8:PSK-AES128-GCM-SHA256"])
+                .args(["-cipher", "PSK-AES128-CCM8:PSK-AES128-GCM-SHA256:PSK-AES128-CCM"])
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())

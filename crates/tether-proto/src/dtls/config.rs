@@ -38,12 +38,24 @@ pub enum CipherSuite {
     EcdheEcdsaAes128Ccm8,
     /// `TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256`.
     EcdheEcdsaAes128GcmSha256,
+    /// `TLS_PSK_WITH_AES_128_CCM` (RFC 6655; the 16-byte tag): in LwM2M 1.1's list, offered by
+    /// Mbed TLS and Zephyr devices.
+    PskAes128Ccm,
+    /// `TLS_ECDHE_ECDSA_WITH_AES_128_CCM` (RFC 7251; the 16-byte tag).
+    EcdheEcdsaAes128Ccm,
 }
 
 impl CipherSuite {
-    /// All suites, in tether's order of preference.
-    pub const ALL: [CipherSuite; 4] =
-        [Self::PskAes128Ccm8, Self::PskAes128GcmSha256, Self::EcdheEcdsaAes128Ccm8, Self::EcdheEcdsaAes128GcmSha256];
+    /// All suites, in tether's order of preference (all AEAD, none weak: every one is on by
+    /// default).
+    pub const ALL: [CipherSuite; 6] = [
+        Self::PskAes128Ccm8,
+        Self::PskAes128GcmSha256,
+        Self::PskAes128Ccm,
+        Self::EcdheEcdsaAes128Ccm8,
+        Self::EcdheEcdsaAes128GcmSha256,
+        Self::EcdheEcdsaAes128Ccm,
+    ];
 
     /// OpenSSL's name of the suite.
     pub fn openssl_name(self) -> &'static str {
@@ -52,12 +64,14 @@ impl CipherSuite {
             Self::PskAes128GcmSha256 => "PSK-AES128-GCM-SHA256",
             Self::EcdheEcdsaAes128Ccm8 => "ECDHE-ECDSA-AES128-CCM8",
             Self::EcdheEcdsaAes128GcmSha256 => "ECDHE-ECDSA-AES128-GCM-SHA256",
+            Self::PskAes128Ccm => "PSK-AES128-CCM",
+            Self::EcdheEcdsaAes128Ccm => "ECDHE-ECDSA-AES128-CCM",
         }
     }
 
     /// Whether the suite authenticates with a pre-shared key.
     pub fn is_psk(self) -> bool {
-        matches!(self, Self::PskAes128Ccm8 | Self::PskAes128GcmSha256)
+        matches!(self, Self::PskAes128Ccm8 | Self::PskAes128GcmSha256 | Self::PskAes128Ccm)
     }
 
     /// The suite's IANA code point.
@@ -67,6 +81,8 @@ impl CipherSuite {
             Self::PskAes128GcmSha256 => 0x00a8,
             Self::EcdheEcdsaAes128Ccm8 => 0xc0ae,
             Self::EcdheEcdsaAes128GcmSha256 => 0xc02b,
+            Self::PskAes128Ccm => 0xc0a4,
+            Self::EcdheEcdsaAes128Ccm => 0xc0ac,
         }
     }
 

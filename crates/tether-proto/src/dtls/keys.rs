@@ -48,6 +48,7 @@ impl AeadKind {
         match suite {
             CipherSuite::PskAes128Ccm8 | CipherSuite::EcdheEcdsaAes128Ccm8 => Self::Ccm8,
             CipherSuite::PskAes128GcmSha256 | CipherSuite::EcdheEcdsaAes128GcmSha256 => Self::Gcm,
+            CipherSuite::PskAes128Ccm | CipherSuite::EcdheEcdsaAes128Ccm => Self::Ccm,
         }
     }
 
