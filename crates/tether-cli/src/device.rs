@@ -88,6 +88,10 @@ pub struct DeviceArgs {
     /// it, so the session survives a new address or port (NAT rebinding) with no handshake.
     #[arg(long)]
     pub cid: bool,
+    /// Send (LwM2M 1.1 `POST /dp`) the temperature (/3303/0/5700) and battery level (/3/0/9)
+    /// every this many seconds while registered.
+    #[arg(long, value_name = "SECONDS")]
+    pub send_interval: Option<f64>,
     /// Run this many seconds, then de-register and exit (default: until SIGINT/SIGTERM).
     #[arg(long, value_name = "SECONDS")]
     pub duration: Option<f64>,
@@ -137,6 +141,9 @@ impl DeviceArgs {
         }
         if !(self.rate >= 0.0 && self.rate.is_finite()) {
             bail!("--rate must be a non-negative number of devices per second");
+        }
+        if self.send_interval.is_some_and(|s| !(0.1..=86_400.0).contains(&s)) {
+            bail!("--send-interval must be between 0.1 and 86400 seconds");
         }
         if self.lifetime == 0 {
             bail!("--lifetime must be at least 1 second");
@@ -194,6 +201,7 @@ impl DeviceArgs {
         };
         client.jitter = if self.jitter { Jitter::Full } else { Jitter::None };
         client.rehandshake_after_idle = self.nat_timeout.map(Duration::from_secs_f64);
+        client.send_interval = self.send_interval.map(Duration::from_secs_f64);
         client.seed = rand::random::<u64>() ^ i as u64;
         let mut config = Lwm2mDeviceConfig::new(client, server, context);
         config.resume = !self.no_resume;
@@ -484,6 +492,7 @@ fn summary(devices: &[Lwm2mDevice]) -> Summary {
         total.stats.notifications += s.notifications;
         total.stats.failed_attempts += s.failed_attempts;
         total.stats.executions += s.executions;
+        total.stats.sends += s.sends;
     }
     total
 }
@@ -502,6 +511,7 @@ fn print_summary(args: &DeviceArgs, s: &Summary, all_at: Option<Duration>, ran: 
     say!("  failed attempts        {}", s.stats.failed_attempts);
     say!("  requests answered      {}", s.stats.requests_answered);
     say!("  notifications sent     {}", s.stats.notifications);
+    say!("  sends acknowledged     {}", s.stats.sends);
 }
 
 /// SIGINT and SIGTERM.

@@ -30,6 +30,7 @@ pub mod metrics;
 mod oplog;
 mod pool;
 mod resilient;
+mod send;
 mod server;
 pub mod session_store;
 mod socket;

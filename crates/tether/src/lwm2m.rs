@@ -17,6 +17,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::client::sleep_until;
 use crate::clock;
+pub use crate::send::SentValue;
 use crate::server::{Accepted, Arrival, DtlsServer, ServerSendError};
 use crate::store::RegistrationStore;
 use tether_proto::dtls::PeerIdentity;
@@ -116,6 +117,7 @@ enum Command {
     CancelObservation(u64, oneshot::Sender<bool>),
     Registrations(oneshot::Sender<Vec<Registration>>),
     Clients(oneshot::Sender<Vec<ClientState>>),
+    Sent(String, oneshot::Sender<Vec<SentValue>>),
 }
 
 /// A registration, and whether its device can be reached now.
@@ -175,6 +177,7 @@ impl Lwm2mServer {
             queue_awake: config.queue_awake,
             queue_limit: config.queue_limit,
             events: events.clone(),
+            sent: crate::send::SentStore::default(),
         };
         tokio::spawn(actor.run(command_rx));
         Ok(Self { commands, events, dtls })
@@ -203,6 +206,15 @@ impl Lwm2mServer {
     pub async fn clients(&self) -> Vec<ClientState> {
         let (tx, rx) = oneshot::channel();
         if self.commands.send(Command::Clients(tx)).await.is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// The latest value of each resource `endpoint` sent (LwM2M Send, `POST /dp`).
+    pub async fn sent(&self, endpoint: &str) -> Vec<SentValue> {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Sent(endpoint.to_string(), tx)).await.is_err() {
             return Vec::new();
         }
         rx.await.unwrap_or_default()
@@ -371,6 +383,8 @@ struct Session {
     /// (replaced by a re-handshake from the same address) must not remove this one.
     generation: tether_proto::pool::Generation,
     identity: Option<String>,
+    /// The endpoint registered over this session, once it is (a Send must come from one).
+    endpoint: Option<Box<str>>,
     /// When the peer last sent anything (queue mode).
     last_heard: Option<std::time::Instant>,
     /// The CoAP layer's next timer, as filed in the actor's timer set.
@@ -429,6 +443,8 @@ struct Actor {
     queue_awake: Duration,
     queue_limit: usize,
     events: broadcast::Sender<RegistryEvent>,
+    /// The latest values devices sent (LwM2M Send).
+    sent: crate::send::SentStore,
 }
 
 impl Actor {
@@ -504,7 +520,9 @@ impl Actor {
         let identity = accepted.identity.as_ref().map(authorization_identity);
         self.seed = self.seed.wrapping_add(1);
         let layer = Box::new(MessageLayer::new(Arc::clone(&self.config), self.seed));
-        let session = Session { generation: accepted.generation, identity, last_heard: None, timer: None, layer };
+        let endpoint = accepted.bound_name.as_deref().map(Box::from);
+        let session =
+            Session { generation: accepted.generation, identity, endpoint, last_heard: None, timer: None, layer };
         self.forget_session(accepted.peer);
         self.sessions.insert(accepted.peer, session);
     }
@@ -604,6 +622,9 @@ impl Actor {
         match command {
             Command::Registrations(reply) => {
                 let _ = reply.send(self.registry.registrations().cloned().collect());
+            }
+            Command::Sent(endpoint, reply) => {
+                let _ = reply.send(self.sent.values(&endpoint));
             }
             Command::Clients(reply) => {
                 let clients = self
@@ -726,6 +747,19 @@ impl Actor {
             }
             let Some(event) = event else { return };
             match event {
+                CoapEvent::Request { id, request } if crate::send::is_send(&request) => {
+                    let Some(session) = self.sessions.get_mut(&peer) else { return };
+                    // Only over the session the endpoint registered on, while registered.
+                    let endpoint = session
+                        .endpoint
+                        .as_deref()
+                        .filter(|ep| self.registry.get(ep).is_some_and(|registration| registration.peer == peer));
+                    let response = match endpoint {
+                        Some(endpoint) => self.sent.accept(clock::now(), endpoint, &request),
+                        None => tether_coap::registration::response(ResponseType::Forbidden),
+                    };
+                    let _ = session.layer.respond(clock::now(), &id, response);
+                }
                 CoapEvent::Request { id, request } => {
                     let Some(session) = self.sessions.get_mut(&peer) else {
                         return;
@@ -866,6 +900,7 @@ impl Actor {
             log_registry_event(&event);
             match &event {
                 RegistryEvent::Registered { registration, replaced } => {
+                    self.bind_endpoint(registration);
                     self.dtls.set_identity(registration.peer, registration.endpoint.clone()).await;
                     if let Some(old) = replaced.as_ref().filter(|old| old.peer != registration.peer) {
                         // Re-registered from a new address: the old session is dead weight.
@@ -873,14 +908,26 @@ impl Actor {
                     }
                 }
                 RegistryEvent::Updated { registration, moved_from: Some(_) } => {
+                    self.bind_endpoint(registration);
                     self.dtls.set_identity(registration.peer, registration.endpoint.clone()).await;
                 }
+                RegistryEvent::Updated { registration, moved_from: None } => self.bind_endpoint(registration),
                 RegistryEvent::Deregistered { registration } | RegistryEvent::Expired { registration } => {
+                    self.sent.forget(&registration.endpoint);
                     self.dtls.close(registration.peer).await;
                 }
                 _ => {}
             }
             let _ = self.events.send(event);
+        }
+    }
+
+    /// Notes which endpoint registered over the session at its address.
+    fn bind_endpoint(&mut self, registration: &Registration) {
+        if let Some(session) = self.sessions.get_mut(&registration.peer) {
+            if session.endpoint.as_deref() != Some(registration.endpoint.as_str()) {
+                session.endpoint = Some(registration.endpoint.as_str().into());
+            }
         }
     }
 

@@ -54,6 +54,7 @@ pub fn router(server: Lwm2mServer, models: Arc<Models>) -> Router {
     Router::new()
         .route("/api/clients", get(clients))
         .route("/api/clients/{endpoint}", get(client))
+        .route("/api/clients/{endpoint}/sent", get(sent))
         .route("/api/clients/{endpoint}/{*path}", get(read).put(write).post(execute_or_observe).delete(delete))
         .route("/api/observations/{id}", get(notifications).delete(cancel))
         .route("/api/pool", get(pool))
@@ -119,6 +120,26 @@ async fn client(State(server): State<Lwm2mServer>, Path(endpoint): Path<String>)
         Some(c) => Json(view(c)).into_response(),
         None => not_registered(&endpoint),
     }
+}
+
+/// `GET /api/clients/{ep}/sent`: the latest value of each resource the device sent (LwM2M
+/// Send), typed and named by the models, with how long ago it arrived.
+async fn sent(State(api): State<Api>, Path(endpoint): Path<String>) -> Response {
+    if !api.server.clients().await.iter().any(|c| c.registration.endpoint == endpoint) {
+        return not_registered(&endpoint);
+    }
+    let now = std::time::Instant::now();
+    let sent = api.server.sent(&endpoint).await;
+    let values: serde_json::Map<String, Value> = sent.iter().map(|v| (v.path.to_string(), typed(&v.value))).collect();
+    let resources: Vec<Value> = sent
+        .iter()
+        .map(|v| {
+            let mut item = named(&api.models, &content::Entry { path: v.path, value: v.value.clone() });
+            item["received_s_ago"] = json!(now.saturating_duration_since(v.received).as_secs_f64());
+            item
+        })
+        .collect();
+    Json(json!({ "endpoint": endpoint, "values": values, "resources": resources })).into_response()
 }
 
 fn not_registered(endpoint: &str) -> Response {

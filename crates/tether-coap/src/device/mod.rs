@@ -56,6 +56,11 @@ pub struct ClientConfig {
     pub rehandshake_after_idle: Option<Duration>,
     /// How long a reboot (Execute /3/0/4) takes before the device connects again. Default 1 s.
     pub reboot_time: Duration,
+    /// Send (LwM2M 1.1 §6.4.2, `POST /dp`) the values of [`send_paths`](Self::send_paths)
+    /// this often while registered, in SenML CBOR. `None` (default): never.
+    pub send_interval: Option<Duration>,
+    /// What a Send carries. Default `/3303/0/5700` (the temperature) and `/3/0/9` (battery).
+    pub send_paths: Vec<Path>,
     /// Seed of tokens, message IDs and jitter.
     pub seed: u64,
 }
@@ -76,6 +81,8 @@ impl ClientConfig {
             content_format: format::SENML_CBOR,
             rehandshake_after_idle: None,
             reboot_time: Duration::from_secs(1),
+            send_interval: None,
+            send_paths: ["/3303/0/5700", "/3/0/9"].iter().filter_map(|p| Path::parse(p).ok()).collect(),
             seed: 0,
         }
     }
@@ -133,6 +140,8 @@ pub enum DeviceEvent {
     Rebooting,
     /// De-registered.
     Deregistered,
+    /// A Send (`POST /dp`) was acknowledged.
+    Sent,
 }
 
 /// Counters.
@@ -152,6 +161,8 @@ pub struct ClientStats {
     pub executions: u64,
     /// Failed attempts.
     pub failed_attempts: u64,
+    /// Sends (`POST /dp`) acknowledged.
+    pub sends: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -218,6 +229,10 @@ pub struct Lwm2mClient {
     last_traffic: Instant,
     observations: Vec<Observation>,
     next_observe_check: Option<Instant>,
+    /// When the next Send is due, while registered.
+    next_send: Option<Instant>,
+    /// The Send in flight.
+    send_token: Option<Token>,
     actions: VecDeque<Action>,
     events: VecDeque<DeviceEvent>,
     stats: ClientStats,
@@ -266,6 +281,8 @@ impl Lwm2mClient {
             last_traffic: now,
             observations: Vec::new(),
             next_observe_check: None,
+            next_send: None,
+            send_token: None,
             actions: VecDeque::new(),
             events: VecDeque::new(),
             stats: ClientStats::default(),
@@ -333,6 +350,7 @@ impl Lwm2mClient {
         }
         self.stats.connects += 1;
         self.refused = 0;
+        self.send_token = None;
         self.layer = MessageLayer::new(self.config.coap.clone(), self.config.seed.wrapping_add(self.layers_made));
         self.layers_made += 1;
         self.last_traffic = now;
@@ -437,6 +455,9 @@ impl Lwm2mClient {
         if self.next_observe_check.is_some_and(|at| at <= now) {
             self.notify_changes(now);
         }
+        if self.next_send.is_some_and(|at| at <= now) {
+            self.send_values(now);
+        }
     }
 
     /// The next datagram to send on the session.
@@ -466,7 +487,8 @@ impl Lwm2mClient {
             (Phase::Connected(None), true) => self.next_update,
             _ => None,
         };
-        [waiting, connected.then(|| self.layer.poll_timeout()).flatten(), update, self.next_observe_check]
+        let send = self.next_send.filter(|_| self.is_registered());
+        [waiting, connected.then(|| self.layer.poll_timeout()).flatten(), update, self.next_observe_check, send]
             .into_iter()
             .flatten()
             .min()
@@ -488,6 +510,7 @@ impl Lwm2mClient {
         self.phase = Phase::Stopped;
         self.update_wanted = false;
         self.next_update = None;
+        self.next_send = None;
         self.observations.clear();
         self.next_observe_check = None;
     }
@@ -612,6 +635,9 @@ impl Lwm2mClient {
             headroom += headroom.mul_f64(rand::Rng::gen_range(&mut self.rng, 0.0..0.5));
         }
         self.next_update = Some(now + lifetime.saturating_sub(headroom));
+        if let (Some(interval), None) = (self.config.send_interval, self.next_send) {
+            self.next_send = Some(now + interval);
+        }
         self.reset_schedule();
         self.phase = Phase::Connected(None);
         self.update_if_wanted(now);
@@ -621,6 +647,7 @@ impl Lwm2mClient {
         while let Some(event) = self.layer.poll_event() {
             match event {
                 CoapEvent::Response { token, response } => self.on_response(now, token, &response),
+                CoapEvent::RequestFailed { token, .. } if self.send_token == Some(token) => self.send_token = None,
                 CoapEvent::RequestFailed { token, reason } => {
                     if let Phase::Connected(Some((kind, t))) = self.phase {
                         if t == token {
@@ -641,6 +668,14 @@ impl Lwm2mClient {
     }
 
     fn on_response(&mut self, now: Instant, token: Token, response: &Packet) {
+        if self.send_token == Some(token) {
+            self.send_token = None;
+            if response.header.code == MessageClass::Response(ResponseType::Changed) {
+                self.stats.sends += 1;
+                self.events.push_back(DeviceEvent::Sent);
+            }
+            return;
+        }
         let Phase::Connected(Some((kind, expected))) = self.phase else { return };
         if token != expected {
             return;
@@ -735,10 +770,35 @@ impl Lwm2mClient {
         self.next_observe_check = None;
         self.location = None;
         self.next_update = None;
+        self.next_send = None;
         self.update_wanted = false;
         self.objects.reboot(now);
         self.reset_schedule();
         self.phase = Phase::Waiting(now + self.config.reboot_time);
+    }
+
+    /// Sends (`POST /dp`, SenML CBOR) the current values of the configured paths, when
+    /// registered and no other Send is in flight; then schedules the next.
+    fn send_values(&mut self, now: Instant) {
+        let Some(interval) = self.config.send_interval else { return };
+        if !self.is_registered() {
+            self.next_send = None; // scheduled again once registered
+            return;
+        }
+        self.next_send = Some(now + interval);
+        if self.send_token.is_some() {
+            return;
+        }
+        let entries: Vec<_> =
+            self.config.send_paths.iter().filter_map(|path| self.objects.read(now, path).ok()).flatten().collect();
+        let Some(first) = entries.first() else { return };
+        let base = Path { instance: None, resource: None, resource_instance: None, ..first.path };
+        let Ok(payload) = crate::content::encode(format::SENML_CBOR, &base, &entries) else { return };
+        let request = request(RequestType::Post, "/dp", Some(format::SENML_CBOR), payload);
+        if let Ok(token) = self.layer.request(now, request, true, false) {
+            self.send_token = Some(token);
+            self.last_traffic = now;
+        }
     }
 
     /// Sends a notification for each observation whose value changed (respecting `pmin`)

@@ -1,7 +1,8 @@
-//! A device's objects: Security (0), Server (1) and Device (3), with values that behave like
-//! a real device's (a clock that advances, a battery that drains, free memory that moves,
-//! an error code when the battery runs low), and the Read / Write / Execute / Discover /
-//! Write-Attributes semantics of OMA LwM2M 1.1 §6.3 over them.
+//! A device's objects: Security (0), Server (1), Device (3) and Temperature (3303), with
+//! values that behave like a real device's (a clock that advances, a battery that drains,
+//! free memory that moves, an error code when the battery runs low, a temperature that
+//! follows a 10-minute cycle with its min and max), and the Read / Write / Execute /
+//! Discover / Write-Attributes semantics of OMA LwM2M 1.1 §6.3 over them.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -143,6 +144,10 @@ pub struct Objects {
     utc_offset: String,
     timezone: String,
     errors_reset_at: Option<Instant>,
+    /// Temperature (3303/0): min and max are measured since this instant.
+    temperature_reset_at: Instant,
+    /// /3303/0/5750.
+    application_type: String,
     attributes: BTreeMap<Path, Attributes>,
 }
 
@@ -179,6 +184,8 @@ impl Objects {
             utc_offset: "+00:00".into(),
             timezone: "Etc/UTC".into(),
             errors_reset_at: None,
+            temperature_reset_at: now,
+            application_type: "ambient".into(),
             attributes: BTreeMap::new(),
         }
     }
@@ -189,13 +196,33 @@ impl Objects {
         self.unix_at_boot += elapsed;
         self.booted = now;
         self.errors_reset_at = None;
+        self.temperature_reset_at = now;
         self.attributes.clear();
     }
 
-    /// The object instances registered (`</1/0>,</3/0>`): the Security object is never
-    /// listed (LwM2M 1.1 §6.2.1).
+    /// The object instances registered (`</1/0>,</3/0>,</3303/0>`): the Security object is
+    /// never listed (LwM2M 1.1 §6.2.1).
     pub fn registration_links(&self, content_format: u16) -> String {
-        format!("</>;rt=\"oma.lwm2m\";ct={content_format},</1>;ver=1.1,</1/0>,</3>;ver=1.1,</3/0>")
+        format!(
+            "</>;rt=\"oma.lwm2m\";ct={content_format},</1>;ver=1.1,</1/0>,</3>;ver=1.1,</3/0>,</3303>;ver=1.1,</3303/0>"
+        )
+    }
+
+    /// The temperature (/3303/0/5700) at `now`, in °C: 21 ± 3 over a 10-minute cycle, to
+    /// a tenth of a degree.
+    pub fn temperature(&self, now: Instant) -> f64 {
+        let uptime = now.saturating_duration_since(self.booted).as_secs_f64();
+        (210.0 + 30.0 * (uptime * std::f64::consts::TAU / 600.0).sin()).round() / 10.0
+    }
+
+    /// The lowest and highest temperature since the last reset (/3303/0/5601, 5602),
+    /// sampled every 10 s.
+    fn temperature_extremes(&self, now: Instant) -> (f64, f64) {
+        let since = now.saturating_duration_since(self.temperature_reset_at).min(Duration::from_secs(600));
+        let samples = (since.as_secs() / 10) as u32;
+        (0..=samples)
+            .map(|i| self.temperature(now - Duration::from_secs(10) * i))
+            .fold((f64::MAX, f64::MIN), |(lo, hi), t| (lo.min(t), hi.max(t)))
     }
 
     /// The server URI the Security object holds (/0/0/0); visible to the device only.
@@ -231,7 +258,7 @@ impl Objects {
             // key material never leaves the device.
             return Err(ResponseType::Unauthorized);
         }
-        if !matches!(path.object, 1 | 3) {
+        if !matches!(path.object, 1 | 3 | 3303) {
             return Err(ResponseType::NotFound);
         }
         if path.instance.is_some_and(|i| i != 0) {
@@ -305,6 +332,13 @@ impl Objects {
             // Battery status: 0 normal, 4 low.
             (3, 20) => Single(Value::Integer(if battery < 10 { 4 } else { 0 })),
             (3, 21) => Single(Value::Integer(MEMORY_TOTAL_KIB)),
+            (3303, 5601) => Single(Value::Float(self.temperature_extremes(now).0)),
+            (3303, 5602) => Single(Value::Float(self.temperature_extremes(now).1)),
+            (3303, 5603) => Single(Value::Float(-40.0)),
+            (3303, 5604) => Single(Value::Float(85.0)),
+            (3303, 5700) => Single(Value::Float(self.temperature(now))),
+            (3303, 5701) => Single(Value::String("Cel".into())),
+            (3303, 5750) => Single(Value::String(self.application_type.clone())),
             _ => return None,
         };
         Some(value)
@@ -350,6 +384,7 @@ impl Objects {
                     self.binding = binding.clone();
                     effect = Some(Effect::UpdateRegistration);
                 }
+                (3303, Some(5750), Value::String(kind)) => self.application_type = kind.clone(),
                 (1, Some(17), value) => self.retry.retry_count = as_u64(value).unwrap_or(1).max(1) as u32,
                 (1, Some(18), value) => self.retry.retry_timer = Duration::from_secs(as_u64(value).unwrap_or(0)),
                 (1, Some(19), value) => self.retry.sequence_delay = Duration::from_secs(as_u64(value).unwrap_or(0)),
@@ -381,10 +416,16 @@ impl Objects {
                 Ok(None)
             }
             (1, Some(0), Some(8), None) => Ok(Some(Effect::UpdateRegistration)),
-            (1 | 3, Some(0), Some(r), None) if resources(path.object).contains(&r) => {
+            (3303, Some(0), Some(5605), None) => {
+                self.temperature_reset_at = now;
+                Ok(None)
+            }
+            (1 | 3 | 3303, Some(0), Some(r), None) if resources(path.object).contains(&r) => {
                 Err(ResponseType::MethodNotAllowed)
             }
-            (1 | 3, Some(0), None, None) | (1 | 3, None, None, None) => Err(ResponseType::MethodNotAllowed),
+            (1 | 3 | 3303, Some(0), None, None) | (1 | 3 | 3303, None, None, None) => {
+                Err(ResponseType::MethodNotAllowed)
+            }
             _ => Err(ResponseType::NotFound),
         }
     }
@@ -436,7 +477,10 @@ impl Objects {
         if path.object == 0 {
             return Err(ResponseType::Unauthorized);
         }
-        if !matches!(path.object, 1 | 3) || path.instance.is_some_and(|i| i != 0) || path.resource_instance.is_some() {
+        if !matches!(path.object, 1 | 3 | 3303)
+            || path.instance.is_some_and(|i| i != 0)
+            || path.resource_instance.is_some()
+        {
             return Err(ResponseType::NotFound);
         }
         let mut links = Vec::new();
@@ -492,6 +536,7 @@ fn resources(object: u16) -> &'static [u16] {
     match object {
         1 => &[0, 1, 2, 3, 6, 7, 8, 17, 18, 19, 20],
         3 => &[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21],
+        3303 => &[5601, 5602, 5603, 5604, 5605, 5700, 5701, 5750],
         _ => &[],
     }
 }
@@ -500,6 +545,7 @@ fn writable(path: &Path) -> bool {
     match (path.object, path.instance, path.resource) {
         (1, Some(0), Some(r)) => matches!(r, 1 | 2 | 3 | 6 | 7 | 17..=20),
         (3, Some(0), Some(r)) => matches!(r, 13..=15),
+        (3303, Some(0), Some(5750)) => true,
         _ => false,
     }
 }

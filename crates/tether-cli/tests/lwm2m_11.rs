@@ -1,0 +1,83 @@
+//! LwM2M 1.1 against the real binaries: a `tether device` with a Temperature object (3303)
+//! Sends its values; the server keeps them and shows them typed and named in REST; a Send
+//! from a session that did not register is refused.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{http, wait_registered, Server, KEY};
+use tether::lwm2m::build;
+use tether::DtlsClient;
+use tether_coap::coap_lite::{MessageClass, MessageType, Packet, RequestType, ResponseType};
+use tether_coap::content::{self, format, Entry, Path, Value};
+use tether_proto::dtls::{ClientConfig, DtlsContext, PskKey};
+
+#[tokio::test]
+async fn a_device_sends_its_temperature_and_rest_shows_it_named() {
+    let data = std::env::temp_dir().join(format!("tether-lwm2m-11-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let server = Server::start(&data);
+    let mut device = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["device", "--server", &format!("coaps://{}", server.coaps), "--psk-identity", "device-0"])
+        .args(["--endpoint", "urn:dev:0", "--psk-key", KEY, "--send-interval", "0.5", "--duration", "60"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_registered(&server, 1, Duration::from_secs(10)).await;
+    let (_, client) = http(server.http, "GET", "/api/clients/urn:dev:0", None).await;
+    assert!(client["objects"].as_str().unwrap().contains("</3303/0>"), "{client}");
+
+    // Send: the latest values, typed and named.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let sent = loop {
+        let (status, sent) = http(server.http, "GET", "/api/clients/urn:dev:0/sent", None).await;
+        assert_eq!(status, 200, "{sent}");
+        if sent["values"]["/3303/0/5700"].is_f64() || Instant::now() > deadline {
+            break sent;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let temperature = sent["values"]["/3303/0/5700"].as_f64().expect("a sent temperature");
+    assert!((18.0..=24.0).contains(&temperature), "{sent}");
+    assert!(sent["values"]["/3/0/9"].is_i64(), "battery level sent too: {sent}");
+    let named = sent["resources"].as_array().unwrap().iter().find(|r| r["path"] == "/3303/0/5700").unwrap();
+    assert_eq!((named["name"].as_str(), named["units"].as_str()), (Some("Sensor Value"), Some("Cel")));
+
+    // The Temperature object reads typed and named in TLV and SenML alike.
+    for format in ["tlv", "senml-json", "senml-cbor"] {
+        let (status, read) =
+            http(server.http, "GET", &format!("/api/clients/urn:dev:0/3303/0?format={format}"), None).await;
+        assert_eq!(status, 200, "{read}");
+        assert_eq!(read["object"], "Temperature", "{format}: {read}");
+        assert!(read["values"]["/3303/0/5700"].is_f64(), "{format}: {read}");
+        assert_eq!(read["values"]["/3303/0/5701"], "Cel", "{format}: {read}");
+    }
+    let (status, _) = http(server.http, "POST", "/api/clients/urn:dev:0/3303/0/5605", Some("")).await;
+    assert_eq!(status, 200, "Reset Min and Max executes");
+    let (status, _) =
+        http(server.http, "PUT", "/api/clients/urn:dev:0/3303/0/5750", Some(r#"{"value": "greenhouse"}"#)).await;
+    assert_eq!(status, 200);
+    let (_, read) = http(server.http, "GET", "/api/clients/urn:dev:0/3303/0/5750", None).await;
+    assert_eq!(read["values"]["/3303/0/5750"], "greenhouse");
+
+    // A Send over a session that registered nothing: 4.03, nothing kept.
+    let context = DtlsContext::client(ClientConfig::psk("device-1", PskKey::from_hex(KEY).unwrap())).unwrap();
+    let intruder = DtlsClient::connect(server.coaps, &context).await.unwrap();
+    let entries = [Entry { path: Path::parse("/3303/0/5700").unwrap(), value: Value::Float(99.0) }];
+    let payload = content::encode(format::SENML_CBOR, &Path::parse("/3303").unwrap(), &entries).unwrap();
+    let mut send = build(RequestType::Post, "/dp", Some(format::SENML_CBOR), payload);
+    send.header.set_type(MessageType::Confirmable);
+    send.header.message_id = 1;
+    send.set_token(vec![9]);
+    intruder.send(&send.to_bytes().unwrap()).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), intruder.recv()).await.unwrap().unwrap();
+    assert_eq!(Packet::from_bytes(&answer).unwrap().header.code, MessageClass::Response(ResponseType::Forbidden));
+    let (status, _) = http(server.http, "GET", "/api/clients/urn:dev:1/sent", None).await;
+    assert_eq!(status, 404);
+
+    let _ = device.kill();
+    let _ = device.wait();
+    let _ = std::fs::remove_dir_all(&data);
+}
