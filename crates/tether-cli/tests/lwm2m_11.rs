@@ -62,6 +62,27 @@ async fn a_device_sends_its_temperature_and_rest_shows_it_named() {
     let (_, read) = http(server.http, "GET", "/api/clients/urn:dev:0/3303/0/5750", None).await;
     assert_eq!(read["values"]["/3303/0/5750"], "greenhouse");
 
+    // Read-Composite: several resources of several objects in one FETCH; a path the device
+    // lacks is left out, none at all is 4.04.
+    for format in ["senml-cbor", "senml-json"] {
+        let body = r#"{"paths": ["/3/0/0", "/3303/0/5700", "/3/0/9", "/4/0/0"]}"#;
+        let (status, read) =
+            http(server.http, "POST", &format!("/api/clients/urn:dev:0/composite?format={format}"), Some(body)).await;
+        assert_eq!(status, 200, "{format}: {read}");
+        assert_eq!(read["values"]["/3/0/0"], "tether", "{format}: {read}");
+        assert!(read["values"]["/3303/0/5700"].is_f64(), "{format}: {read}");
+        assert!(read["values"]["/3/0/9"].is_i64(), "{format}: {read}");
+        assert!(read["values"].get("/4/0/0").is_none());
+        let names: Vec<&str> =
+            read["resources"].as_array().unwrap().iter().filter_map(|r| r["name"].as_str()).collect();
+        assert_eq!(names, ["Manufacturer", "Battery Level", "Sensor Value"], "numeric order: {read}");
+    }
+    let (status, read) =
+        http(server.http, "POST", "/api/clients/urn:dev:0/composite", Some(r#"{"paths": ["/4/0/0"]}"#)).await;
+    assert_eq!((status, read["coap_code"].as_str()), (404, Some("4.04")), "{read}");
+    let (status, _) = http(server.http, "POST", "/api/clients/urn:dev:0/composite", Some(r#"{"paths": []}"#)).await;
+    assert_eq!(status, 400);
+
     // A Send over a session that registered nothing: 4.03, nothing kept.
     let context = DtlsContext::client(ClientConfig::psk("device-1", PskKey::from_hex(KEY).unwrap())).unwrap();
     let intruder = DtlsClient::connect(server.coaps, &context).await.unwrap();

@@ -23,7 +23,78 @@ pub mod format {
     pub const SENML_CBOR: u16 = 112;
     /// application/vnd.oma.lwm2m+tlv.
     pub const TLV: u16 = 11542;
+    /// application/senml-etch+json: the paths of a Read-Composite (LwM2M 1.1, RFC 8790).
+    pub const SENML_ETCH_JSON: u16 = 320;
+    /// application/senml-etch+cbor.
+    pub const SENML_ETCH_CBOR: u16 = 322;
 }
+
+/// The paths of a Read-Composite or Observe-Composite request (`[{"n": "/3/0/0"}, …]`,
+/// SenML-ETCH JSON or CBOR).
+pub fn encode_paths(format: u16, paths: &[Path]) -> Result<Vec<u8>, ContentError> {
+    match format {
+        format::SENML_ETCH_JSON => {
+            let records: Vec<serde_json::Value> =
+                paths.iter().map(|p| serde_json::json!({ "n": p.to_string() })).collect();
+            Ok(serde_json::to_vec(&records).unwrap_or_default())
+        }
+        format::SENML_ETCH_CBOR => {
+            use ciborium::Value as C;
+            let records: Vec<C> =
+                paths.iter().map(|p| C::Map(vec![(C::Integer(N.into()), C::Text(p.to_string()))])).collect();
+            let mut out = Vec::new();
+            ciborium::into_writer(&C::Array(records), &mut out)
+                .map_err(|e| malformed("SenML-ETCH CBOR", e.to_string()))?;
+            Ok(out)
+        }
+        other => Err(ContentError::Unsupported(other)),
+    }
+}
+
+/// Parses the paths of a Read-Composite or Observe-Composite request.
+pub fn decode_paths(format: u16, payload: &[u8]) -> Result<Vec<Path>, ContentError> {
+    let mut base = String::new();
+    let mut paths = Vec::new();
+    match format {
+        format::SENML_ETCH_JSON => {
+            use serde_json::Value as J;
+            let json: J = serde_json::from_slice(payload).map_err(|e| malformed("SenML-ETCH JSON", e.to_string()))?;
+            let J::Array(items) = json else { return Err(malformed("SenML-ETCH JSON", "not an array")) };
+            for item in items {
+                if let Some(J::String(bn)) = item.get("bn") {
+                    base = bn.clone();
+                }
+                let name = item.get("n").and_then(J::as_str).unwrap_or("");
+                paths.push(Path::parse(&format!("{base}{name}"))?);
+            }
+        }
+        format::SENML_ETCH_CBOR => {
+            use ciborium::Value as C;
+            let value: C = ciborium::from_reader(payload).map_err(|e| malformed("SenML-ETCH CBOR", e.to_string()))?;
+            let C::Array(items) = value else { return Err(malformed("SenML-ETCH CBOR", "not an array")) };
+            for item in items {
+                let C::Map(fields) = item else { return Err(malformed("SenML-ETCH CBOR", "a record is not a map")) };
+                let mut name = String::new();
+                for (key, field) in fields {
+                    match (key.as_integer().and_then(|i| i64::try_from(i).ok()), field) {
+                        (Some(BN), C::Text(t)) => base = t,
+                        (Some(N), C::Text(t)) => name = t,
+                        _ => {}
+                    }
+                }
+                paths.push(Path::parse(&format!("{base}{name}"))?);
+            }
+        }
+        other => return Err(ContentError::Unsupported(other)),
+    }
+    if paths.is_empty() || paths.len() > MAX_COMPOSITE_PATHS {
+        return Err(malformed("SenML-ETCH", format!("1 to {MAX_COMPOSITE_PATHS} paths")));
+    }
+    Ok(paths)
+}
+
+/// Paths one composite request may name.
+pub const MAX_COMPOSITE_PATHS: usize = 64;
 
 /// A typed resource value.
 #[derive(Debug, Clone, PartialEq)]
@@ -688,6 +759,21 @@ fn base64url_decode(text: &str) -> Option<Vec<u8>> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn composite_paths_round_trip_and_bad_ones_are_refused() {
+        let paths = vec![Path::parse("/3/0/0").unwrap(), Path::parse("/3303/0/5700").unwrap()];
+        for f in [format::SENML_ETCH_JSON, format::SENML_ETCH_CBOR] {
+            assert_eq!(decode_paths(f, &encode_paths(f, &paths).unwrap()).unwrap(), paths);
+        }
+        let with_base = br#"[{"bn": "/3/0/", "n": "0"}, {"n": "9"}]"#;
+        let decoded = decode_paths(format::SENML_ETCH_JSON, with_base).unwrap();
+        assert_eq!(decoded.iter().map(ToString::to_string).collect::<Vec<_>>(), ["/3/0/0", "/3/0/9"]);
+        assert!(decode_paths(format::SENML_ETCH_JSON, b"[]").is_err());
+        assert!(decode_paths(format::SENML_ETCH_JSON, br#"[{"n": "/x"}]"#).is_err());
+        assert!(decode_paths(format::SENML_ETCH_CBOR, &[0xff]).is_err());
+        assert!(matches!(decode_paths(format::TEXT, b""), Err(ContentError::Unsupported(0))));
+    }
     use super::*;
 
     fn device() -> Vec<Entry> {

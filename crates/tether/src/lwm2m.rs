@@ -227,6 +227,22 @@ impl Lwm2mServer {
         self.send(endpoint, build(RequestType::Get, path, None, Vec::new()), true).await
     }
 
+    /// Read-Composite (LwM2M 1.1): the values of several `paths` in one `FETCH`, the paths as
+    /// SenML-ETCH JSON, the answer in `accept` (SenML JSON or CBOR).
+    pub async fn read_composite(
+        &self,
+        endpoint: &str,
+        paths: &[tether_coap::content::Path],
+        accept: u16,
+    ) -> Result<DeviceResponse, Lwm2mError> {
+        use tether_coap::content::{encode_paths, format};
+        let payload =
+            encode_paths(format::SENML_ETCH_JSON, paths).map_err(|e| Lwm2mError::InvalidRequest(e.to_string()))?;
+        let mut request = build(RequestType::Fetch, "", Some(format::SENML_ETCH_JSON), payload);
+        request.add_option(CoapOption::Accept, encode_uint(u32::from(accept)));
+        self.send(endpoint, request, false).await
+    }
+
     /// Write (`PUT`) `payload` in `content_format` to `path`.
     pub async fn write(
         &self,

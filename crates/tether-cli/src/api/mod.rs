@@ -55,6 +55,7 @@ pub fn router(server: Lwm2mServer, models: Arc<Models>) -> Router {
         .route("/api/clients", get(clients))
         .route("/api/clients/{endpoint}", get(client))
         .route("/api/clients/{endpoint}/sent", get(sent))
+        .route("/api/clients/{endpoint}/composite", axum::routing::post(composite))
         .route("/api/clients/{endpoint}/{*path}", get(read).put(write).post(execute_or_observe).delete(delete))
         .route("/api/observations/{id}", get(notifications).delete(cancel))
         .route("/api/pool", get(pool))
@@ -140,6 +141,66 @@ async fn sent(State(api): State<Api>, Path(endpoint): Path<String>) -> Response 
         })
         .collect();
     Json(json!({ "endpoint": endpoint, "values": values, "resources": resources })).into_response()
+}
+
+/// `POST /api/clients/{ep}/composite` with `{"paths": ["/3/0/0", "/3303/0/5700"]}`:
+/// Read-Composite (one `FETCH`), answered typed and named like a read. `?format=senml-json`
+/// or `senml-cbor` (default) for the device's answer, `?timeout=`.
+async fn composite(
+    State(api): State<Api>,
+    Path(endpoint): Path<String>,
+    RawQuery(query): RawQuery,
+    body: String,
+) -> Response {
+    let options = match RequestOptions::parse(query.as_deref()).and_then(|o| o.no_others().map(|()| o)) {
+        Ok(options) => options,
+        Err(err) => return err.into_response(),
+    };
+    let accept = options.format.unwrap_or(content::format::SENML_CBOR);
+    if !matches!(accept, content::format::SENML_JSON | content::format::SENML_CBOR) {
+        return bad_request("a composite read answers in senml-json or senml-cbor".into()).into_response();
+    }
+    let paths = match serde_json::from_str::<Value>(&body).ok().and_then(|b| b.get("paths").cloned()) {
+        Some(Value::Array(items)) if !items.is_empty() && items.len() <= content::MAX_COMPOSITE_PATHS => items,
+        _ => {
+            let shape =
+                format!("body must be {{\"paths\": [\"/3/0/0\", …]}} with 1 to {} paths", content::MAX_COMPOSITE_PATHS);
+            return bad_request(shape).into_response();
+        }
+    };
+    let mut parsed = Vec::new();
+    for item in &paths {
+        let text = item.as_str().unwrap_or_default();
+        if let Some(response) = path_error(text) {
+            return response;
+        }
+        match content::Path::parse(text) {
+            Ok(path) => parsed.push(path),
+            Err(err) => return bad_request(err.to_string()).into_response(),
+        }
+    }
+    let answer = match within(options.timeout, api.server.read_composite(&endpoint, &parsed, accept)).await {
+        Ok(answer) => answer,
+        Err(err) => return err.into_response(),
+    };
+    let code = coap_code(answer.code);
+    if answer.code.is_error() {
+        let status = http_status(answer.code);
+        return (status, Json(json!({ "error": format!("device answered {code}"), "coap_code": code })))
+            .into_response();
+    }
+    let root = content::Path { object: 0, instance: None, resource: None, resource_instance: None };
+    let types = |object, resource| api.models.resource_type(object, resource);
+    let format = answer.content_format.unwrap_or(accept);
+    let Ok(mut entries) = content::decode_with(format, &root, &answer.payload, &types) else {
+        return error(StatusCode::BAD_GATEWAY, Some(&code), "the device's answer does not decode".into());
+    };
+    entries.sort_by_key(|e| e.path);
+    let values: serde_json::Map<String, Value> =
+        entries.iter().map(|e| (e.path.to_string(), typed(&e.value))).collect();
+    let resources: Vec<Value> = entries.iter().map(|e| named(&api.models, e)).collect();
+    Json(json!({ "coap_code": code, "content_format": format, "values": values, "resources": resources }))
+        .into_response()
 }
 
 fn not_registered(endpoint: &str) -> Response {

@@ -83,7 +83,7 @@ pub async fn within<T>(
         Err(_) => Err(ApiError {
             status: StatusCode::GATEWAY_TIMEOUT,
             message: format!(
-                "no answer from the device within {:.1} s (?timeout= to wait longer)",
+                "the request timed out: no answer from the device within {:.1} s (?timeout= to wait longer)",
                 timeout.as_secs_f64()
             ),
         }),

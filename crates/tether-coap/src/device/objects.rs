@@ -599,6 +599,12 @@ pub fn answer(objects: &mut Objects, now: Instant, request: &Packet, preferred: 
         executed: false,
     };
     let segments = uri_path(request);
+    if request.header.code == MessageClass::Request(RequestType::Fetch) && segments.is_empty() {
+        return match read_composite(objects, now, request, preferred) {
+            Ok(packet) => Answer { response: packet, ..plain(ResponseType::Content) },
+            Err(code) => plain(code),
+        };
+    }
     let Ok(path) = Path::parse(&segments.join("/")) else {
         return plain(if segments.is_empty() { ResponseType::MethodNotAllowed } else { ResponseType::NotFound });
     };
@@ -670,6 +676,40 @@ pub fn answer(objects: &mut Objects, now: Instant, request: &Packet, preferred: 
         }
         _ => plain(ResponseType::MethodNotAllowed),
     }
+}
+
+/// Read-Composite (LwM2M 1.1, `FETCH /` with SenML-ETCH paths): the values of every path
+/// the device has, in SenML JSON or CBOR (`Accept`, else `preferred` when it is SenML, else
+/// CBOR). A path the device lacks is left out; 4.04 if it has none of them.
+fn read_composite(objects: &Objects, now: Instant, request: &Packet, preferred: u16) -> Result<Packet, ResponseType> {
+    let option = |option| request.get_first_option(option).and_then(|v| decode_uint(v));
+    let paths =
+        content::decode_paths(option(CoapOption::ContentFormat).unwrap_or(format::SENML_ETCH_JSON), &request.payload)
+            .map_err(|e| match e {
+            content::ContentError::Unsupported(_) => ResponseType::UnsupportedContentFormat,
+            _ => ResponseType::BadRequest,
+        })?;
+    let fallback =
+        if matches!(preferred, format::SENML_JSON | format::SENML_CBOR) { preferred } else { format::SENML_CBOR };
+    let chosen = option(CoapOption::Accept).unwrap_or(fallback);
+    if !matches!(chosen, format::SENML_JSON | format::SENML_CBOR) {
+        return Err(ResponseType::NotAcceptable);
+    }
+    let mut entries = Vec::new();
+    for path in &paths {
+        match objects.read(now, path) {
+            Ok(found) => entries.extend(found),
+            Err(ResponseType::Unauthorized) => return Err(ResponseType::Unauthorized),
+            Err(_) => {}
+        }
+    }
+    let Some(first) = entries.first() else { return Err(ResponseType::NotFound) };
+    let base = Path { instance: None, resource: None, resource_instance: None, ..first.path };
+    let payload = content::encode(chosen, &base, &entries).map_err(|_| ResponseType::InternalServerError)?;
+    let mut packet = response(ResponseType::Content);
+    packet.add_option(CoapOption::ContentFormat, encode_uint(u32::from(chosen)));
+    packet.payload = payload;
+    Ok(packet)
 }
 
 /// Reads `path` and encodes it: in `accept` if given, else text for one plain value and
