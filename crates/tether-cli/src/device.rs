@@ -167,7 +167,9 @@ impl DeviceArgs {
             .with_context(|| format!("--server {:?}: HOST:PORT with HOST an IP address", self.server))
     }
 
-    fn context(&self, identity: &str) -> Result<Arc<DtlsContext>> {
+    /// The fleet's one DTLS context: its certificate, or device 0's PSK (every PSK device
+    /// brings its own identity and key to its sessions).
+    fn context(&self, identity: &str, key: &PskKey) -> Result<Arc<DtlsContext>> {
         let config = match (&self.certificate, &self.private_key, &self.server_ca) {
             (Some(cert), Some(key), Some(ca)) => {
                 let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
@@ -180,7 +182,7 @@ impl DeviceArgs {
                 }
                 config
             }
-            _ => ClientConfig::psk(identity, self.keys()?.of(0).clone()),
+            _ => ClientConfig::psk(identity, key.clone()),
         };
         let config = if self.cid { config.connection_id(Vec::new()) } else { config };
         Ok(DtlsContext::client(config)?)
@@ -294,8 +296,8 @@ async fn fleet(args: DeviceArgs, server: SocketAddr) -> Result<()> {
     let started = Instant::now();
     let mut devices = Vec::with_capacity(args.count);
     // One DTLS context for the whole fleet; PSK devices bring their own identity.
-    let context = args.context(&args.names(0).1)?;
     let keys = args.keys()?;
+    let context = args.context(&args.names(0).1, keys.of(0))?;
     for i in 0..args.count {
         if args.rate > 0.0 {
             let due = started + Duration::from_secs_f64(i as f64 / args.rate);
@@ -341,11 +343,17 @@ async fn fleet(args: DeviceArgs, server: SocketAddr) -> Result<()> {
         }
         gave_up
     };
+    let mut all_gave_up_at: Option<Instant> = None;
     loop {
         let gave_up = report_progress(&mut all_registered_at);
         if gave_up == args.count {
-            stopped_by = "every device gave up";
-            break;
+            // Stop once the reporter has heard every device give up (so each one's causes
+            // are printed first), or a second later if some events were lost.
+            let since = *all_gave_up_at.get_or_insert_with(Instant::now);
+            if reporter.gave_up >= args.count || since.elapsed() > Duration::from_secs(1) {
+                stopped_by = "every device gave up";
+                break;
+            }
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             break;
@@ -410,11 +418,13 @@ struct Reporter {
     single: bool,
     causes: std::collections::BTreeMap<String, u64>,
     last_cause: Option<String>,
+    /// Devices heard giving up.
+    gave_up: usize,
 }
 
 impl Reporter {
     fn new(single: bool) -> Self {
-        Self { single, causes: std::collections::BTreeMap::new(), last_cause: None }
+        Self { single, causes: std::collections::BTreeMap::new(), last_cause: None, gave_up: 0 }
     }
 
     fn report(&mut self, endpoint: &str, event: &DeviceEvent) {
@@ -434,6 +444,7 @@ impl Reporter {
                 }
             }
             DeviceEvent::GaveUp { reason } => {
+                self.gave_up += 1;
                 self.last_cause = Some(reason.clone());
                 if self.single {
                     say!("tether device: {endpoint}: gave up: {reason}");
