@@ -10,21 +10,33 @@ use std::time::Duration;
 use serde_json::Value;
 use support::KEY;
 
+/// The server process, ended (by its PID) however the test ends.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn the_log_names_failed_handshakes_and_registrations() {
     let data = std::env::temp_dir().join(format!("tether-logs-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data);
-    let mut server = Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["serve", "--coaps", "127.0.0.1:0", "--http", "127.0.0.1:0", "--log-format", "json", "--data-dir"])
-        .arg(&data)
-        .args(["--psk", &format!("device-0:{KEY}:urn:dev:0")])
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut server = Child(
+        Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args(["serve", "--coaps", "127.0.0.1:0", "--http", "127.0.0.1:0", "--log-format", "json", "--data-dir"])
+            .arg(&data)
+            .args(["--psk", &format!("device-0:{KEY}:urn:dev:0")])
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let (lines_tx, lines) = mpsc::channel::<String>();
-    let stderr = server.stderr.take().unwrap();
+    let stderr = server.0.stderr.take().unwrap();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             let _ = lines_tx.send(line);
@@ -72,7 +84,6 @@ fn the_log_names_failed_handshakes_and_registrations() {
     let deregistered = next_event("deregistered");
     assert_eq!(deregistered["endpoint"], "urn:dev:0");
 
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     let _ = std::fs::remove_dir_all(&data);
 }
