@@ -117,7 +117,7 @@ enum Command {
     CancelObservation(u64, oneshot::Sender<bool>),
     Registrations(oneshot::Sender<Vec<Registration>>),
     Clients(oneshot::Sender<Vec<ClientState>>),
-    Sent(String, oneshot::Sender<Vec<SentValue>>),
+    Sent(String, oneshot::Sender<Option<Vec<SentValue>>>),
 }
 
 /// A registration, and whether its device can be reached now.
@@ -211,13 +211,12 @@ impl Lwm2mServer {
         rx.await.unwrap_or_default()
     }
 
-    /// The latest value of each resource `endpoint` sent (LwM2M Send, `POST /dp`).
-    pub async fn sent(&self, endpoint: &str) -> Vec<SentValue> {
+    /// The latest value of each resource `endpoint` sent (LwM2M Send, `POST /dp`); `None`
+    /// if it is not registered.
+    pub async fn sent(&self, endpoint: &str) -> Option<Vec<SentValue>> {
         let (tx, rx) = oneshot::channel();
-        if self.commands.send(Command::Sent(endpoint.to_string(), tx)).await.is_err() {
-            return Vec::new();
-        }
-        rx.await.unwrap_or_default()
+        self.commands.send(Command::Sent(endpoint.to_string(), tx)).await.ok()?;
+        rx.await.ok().flatten()
     }
 
     /// Read (`GET`) `path` (`/3/0/0`) on `endpoint`.
@@ -640,7 +639,8 @@ impl Actor {
                 let _ = reply.send(self.registry.registrations().cloned().collect());
             }
             Command::Sent(endpoint, reply) => {
-                let _ = reply.send(self.sent.values(&endpoint));
+                let values = self.registry.get(&endpoint).map(|_| self.sent.values(&endpoint));
+                let _ = reply.send(values);
             }
             Command::Clients(reply) => {
                 let clients = self

@@ -126,11 +126,10 @@ async fn client(State(server): State<Lwm2mServer>, Path(endpoint): Path<String>)
 /// `GET /api/clients/{ep}/sent`: the latest value of each resource the device sent (LwM2M
 /// Send), typed and named by the models, with how long ago it arrived.
 async fn sent(State(api): State<Api>, Path(endpoint): Path<String>) -> Response {
-    if !api.server.clients().await.iter().any(|c| c.registration.endpoint == endpoint) {
+    let Some(sent) = api.server.sent(&endpoint).await else {
         return not_registered(&endpoint);
-    }
+    };
     let now = std::time::Instant::now();
-    let sent = api.server.sent(&endpoint).await;
     let values: serde_json::Map<String, Value> = sent.iter().map(|v| (v.path.to_string(), typed(&v.value))).collect();
     let resources: Vec<Value> = sent
         .iter()
@@ -152,7 +151,7 @@ async fn composite(
     RawQuery(query): RawQuery,
     body: String,
 ) -> Response {
-    let options = match RequestOptions::parse(query.as_deref()).and_then(|o| o.no_others().map(|()| o)) {
+    let options = match RequestOptions::parse_only(query.as_deref()) {
         Ok(options) => options,
         Err(err) => return err.into_response(),
     };
@@ -247,13 +246,10 @@ async fn read(
     Path((endpoint, path)): Path<(String, String)>,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let options = match RequestOptions::parse(query.as_deref()) {
+    let options = match RequestOptions::parse_only(query.as_deref()) {
         Ok(options) => options,
         Err(err) => return err.into_response(),
     };
-    if let Err(err) = options.no_others() {
-        return err.into_response();
-    }
     if let Some(target) = path.strip_suffix("/discover") {
         if let Some(response) = path_error(target) {
             return response;
@@ -322,7 +318,7 @@ async fn execute_or_observe(
     RawQuery(query): RawQuery,
     body: String,
 ) -> Response {
-    let options = match RequestOptions::parse(query.as_deref()).and_then(|o| o.no_others().map(|()| o)) {
+    let options = match RequestOptions::parse_only(query.as_deref()) {
         Ok(options) => options,
         Err(err) => return err.into_response(),
     };
@@ -525,7 +521,7 @@ async fn delete(
     Path((endpoint, path)): Path<(String, String)>,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let options = match RequestOptions::parse(query.as_deref()).and_then(|o| o.no_others().map(|()| o)) {
+    let options = match RequestOptions::parse_only(query.as_deref()) {
         Ok(options) => options,
         Err(err) => return err.into_response(),
     };

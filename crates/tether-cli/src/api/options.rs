@@ -50,6 +50,13 @@ impl RequestOptions {
         Ok(options)
     }
 
+    /// `timeout` and `format` only: any other parameter is refused.
+    pub fn parse_only(query: Option<&str>) -> Result<Self, ApiError> {
+        let options = Self::parse(query)?;
+        options.no_others()?;
+        Ok(options)
+    }
+
     /// Refuses parameters this route does not take.
     pub fn no_others(&self) -> Result<(), ApiError> {
         match self.rest.first() {
