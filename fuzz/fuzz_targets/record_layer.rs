@@ -1,6 +1,6 @@
 //! Any datagrams into established sessions after the hand-off from OpenSSL: a server
-//! endpoint holding a session with a Connection ID and one without, and the client side of
-//! each. Datagrams arrive from the sessions' own addresses and from a stranger's. Never
+//! endpoint holding a session with a Connection ID (an AEAD suite) and one without (a CBC
+//! suite, Encrypt-then-MAC), and the client side of each. Datagrams arrive from the sessions' own addresses and from a stranger's. Never
 //! panics, surfaces nothing, moves no session, closes none, and both sessions still carry
 //! data afterwards.
 //!
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use tether_proto::dtls::{
-    ClientConfig, DtlsContext, Endpoint, EndpointConfig, EndpointEvent, Event, PskKey, ServerConfig, Session,
+    CipherSuite, ClientConfig, DtlsContext, Endpoint, EndpointConfig, EndpointEvent, Event, PskKey, ServerConfig, Session,
     SessionConfig, SessionHandle, SessionSnapshot, StaticPskStore,
 };
 
@@ -37,8 +37,11 @@ fn fixture() -> &'static Fixture {
         let key = PskKey::from_hex("73656372657450534b").unwrap();
         let session = SessionConfig::default().handshake_timeout(Duration::from_secs(10));
         let store = StaticPskStore::new().with("identity", key.clone());
-        let server = DtlsContext::server(ServerConfig::psk(store).session(session.clone())).unwrap();
-        let plain_client = DtlsContext::client(ClientConfig::psk("identity", key.clone()).session(session.clone())).unwrap();
+        let server =
+            DtlsContext::server(ServerConfig::psk(store).session(session.clone().cipher_suites(&CipherSuite::ALL)))
+                .unwrap();
+        let cbc = session.clone().cipher_suites(&[CipherSuite::PskAes128CbcSha256]);
+        let plain_client = DtlsContext::client(ClientConfig::psk("identity", key.clone()).session(cbc)).unwrap();
         let cid_client =
             DtlsContext::client(ClientConfig::psk("identity", key).session(session).connection_id(vec![0xc1, 0xc2]))
                 .unwrap();

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use tether::{Lwm2mDevice, Lwm2mDeviceConfig};
+use tether_coap::bootstrap::ServerAccount;
 use tether_coap::device::{ClientConfig as DeviceConfig, ClientStats, DeviceEvent, RetryTimers, SecurityMode};
 use tether_proto::dtls::{CertifiedKey, ClientConfig, DtlsContext, PskKey, X509};
 use tether_proto::resilience::Jitter;
@@ -92,6 +93,12 @@ pub struct DeviceArgs {
     /// every this many seconds while registered.
     #[arg(long, value_name = "SECONDS")]
     pub send_interval: Option<f64>,
+    /// Bootstrap first from this bootstrap server (`coaps://HOST:PORT`, LwM2M client-initiated
+    /// bootstrap), authenticating with the PSK identity and key given (`--psk-identity` with
+    /// `--psk-key` or `--security`): it says which LwM2M server to register with, and with
+    /// which PSK. `--server` is then not used.
+    #[arg(long, value_name = "URI", conflicts_with_all = ["certificate", "write_security"])]
+    pub bootstrap: Option<String>,
     /// Run this many seconds, then de-register and exit (default: until SIGINT/SIGTERM).
     #[arg(long, value_name = "SECONDS")]
     pub duration: Option<f64>,
@@ -159,12 +166,10 @@ impl DeviceArgs {
         if self.certificate.is_some() && self.count > 1 {
             bail!("--certificate names one device; a fleet (--count > 1) authenticates with PSK identities");
         }
-        let Some(rest) = self.server.strip_prefix("coaps://") else {
-            bail!("--server {:?}: expected coaps://HOST:PORT", self.server);
-        };
-        rest.trim_end_matches('/')
-            .parse()
-            .with_context(|| format!("--server {:?}: HOST:PORT with HOST an IP address", self.server))
+        if let Some(uri) = &self.bootstrap {
+            coaps_address("--bootstrap", uri)?;
+        }
+        coaps_address("--server", &self.server)
     }
 
     /// The fleet's one DTLS context: its certificate, or device 0's PSK (every PSK device
@@ -258,6 +263,113 @@ fn write_security(args: &DeviceArgs, path: &PathBuf) -> Result<()> {
     Ok(())
 }
 
+/// The address of a `coaps://HOST:PORT` URI given as `flag`.
+fn coaps_address(flag: &str, uri: &str) -> Result<SocketAddr> {
+    let Some(rest) = uri.strip_prefix("coaps://") else {
+        bail!("{flag} {uri:?}: expected coaps://HOST:PORT");
+    };
+    rest.trim_end_matches('/').parse().with_context(|| format!("{flag} {uri:?}: HOST:PORT with HOST an IP address"))
+}
+
+/// Bootstraps every device from the bootstrap server at `uri` (at most 256 at once); each
+/// device's account, or `None` where its bootstrap failed (the cause is printed).
+async fn bootstrap_fleet(
+    args: &DeviceArgs,
+    uri: &str,
+    context: &Arc<DtlsContext>,
+    keys: &Keys,
+) -> Result<Vec<Option<ServerAccount>>> {
+    let address = coaps_address("--bootstrap", uri)?;
+    let limit = Arc::new(tokio::sync::Semaphore::new(256));
+    let attempts = (0..args.count).map(|i| {
+        let (endpoint, identity) = args.names(i);
+        let key = keys.of(i).clone();
+        let (context, limit) = (Arc::clone(context), Arc::clone(&limit));
+        let retry = (args.retry_count, Duration::from_secs_f64(args.retry_timer));
+        async move {
+            let _permit = limit.acquire().await;
+            let result = bootstrap_one(address, &context, &identity, &key, &endpoint, retry).await;
+            (endpoint, identity, result)
+        }
+    });
+    let results = futures::future::join_all(attempts).await;
+    let mut accounts = Vec::with_capacity(results.len());
+    let mut failed = Vec::new();
+    for (endpoint, identity, result) in results {
+        match result {
+            Ok(account) => {
+                if args.count == 1 {
+                    say!(
+                        "tether device: {endpoint} bootstrapped from {uri} (bootstrap identity {identity:?}):                          registering with {} as PSK identity {:?}, lifetime {} s",
+                        account.uri,
+                        String::from_utf8_lossy(&account.psk_identity),
+                        account.lifetime.as_secs()
+                    );
+                }
+                accounts.push(Some(account));
+            }
+            Err(cause) => {
+                say!("tether device: {endpoint}: bootstrap from {uri} failed: {cause}");
+                failed.push(cause);
+                accounts.push(None);
+            }
+        }
+    }
+    if failed.len() == args.count {
+        bail!("no device bootstrapped: {}", failed.last().map(String::as_str).unwrap_or("-"));
+    }
+    if args.count > 1 {
+        say!("tether device: {}/{} bootstrapped from {uri}", args.count - failed.len(), args.count);
+    }
+    Ok(accounts)
+}
+
+/// One device's bootstrap, tried up to `retry.0` times: a server not (yet) there is tried
+/// again after 1, 2, 4 … s (never more than the retry timer `retry.1`); a refusal is final.
+async fn bootstrap_one(
+    address: SocketAddr,
+    context: &Arc<DtlsContext>,
+    identity: &str,
+    key: &PskKey,
+    endpoint: &str,
+    (attempts, retry_timer): (u32, Duration),
+) -> Result<ServerAccount, String> {
+    use tether::bootstrap::{bootstrap, BootstrapFailure};
+    let mut delay = Duration::from_secs(1);
+    for attempt in 1..=attempts.max(1) {
+        let coap = tether_coap::message::CoapConfig::default();
+        match bootstrap(address, context, Some((identity.as_bytes(), key)), endpoint, coap).await {
+            Ok(account) => return Ok(account),
+            Err(err) => {
+                let cause = match &err {
+                    BootstrapFailure::Connect(tether::ConnectError::Authentication { .. }) => {
+                        format!("{err} (the bootstrap server does not know identity {identity:?} with this key)")
+                    }
+                    _ => err.to_string(),
+                };
+                let last_try = matches!(
+                    err,
+                    BootstrapFailure::Bootstrap(
+                        tether_coap::bootstrap::BootstrapError::Refused { .. }
+                            | tether_coap::bootstrap::BootstrapError::Unusable(_)
+                    ) | BootstrapFailure::Connect(tether::ConnectError::Authentication { .. })
+                );
+                if last_try || attempt >= attempts {
+                    return Err(cause);
+                }
+                let wait = delay.min(retry_timer.max(Duration::from_secs(1)));
+                say!(
+                    "tether device: {endpoint}: bootstrap attempt {attempt} failed: {cause}; next in {} s",
+                    wait.as_secs()
+                );
+                tokio::time::sleep(wait).await;
+                delay *= 2;
+            }
+        }
+    }
+    Err("no bootstrap attempt".into())
+}
+
 /// The subject CN of the certificate (PEM) at `path`.
 fn common_name(path: &PathBuf) -> Result<String> {
     let pem = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -298,6 +410,10 @@ async fn fleet(args: DeviceArgs, server: SocketAddr) -> Result<()> {
     // One DTLS context for the whole fleet; PSK devices bring their own identity.
     let keys = args.keys()?;
     let context = args.context(&args.names(0).1, keys.of(0))?;
+    let accounts = match &args.bootstrap {
+        Some(uri) => Some(bootstrap_fleet(&args, uri, &context, &keys).await?),
+        None => None,
+    };
     for i in 0..args.count {
         if args.rate > 0.0 {
             let due = started + Duration::from_secs_f64(i as f64 / args.rate);
@@ -307,11 +423,27 @@ async fn fleet(args: DeviceArgs, server: SocketAddr) -> Result<()> {
         if args.certificate.is_none() {
             config.psk = Some((args.names(i).1.into_bytes(), keys.of(i).clone()));
         }
+        match accounts.as_ref().map(|accounts| accounts[i].as_ref()) {
+            None => {}
+            Some(None) => continue, // its bootstrap failed, and said why
+            Some(Some(account)) => {
+                config.server = coaps_address("the bootstrapped server URI", &account.uri)?;
+                config.client.server_uri = account.uri.clone();
+                config.client.lifetime = account.lifetime;
+                let key = PskKey::new(account.psk_key.clone()).map_err(|e| anyhow::anyhow!("bootstrapped key: {e}"))?;
+                config.psk = Some((account.psk_identity.clone(), key));
+            }
+        }
         devices.push(Lwm2mDevice::start(config)?);
     }
-    say!("tether device: {} device(s) started against {server}", devices.len());
+    let count = devices.len();
+    let against = match &args.bootstrap {
+        Some(_) => "the servers they were given".to_string(),
+        None => server.to_string(),
+    };
+    say!("tether device: {count} device(s) started against {against}");
 
-    let progress = indicatif::ProgressBar::new(args.count as u64).with_style(
+    let progress = indicatif::ProgressBar::new(count as u64).with_style(
         indicatif::ProgressStyle::with_template("{spinner} registering {pos}/{len} [{bar:40}] {elapsed} {msg}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
             .progress_chars("=> "),
@@ -330,7 +462,7 @@ async fn fleet(args: DeviceArgs, server: SocketAddr) -> Result<()> {
         if gave_up > 0 {
             progress.set_message(format!("{gave_up} gave up"));
         }
-        if all_registered_at.is_none() && registered == args.count {
+        if all_registered_at.is_none() && registered == count {
             let elapsed = started.elapsed();
             *all_registered_at = Some(elapsed);
             progress.finish_and_clear();
@@ -339,18 +471,18 @@ async fn fleet(args: DeviceArgs, server: SocketAddr) -> Result<()> {
             } else {
                 String::new()
             };
-            say!("tether device: {registered}/{} registered in {:.2} s{rate}", args.count, elapsed.as_secs_f64());
+            say!("tether device: {registered}/{count} registered in {:.2} s{rate}", elapsed.as_secs_f64());
         }
         gave_up
     };
     let mut all_gave_up_at: Option<Instant> = None;
     loop {
         let gave_up = report_progress(&mut all_registered_at);
-        if gave_up == args.count {
+        if gave_up == count {
             // Stop once the reporter has heard every device give up (so each one's causes
             // are printed first), or a second later if some events were lost.
             let since = *all_gave_up_at.get_or_insert_with(Instant::now);
-            if reporter.gave_up >= args.count || since.elapsed() > Duration::from_secs(1) {
+            if reporter.gave_up >= count || since.elapsed() > Duration::from_secs(1) {
                 stopped_by = "every device gave up";
                 break;
             }

@@ -25,6 +25,7 @@ fn say_line(args: std::fmt::Arguments<'_>) {
 
 mod api;
 mod bench;
+mod bootstrap;
 mod demo;
 mod device;
 mod echo;
@@ -46,6 +47,9 @@ enum Command {
     /// An LwM2M device, or a fleet (`--count N`), against a server; by default the
     /// development device of `tether serve`'s embedded defaults.
     Device(device::DeviceArgs),
+    /// An LwM2M bootstrap server: devices that ask (`tether device --bootstrap`) are given
+    /// the LwM2M server configured for their endpoint in the security file.
+    Bootstrap(bootstrap::BootstrapArgs),
     /// An LwM2M server and three devices in one process on loopback: reads of /3/0/0,
     /// /3/0/1 and /3/0/2 on each, whether each reused its session, and what a new handshake
     /// per request would cost, measured in the run.
@@ -184,6 +188,10 @@ fn main() -> Result<()> {
             let settings = serve::Settings::resolve(&args)?;
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(serve::run(settings))
+        }
+        Command::Bootstrap(args) => {
+            serve::init_logging(args.log_format, "info");
+            bootstrap::run(args)
         }
         Command::Device(args) => {
             serve::init_logging(serve::LogFormat::Text, "error");

@@ -94,6 +94,10 @@ struct SecurityFile {
     #[serde(default)]
     psk: Vec<PskEntryFile>,
     x509: Option<X509File>,
+    /// What `tether bootstrap` gives each endpoint; `tether serve` only checks its shape.
+    #[serde(default)]
+    #[allow(dead_code, reason = "read by tether bootstrap; here the file is only checked")]
+    bootstrap: Vec<crate::bootstrap::BootstrapEntryFile>,
 }
 
 /// `[x509]` in the security file: the server's certificate and key (PEM) and, optionally,
@@ -207,7 +211,7 @@ impl Settings {
             x509,
             cipher_suites: match &file.ciphers {
                 Some(names) => cipher_suites(names)?,
-                None => CipherSuite::ALL.to_vec(),
+                None => CipherSuite::DEFAULT.to_vec(),
             },
             models: match args.models.as_ref().or(file.models.as_ref()) {
                 Some(dir) => load_models(dir)?,
@@ -217,7 +221,8 @@ impl Settings {
     }
 }
 
-/// `ciphers = [...]` of tether.toml: OpenSSL names of suites tether speaks.
+/// `ciphers = [...]` of tether.toml: names (OpenSSL's, or the LwM2M lists') of suites tether
+/// speaks.
 fn cipher_suites(names: &[String]) -> Result<Vec<CipherSuite>> {
     if names.is_empty() {
         bail!("tether.toml: ciphers is empty: name at least one suite");
@@ -225,7 +230,7 @@ fn cipher_suites(names: &[String]) -> Result<Vec<CipherSuite>> {
     names
         .iter()
         .map(|name| {
-            CipherSuite::from_openssl_name(name).ok_or_else(|| {
+            CipherSuite::from_name(name).ok_or_else(|| {
                 let known: Vec<&str> = CipherSuite::ALL.iter().map(|s| s.openssl_name()).collect();
                 anyhow::anyhow!("tether.toml: unknown cipher suite {name:?} (known: {})", known.join(", "))
             })

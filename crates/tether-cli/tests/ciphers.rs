@@ -1,5 +1,6 @@
-//! The cipher suites of `tether serve`: the LwM2M 1.1 AEAD suites by default, a list of
-//! them in tether.toml; each handshakes with the real `openssl s_client`.
+//! The cipher suites of `tether serve`: the LwM2M 1.1 AEAD suites by default, a list in
+//! tether.toml (the CBC suites of the LwM2M lists only there); each handshakes with the real
+//! `openssl s_client`.
 
 mod support;
 
@@ -38,6 +39,23 @@ fn every_psk_suite_handshakes_by_default_and_tether_toml_narrows_them() {
     let server = Server::start_with(&data.join("b"), &["--config", config.to_str().unwrap()]);
     assert_eq!(negotiated(&server, "PSK-AES128-CCM").as_deref(), Some("PSK-AES128-CCM"));
     assert_eq!(negotiated(&server, "PSK-AES128-CCM8"), None, "a suite left out of the list is refused");
+    drop(server);
+
+    // The CBC suites of the LwM2M lists are off by default, on when named (by OpenSSL's
+    // name or the specification's), and then handshake with s_client (which offers
+    // Encrypt-then-MAC, as tether requires for CBC).
+    let server = Server::start(&data.join("d"));
+    assert_eq!(negotiated(&server, "PSK-AES128-CBC-SHA256"), None, "CBC is off by default");
+    drop(server);
+    std::fs::write(
+        &config,
+        "ciphers = [\"PSK-AES128-CCM8\", \"psk-aes128-cbc-sha256\", \"ECDHE-PSK-AES128-CBC-SHA256\"]\n",
+    )
+    .unwrap();
+    let server = Server::start_with(&data.join("e"), &["--config", config.to_str().unwrap()]);
+    for suite in ["PSK-AES128-CBC-SHA256", "ECDHE-PSK-AES128-CBC-SHA256", "PSK-AES128-CCM8"] {
+        assert_eq!(negotiated(&server, suite).as_deref(), Some(suite), "{suite} when configured");
+    }
     drop(server);
 
     std::fs::write(&config, "ciphers = [\"PSK-AES128-CCM\", \"RC4-MD5\"]\n").unwrap();

@@ -80,7 +80,7 @@ fn the_log_names_failed_handshakes_and_registrations() {
     assert_eq!(registered["identity"], "psk:device-0");
     assert_eq!(registered["lifetime_s"], 300);
     assert_eq!(registered["binding"], "U");
-    assert_eq!(registered["objects"], 3, "Server, Device, Temperature");
+    assert_eq!(registered["objects"], 4, "Server, Device, Firmware Update, Temperature");
     let deregistered = next_event("deregistered");
     assert_eq!(deregistered["endpoint"], "urn:dev:0");
 

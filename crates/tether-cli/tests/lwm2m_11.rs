@@ -102,3 +102,124 @@ async fn a_device_sends_its_temperature_and_rest_shows_it_named() {
     let _ = device.wait();
     let _ = std::fs::remove_dir_all(&data);
 }
+
+/// A package in `tether device`'s format: `tether-firmware <name> <version> sha256=<hex>`,
+/// then the image.
+fn firmware_package(version: &str, image: &str) -> String {
+    use sha2::Digest;
+    let hash: String = sha2::Sha256::digest(image.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+    format!("tether-firmware demo {version} sha256={hash}\n{image}")
+}
+
+/// Polls `GET path` until `done` holds for its body (or `within` passes, then fails).
+async fn poll(
+    server: &Server,
+    path: &str,
+    within: Duration,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let (_, body) = http(server.http, "GET", path, None).await;
+        if done(&body) {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "{path} never became as expected: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn composite_writes_and_observations_and_a_firmware_update_run_against_a_device() {
+    let data = std::env::temp_dir().join(format!("tether-lwm2m-11-fw-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let server = Server::start(&data);
+    let mut device = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["device", "--server", &format!("coaps://{}", server.coaps), "--psk-identity", "device-0"])
+        .args(["--endpoint", "urn:dev:0", "--psk-key", KEY, "--duration", "90"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_registered(&server, 1, Duration::from_secs(10)).await;
+    let ep = "/api/clients/urn:dev:0";
+
+    // Write-Composite: two objects in one iPATCH, in both SenML formats.
+    for (format, offset) in [("senml-cbor", "+02:00"), ("senml-json", "+03:00")] {
+        let body = format!(r#"{{"values": {{"/3/0/14": "{offset}", "/3303/0/5750": "cellar-{format}"}}}}"#);
+        let (status, answer) = http(server.http, "PUT", &format!("{ep}/composite?format={format}"), Some(&body)).await;
+        assert_eq!((status, answer["coap_code"].as_str()), (200, Some("2.04")), "{format}: {answer}");
+        let paths = r#"{"paths": ["/3/0/14", "/3303/0/5750"]}"#;
+        let (_, read) = http(server.http, "POST", &format!("{ep}/composite"), Some(paths)).await;
+        assert_eq!(read["values"]["/3/0/14"], offset, "{read}");
+        assert_eq!(read["values"]["/3303/0/5750"], format!("cellar-{format}"), "{read}");
+    }
+    // All or nothing: the device refuses one value (4.05 for /1/0/5), so none is written.
+    let body = r#"{"values": {"/3/0/14": "+09:00", "/1/0/5": 30}}"#;
+    let (status, answer) = http(server.http, "PUT", &format!("{ep}/composite"), Some(body)).await;
+    assert_eq!((status, answer["coap_code"].as_str()), (405, Some("4.05")), "{answer}");
+    let (_, read) = http(server.http, "GET", &format!("{ep}/3/0/14"), None).await;
+    assert_eq!(read["values"]["/3/0/14"], "+03:00", "nothing of a refused composite write applies: {read}");
+    // Checked against the models before anything is sent.
+    let (status, answer) =
+        http(server.http, "PUT", &format!("{ep}/composite"), Some(r#"{"values": {"/1/0/1": "soon"}}"#)).await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer["error"].as_str().unwrap().contains("Integer"), "{answer}");
+    let (status, _) = http(server.http, "PUT", &format!("{ep}/composite"), Some(r#"{"values": {}}"#)).await;
+    assert_eq!(status, 400);
+
+    // Observe-Composite: one observation of two objects' resources; a change of either
+    // arrives as a notification carrying both.
+    let paths = r#"{"paths": ["/3/0/14", "/3303/0/5750"]}"#;
+    let (status, first) = http(server.http, "POST", &format!("{ep}/composite/observe"), Some(paths)).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["values"]["/3/0/14"], "+03:00", "{first}");
+    let id = first["observation"].as_u64().expect("an observation id");
+    let (status, _) = http(server.http, "PUT", &format!("{ep}/3/0/14"), Some(r#"{"value": "+05:00"}"#)).await;
+    assert_eq!(status, 200);
+    let notified = poll(&server, &format!("/api/observations/{id}"), Duration::from_secs(10), |body| {
+        body["notifications"].as_array().is_some_and(|n| !n.is_empty())
+    })
+    .await;
+    let notification = &notified["notifications"][0];
+    assert_eq!(notification["values"]["/3/0/14"], "+05:00", "{notified}");
+    assert!(notification["values"]["/3303/0/5750"].is_string(), "both paths in each notification: {notified}");
+    let (status, _) = http(server.http, "DELETE", &format!("/api/observations/{id}"), None).await;
+    assert_eq!(status, 200);
+
+    // Firmware update: the object is idle, push only.
+    let (status, firmware) = http(server.http, "GET", &format!("{ep}/firmware"), None).await;
+    assert_eq!(status, 200, "{firmware}");
+    assert_eq!((firmware["state_name"].as_str(), firmware["delivery_method"].as_str()), (Some("Idle"), Some("push")));
+    let factory = firmware["firmware_version"].as_str().unwrap().to_string();
+    // A corrupted package (5 blocks) is refused by the device's integrity check.
+    let image: String = (0..5000).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let mut corrupted = firmware_package("2.0.0", &image);
+    corrupted.pop();
+    corrupted.push('!');
+    let (status, pushed) = http(server.http, "POST", &format!("{ep}/firmware"), Some(&corrupted)).await;
+    assert_eq!(status, 200, "{pushed}");
+    assert_eq!(
+        (pushed["state"].as_i64(), pushed["result"].as_i64()),
+        (Some(0), Some(5)),
+        "integrity failure: {pushed}"
+    );
+    let (status, refused) = http(server.http, "POST", &format!("{ep}/firmware?update=true"), Some(&corrupted)).await;
+    assert_eq!(status, 409, "no Update without a package: {refused}");
+    // A good one: downloaded, then Update; the device installs it, reboots and registers anew.
+    let package = firmware_package("2.0.0", &image);
+    let (status, pushed) = http(server.http, "POST", &format!("{ep}/firmware?update=true"), Some(&package)).await;
+    assert_eq!(status, 200, "{pushed}");
+    assert_eq!(pushed["state_name"], "Downloaded", "{pushed}");
+    assert_eq!((pushed["package_name"].as_str(), pushed["package_version"].as_str()), (Some("demo"), Some("2.0.0")));
+    assert_eq!(pushed["bytes"].as_u64(), Some(package.len() as u64));
+    let updated =
+        poll(&server, &format!("{ep}/firmware"), Duration::from_secs(30), |body| body["firmware_version"] == "2.0.0")
+            .await;
+    assert_ne!(factory, "2.0.0");
+    assert_eq!((updated["state_name"].as_str(), updated["result"].as_i64()), (Some("Idle"), Some(1)), "{updated}");
+    assert_eq!(updated["result_name"], "Firmware updated successfully");
+
+    let _ = device.kill();
+    let _ = device.wait();
+    let _ = std::fs::remove_dir_all(&data);
+}

@@ -8,6 +8,9 @@
 //!   common IPSO objects built in, more from OMA DDF XML files.
 //! - [`link_format`]: CoRE link format (RFC 6690), as LwM2M registration bodies use it.
 //! - [`packet`]: requests and uint option values.
+//! - [`block`]: block-wise transfers (RFC 7959): large request bodies sent and reassembled.
+//! - [`bootstrap`]: client-initiated bootstrap: what a bootstrap server sends, and the
+//!   device's side.
 //! - [`registration`]: the LwM2M registration interface: requests, authorization, the registry
 //!   with lifetimes.
 //!
@@ -19,6 +22,8 @@
 
 pub use coap_lite;
 
+pub mod block;
+pub mod bootstrap;
 pub mod content;
 pub mod device;
 pub mod link_format;

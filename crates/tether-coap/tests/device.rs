@@ -439,7 +439,7 @@ fn answers_reads_in_every_format_with_the_same_values() {
     // Text cannot carry an instance.
     assert_eq!(code(&h.request(get("/3/0", Some(format::TEXT)))), ResponseType::NotAcceptable);
     assert_eq!(code(&h.request(get("/3/0/99", None))), ResponseType::NotFound);
-    assert_eq!(code(&h.request(get("/5/0", None))), ResponseType::NotFound);
+    assert_eq!(code(&h.request(get("/4/0", None))), ResponseType::NotFound);
 }
 
 #[test]

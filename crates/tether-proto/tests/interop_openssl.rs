@@ -15,15 +15,22 @@ use support::udp::{drive_session, local, serve_echo, KillOnDrop, Lines};
 use support::*;
 use tether_proto::dtls::{CipherSuite, Endpoint, EndpointConfig, EndpointEvent, Event, PeerIdentity, Session};
 
-const SUITES: [CipherSuite; 3] =
-    [CipherSuite::PskAes128Ccm8, CipherSuite::PskAes128GcmSha256, CipherSuite::PskAes128Ccm];
+/// Every PSK suite: the AEAD ones on by default, and the CBC ones (on when configured).
+const SUITES: [CipherSuite; 5] = [
+    CipherSuite::PskAes128Ccm8,
+    CipherSuite::PskAes128GcmSha256,
+    CipherSuite::PskAes128Ccm,
+    CipherSuite::PskAes128CbcSha256,
+    CipherSuite::EcdhePskAes128CbcSha256,
+];
 
 #[test]
 fn openssl_s_client_connects_to_our_endpoint_and_gets_its_echo() {
     for suite in SUITES {
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
         let port = local(&socket).port();
-        let endpoint = Endpoint::new(psk_server(fast_session()), EndpointConfig::new([3; 32]), Instant::now()).unwrap();
+        let session = fast_session().cipher_suites(&CipherSuite::ALL);
+        let endpoint = Endpoint::new(psk_server(session), EndpointConfig::new([3; 32]), Instant::now()).unwrap();
         let (events_tx, events) = mpsc::channel();
         let (stop, stop_rx) = mpsc::channel();
         let server =
@@ -65,7 +72,7 @@ fn our_client_connects_to_openssl_s_server() {
         let mut child = KillOnDrop(
             Command::new("openssl")
                 .args(["s_server", "-dtls1_2", "-nocert", "-psk", KEY_HEX, "-accept", "127.0.0.1:0"])
-                .args(["-cipher", "PSK-AES128-CCM8:PSK-AES128-GCM-SHA256:PSK-AES128-CCM"])
+                .args(["-cipher", &SUITES.map(|s| s.openssl_name()).join(":")])
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
@@ -99,5 +106,57 @@ fn our_client_connects_to_openssl_s_server() {
             got.ends_with(b"\n")
         });
         assert_eq!(String::from_utf8_lossy(&got), "pong from s_server\n", "{suite:?}");
+    }
+}
+
+/// A server with CBC suites chooses one only for a client that offers Encrypt-then-MAC: an
+/// `s_client -no_etm` gets an AEAD suite if it offers one, and no handshake if it does not.
+#[test]
+fn cbc_is_chosen_only_with_encrypt_then_mac() {
+    let cases = [
+        ("PSK-AES128-CBC-SHA256:PSK-AES128-CCM8", false, Some("PSK-AES128-CBC-SHA256")),
+        ("PSK-AES128-CBC-SHA256:PSK-AES128-CCM8", true, Some("PSK-AES128-CCM8")),
+        ("PSK-AES128-CBC-SHA256", true, None),
+    ];
+    for (offered, no_etm, expected) in cases {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = local(&socket).port();
+        // The server prefers CBC, so only the EtM rule can make it choose otherwise.
+        let order = [CipherSuite::PskAes128CbcSha256, CipherSuite::PskAes128Ccm8];
+        let endpoint = Endpoint::new(
+            psk_server(fast_session().cipher_suites(&order)),
+            EndpointConfig::new([4; 32]),
+            Instant::now(),
+        )
+        .unwrap();
+        let (events_tx, events) = mpsc::channel();
+        let (stop, stop_rx) = mpsc::channel();
+        let server =
+            std::thread::spawn(move || serve_echo(socket, endpoint, Duration::from_secs(20), events_tx, stop_rx));
+        let mut command = Command::new("openssl");
+        command.args(["s_client", "-dtls1_2", "-psk_identity", IDENTITY, "-psk", KEY_HEX, "-cipher", offered]);
+        if no_etm {
+            command.arg("-no_etm");
+        }
+        let output = command
+            .args(["-connect", &format!("127.0.0.1:{port}")])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .expect("openssl is installed (.ci/run installs it)");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let chosen = stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with("Cipher    :"))
+            .and_then(|l| l.split(':').nth(1))
+            .map(|c| c.trim().to_string())
+            .filter(|c| c != "0000");
+        assert_eq!(chosen.as_deref(), expected, "{offered} no_etm={no_etm}");
+        if expected.is_some() {
+            let connected = events.recv_timeout(Duration::from_secs(10));
+            assert!(matches!(connected, Ok(EndpointEvent::Connected { .. })), "{offered}: {connected:?}");
+        }
+        stop.send(()).unwrap();
+        let _ = server.join().unwrap();
     }
 }

@@ -475,3 +475,58 @@ fn bad_connection_id_and_reservation_settings_are_named() {
     let err = DtlsContext::client(ClientConfig::psk(IDENTITY, psk()).connection_id(long)).unwrap_err();
     assert!(err.to_string().contains("connection id"), "{err}");
 }
+
+/// The CBC suites (off by default, Encrypt-then-MAC only) hand off, carry data both ways,
+/// take no Connection ID, and restore from a snapshot with their MAC keys.
+#[test]
+fn cbc_suites_hand_off_without_a_connection_id_and_restore() {
+    let now = Instant::now();
+    for suite in [CipherSuite::PskAes128CbcSha256, CipherSuite::EcdhePskAes128CbcSha256] {
+        let config = EndpointConfig::new([5; 32]);
+        let mut ep = Endpoint::new(psk_server(only(suite)), config.clone(), now).unwrap();
+        // The client offers a CID: a server that chose a CBC suite does not take it.
+        let mut client = Session::client(&cid_client(only(suite)), now).unwrap();
+        let at = addr(5);
+        let (events, _) = exchange(now, &mut ep, &mut client, at);
+        let handle = connected_handle(&events);
+        assert_eq!(client.cipher_suite(), Some(suite));
+        assert_eq!(client.peer_connection_id(), None, "{suite:?}: no CID with CBC");
+        assert_eq!(ep.session(handle).unwrap().connection_id(), None);
+        client.send(now, b"over cbc").unwrap();
+        let record = client.poll_transmit().unwrap().contents;
+        assert_eq!(record[0], 23, "a plain application_data record");
+        assert_eq!((record.len() - 13 - 32) % 16, 0, "IV and whole blocks, then the MAC");
+        ep.handle(now, at, &record);
+        let got: Vec<_> = std::iter::from_fn(|| ep.poll_event()).collect();
+        assert_eq!(data_events(&got), vec![(at, b"over cbc".to_vec())]);
+        // A replay, and a record with one bit flipped, are dropped.
+        let mut flipped = record.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        for bad in [&record, &flipped] {
+            ep.handle(now, at, bad);
+            assert!(data_events(&std::iter::from_fn(|| ep.poll_event()).collect::<Vec<_>>()).is_empty());
+        }
+        while client.poll_event().is_some() {}
+        // Restored in a new endpoint, with the MAC keys, no handshake.
+        let snapshot = SessionSnapshot::decode(&ep.snapshot(handle).unwrap().encode()).unwrap();
+        let mut ep = Endpoint::new(psk_server(only(suite)), config.sequence_reservation(100), now).unwrap();
+        ep.restore(now, handle, at, &snapshot).unwrap();
+        let checkpoint = ep.checkpoint();
+        ep.checkpoint_written(&checkpoint);
+        ep.send(now, handle, b"after restore").unwrap();
+        client.handle_datagram(now, &ep.poll_transmit().unwrap().contents);
+        assert_eq!(client.poll_event(), Some(Event::Data(b"after restore".to_vec())), "{suite:?}");
+    }
+    // With certificates too.
+    let pki = pki();
+    let suite = CipherSuite::EcdheEcdsaAes128CbcSha256;
+    let sctx = x509_server(&pki, ClientAuth::None, only(suite));
+    let mut ep = Endpoint::new(sctx, EndpointConfig::new([6; 32]), now).unwrap();
+    let mut client = Session::client(&x509_client(&pki, false, only(suite)), now).unwrap();
+    let (events, _) = exchange(now, &mut ep, &mut client, addr(6));
+    let handle = connected_handle(&events);
+    assert_eq!(client.cipher_suite(), Some(suite));
+    ep.send(now, handle, b"ecdsa over cbc").unwrap();
+    client.handle_datagram(now, &ep.poll_transmit().unwrap().contents);
+    assert_eq!(client.poll_event(), Some(Event::Data(b"ecdsa over cbc".to_vec())));
+}

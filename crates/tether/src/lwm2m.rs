@@ -111,7 +111,8 @@ enum Command {
     },
     Observe {
         endpoint: String,
-        path: String,
+        /// A `GET` or `FETCH` with Observe 0.
+        request: Packet,
         reply: oneshot::Sender<Result<Observation, Lwm2mError>>,
     },
     CancelObservation(u64, oneshot::Sender<bool>),
@@ -234,12 +235,7 @@ impl Lwm2mServer {
         paths: &[tether_coap::content::Path],
         accept: u16,
     ) -> Result<DeviceResponse, Lwm2mError> {
-        use tether_coap::content::{encode_paths, format};
-        let payload =
-            encode_paths(format::SENML_ETCH_JSON, paths).map_err(|e| Lwm2mError::InvalidRequest(e.to_string()))?;
-        let mut request = build(RequestType::Fetch, "", Some(format::SENML_ETCH_JSON), payload);
-        request.add_option(CoapOption::Accept, encode_uint(u32::from(accept)));
-        self.send(endpoint, request, false).await
+        self.send(endpoint, composite_fetch(paths, accept)?, false).await
     }
 
     /// Write (`PUT`) `payload` in `content_format` to `path`.
@@ -300,10 +296,47 @@ impl Lwm2mServer {
 
     /// Observe `path` on `endpoint` (`GET` with Observe 0).
     pub async fn observe(&self, endpoint: &str, path: &str) -> Result<Observation, Lwm2mError> {
+        let mut request = build(RequestType::Get, path, None, Vec::new());
+        request.set_observe_value(0);
+        self.start_observation(endpoint, request).await
+    }
+
+    /// Observe-Composite (LwM2M 1.1): one observation of several `paths` (`FETCH` with
+    /// Observe 0 and the paths as SenML-ETCH JSON); the first answer and every
+    /// notification carry all of their values in `accept` (SenML JSON or CBOR).
+    pub async fn observe_composite(
+        &self,
+        endpoint: &str,
+        paths: &[tether_coap::content::Path],
+        accept: u16,
+    ) -> Result<Observation, Lwm2mError> {
+        let mut request = composite_fetch(paths, accept)?;
+        request.set_observe_value(0);
+        self.start_observation(endpoint, request).await
+    }
+
+    async fn start_observation(&self, endpoint: &str, request: Packet) -> Result<Observation, Lwm2mError> {
         let (reply, answer) = oneshot::channel();
-        let command = Command::Observe { endpoint: endpoint.to_string(), path: path.to_string(), reply };
+        let command = Command::Observe { endpoint: endpoint.to_string(), request, reply };
         self.commands.send(command).await.map_err(|_| Lwm2mError::ShutDown)?;
         answer.await.unwrap_or(Err(Lwm2mError::ShutDown))
+    }
+
+    /// Write-Composite (LwM2M 1.1): `entries` (resources of any objects) in one `iPATCH`, as
+    /// SenML `content_format` (JSON or CBOR). The device applies all of them or none.
+    pub async fn write_composite(
+        &self,
+        endpoint: &str,
+        entries: &[tether_coap::content::Entry],
+        content_format: u16,
+    ) -> Result<DeviceResponse, Lwm2mError> {
+        use tether_coap::content::{encode, format, Path};
+        if !matches!(content_format, format::SENML_JSON | format::SENML_CBOR) {
+            return Err(Lwm2mError::InvalidRequest("a composite write is sent as SenML JSON or CBOR".into()));
+        }
+        let root = Path { object: 0, instance: None, resource: None, resource_instance: None };
+        let payload = encode(content_format, &root, entries).map_err(|e| Lwm2mError::InvalidRequest(e.to_string()))?;
+        self.send(endpoint, build(RequestType::IPatch, "", Some(content_format), payload), false).await
     }
 
     /// Cancels an observation: its channel closes, and the device's next notification is
@@ -327,6 +360,16 @@ impl Lwm2mServer {
         self.commands.send(command).await.map_err(|_| Lwm2mError::ShutDown)?;
         answer.await.unwrap_or(Err(Lwm2mError::ShutDown))
     }
+}
+
+/// `FETCH /` of `paths` (SenML-ETCH JSON), answered in `accept`.
+fn composite_fetch(paths: &[tether_coap::content::Path], accept: u16) -> Result<Packet, Lwm2mError> {
+    use tether_coap::content::{encode_paths, format};
+    let payload =
+        encode_paths(format::SENML_ETCH_JSON, paths).map_err(|e| Lwm2mError::InvalidRequest(e.to_string()))?;
+    let mut request = build(RequestType::Fetch, "", Some(format::SENML_ETCH_JSON), payload);
+    request.add_option(CoapOption::Accept, encode_uint(u32::from(accept)));
+    Ok(request)
 }
 
 /// One info line per registry change: what an operator follows a fleet by.
@@ -383,15 +426,7 @@ fn object_count(registration: &Registration) -> usize {
 pub use tether_coap::packet::request as build;
 use tether_coap::packet::{decode_uint, encode_uint};
 
-/// A Block2 option's (number, more, size exponent).
-fn block2(value: &[u8]) -> Option<(u32, bool, u8)> {
-    if value.len() > 3 {
-        return None;
-    }
-    let v = value.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b));
-    let szx = (v & 0x7) as u8;
-    (szx < 7).then_some((v >> 4, v & 0x8 != 0, szx))
-}
+use tether_coap::block::{block1_request, BlockOption, DEFAULT_SZX};
 
 struct Session {
     /// The DTLS session's generation: a departure of an older session of the same peer
@@ -419,6 +454,14 @@ enum Waiting {
         received: Vec<u8>,
     },
     Observe(oneshot::Sender<Result<Observation, Lwm2mError>>),
+    /// A request whose body goes in Block1 blocks (RFC 7959): the whole request, how much
+    /// of its body is out, and the block size the device accepts.
+    Upload {
+        reply: Reply,
+        request: Packet,
+        sent: usize,
+        szx: u8,
+    },
 }
 
 /// Largest response reassembled from Block2 blocks.
@@ -427,7 +470,7 @@ pub const MAX_BLOCKWISE_BODY: usize = 1024 * 1024;
 impl Waiting {
     fn fail(self, error: Lwm2mError) {
         match self {
-            Self::Blocks { reply, .. } => {
+            Self::Blocks { reply, .. } | Self::Upload { reply, .. } => {
                 let _ = reply.send(Err(error));
             }
             Self::Observe(reply) => {
@@ -680,17 +723,22 @@ impl Actor {
                     let _ = reply.send(Err(Lwm2mError::SessionClosed));
                     return;
                 };
-                match session.layer.request(clock::now(), request.clone(), true, false) {
+                let block_size = 16 << DEFAULT_SZX;
+                let (first, waiting) = if request.payload.len() > block_size {
+                    let first = block1_request(&request, 0, DEFAULT_SZX);
+                    (first, Waiting::Upload { reply, request, sent: block_size, szx: DEFAULT_SZX })
+                } else {
+                    (request.clone(), Waiting::Blocks { reply, request, received: Vec::new() })
+                };
+                match session.layer.request(clock::now(), first, true, false) {
                     Ok(token) => {
-                        self.pending.insert((peer, token), Waiting::Blocks { reply, request, received: Vec::new() });
+                        self.pending.insert((peer, token), waiting);
                         self.drive(peer).await;
                     }
-                    Err(err) => {
-                        let _ = reply.send(Err(Lwm2mError::InvalidRequest(err.to_string())));
-                    }
+                    Err(err) => waiting.fail(Lwm2mError::InvalidRequest(err.to_string())),
                 }
             }
-            Command::Observe { endpoint, path, reply } => {
+            Command::Observe { endpoint, request, reply } => {
                 let Some(peer) = self.registry.get(&endpoint).map(|r| r.peer) else {
                     let _ = reply.send(Err(Lwm2mError::NotRegistered(endpoint)));
                     return;
@@ -699,8 +747,6 @@ impl Actor {
                     let _ = reply.send(Err(Lwm2mError::SessionClosed));
                     return;
                 };
-                let mut request = build(RequestType::Get, &path, None, Vec::new());
-                request.set_observe_value(0);
                 match session.layer.request(clock::now(), request, true, true) {
                     Ok(token) => {
                         self.pending.insert((peer, token), Waiting::Observe(reply));
@@ -803,8 +849,8 @@ impl Actor {
                 }
                 CoapEvent::Response { token, response } => match self.pending.remove(&(peer, token)) {
                     Some(Waiting::Blocks { reply, request, mut received }) => {
-                        let block = response.get_first_option(CoapOption::Block2).and_then(|v| block2(v));
-                        let Some((number, more, szx)) = block else {
+                        let block = response.get_first_option(CoapOption::Block2).and_then(|v| BlockOption::parse(v));
+                        let Some(BlockOption { number, more, szx }) = block else {
                             let mut answer = device_response(response);
                             if !received.is_empty() {
                                 received.extend_from_slice(&answer.payload);
@@ -832,6 +878,29 @@ impl Actor {
                         match session.layer.request(clock::now(), next, true, false) {
                             Ok(token) => {
                                 self.pending.insert((peer, token), Waiting::Blocks { reply, request, received });
+                            }
+                            Err(err) => {
+                                let _ = reply.send(Err(Lwm2mError::InvalidRequest(err.to_string())));
+                            }
+                        }
+                    }
+                    Some(Waiting::Upload { reply, request, sent, szx }) => {
+                        let proceed = response.header.code == MessageClass::Response(ResponseType::Continue);
+                        if !proceed || sent >= request.payload.len() {
+                            let _ = reply.send(Ok(device_response(response)));
+                            continue;
+                        }
+                        // The device may ask for smaller blocks (RFC 7959 §2.5); never larger.
+                        let szx = response
+                            .get_first_option(CoapOption::Block1)
+                            .and_then(|v| BlockOption::parse(v))
+                            .map_or(szx, |b| b.szx.min(szx));
+                        let next = block1_request(&request, sent, szx);
+                        let sent = (sent + (16 << szx)).min(request.payload.len());
+                        let Some(session) = self.sessions.get_mut(&peer) else { return };
+                        match session.layer.request(clock::now(), next, true, false) {
+                            Ok(token) => {
+                                self.pending.insert((peer, token), Waiting::Upload { reply, request, sent, szx });
                             }
                             Err(err) => {
                                 let _ = reply.send(Err(Lwm2mError::InvalidRequest(err.to_string())));

@@ -590,7 +590,11 @@ impl Actor {
                 match event {
                     EndpointEvent::Connected { handle, peer, .. } => {
                         if let Some(snapshot) = self.endpoint.snapshot(*handle) {
-                            writes.push(SessionWrite::Insert { handle: *handle, peer: *peer, snapshot });
+                            writes.push(SessionWrite::Insert {
+                                handle: *handle,
+                                peer: *peer,
+                                snapshot: Box::new(snapshot),
+                            });
                         }
                     }
                     EndpointEvent::Closed { handle, was_established: true, .. } => {

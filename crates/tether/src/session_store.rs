@@ -28,8 +28,8 @@ pub enum SessionWrite {
         handle: SessionHandle,
         /// Its peer's address.
         peer: SocketAddr,
-        /// Its snapshot.
-        snapshot: SessionSnapshot,
+        /// Its snapshot (boxed: the other writes, the many, are small).
+        snapshot: Box<SessionSnapshot>,
     },
     /// A checkpoint of a stored session.
     Checkpoint(Checkpoint),

@@ -1,5 +1,7 @@
 //! The REST API (Leshan-like) and `/metrics`.
 
+mod composite;
+mod firmware;
 mod options;
 mod typed;
 
@@ -36,6 +38,15 @@ struct Api {
     paths: Arc<Mutex<HashMap<u64, String>>>,
 }
 
+impl Api {
+    /// Keeps an observation's notification queue for `/api/observations/{id}`, with what it
+    /// watches (a path, or [`composite::COMPOSITE`]).
+    fn keep_observation(&self, id: u64, notifications: mpsc::Receiver<DeviceResponse>, watched: &str) {
+        self.observations.lock().unwrap_or_else(|e| e.into_inner()).insert(id, notifications);
+        self.paths.lock().unwrap_or_else(|e| e.into_inner()).insert(id, watched.to_string());
+    }
+}
+
 impl FromRef<Api> for Arc<Models> {
     fn from_ref(api: &Api) -> Self {
         Arc::clone(&api.models)
@@ -55,7 +66,14 @@ pub fn router(server: Lwm2mServer, models: Arc<Models>) -> Router {
         .route("/api/clients", get(clients))
         .route("/api/clients/{endpoint}", get(client))
         .route("/api/clients/{endpoint}/sent", get(sent))
-        .route("/api/clients/{endpoint}/composite", axum::routing::post(composite))
+        .route("/api/clients/{endpoint}/composite", axum::routing::post(composite::read).put(composite::write))
+        .route("/api/clients/{endpoint}/composite/observe", axum::routing::post(composite::observe))
+        .route(
+            "/api/clients/{endpoint}/firmware",
+            get(firmware::status)
+                .post(firmware::push)
+                .layer(axum::extract::DefaultBodyLimit::max(firmware::MAX_PACKAGE)),
+        )
         .route("/api/clients/{endpoint}/{*path}", get(read).put(write).post(execute_or_observe).delete(delete))
         .route("/api/observations/{id}", get(notifications).delete(cancel))
         .route("/api/pool", get(pool))
@@ -76,6 +94,8 @@ async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) ->
 #[derive(Serialize)]
 struct ClientView {
     endpoint: String,
+    /// The DTLS identity it registered with (`psk:<identity>` or `x509:<CN>`).
+    identity: String,
     registration_id: String,
     address: String,
     lifetime_s: u64,
@@ -97,6 +117,7 @@ fn view(client: &ClientState) -> ClientView {
     let now = std::time::Instant::now();
     ClientView {
         endpoint: r.endpoint.clone(),
+        identity: r.identity.to_string(),
         registration_id: r.id.clone(),
         address: r.peer.to_string(),
         lifetime_s: r.lifetime.as_secs(),
@@ -140,66 +161,6 @@ async fn sent(State(api): State<Api>, Path(endpoint): Path<String>) -> Response 
         })
         .collect();
     Json(json!({ "endpoint": endpoint, "values": values, "resources": resources })).into_response()
-}
-
-/// `POST /api/clients/{ep}/composite` with `{"paths": ["/3/0/0", "/3303/0/5700"]}`:
-/// Read-Composite (one `FETCH`), answered typed and named like a read. `?format=senml-json`
-/// or `senml-cbor` (default) for the device's answer, `?timeout=`.
-async fn composite(
-    State(api): State<Api>,
-    Path(endpoint): Path<String>,
-    RawQuery(query): RawQuery,
-    body: String,
-) -> Response {
-    let options = match RequestOptions::parse_only(query.as_deref()) {
-        Ok(options) => options,
-        Err(err) => return err.into_response(),
-    };
-    let accept = options.format.unwrap_or(content::format::SENML_CBOR);
-    if !matches!(accept, content::format::SENML_JSON | content::format::SENML_CBOR) {
-        return bad_request("a composite read answers in senml-json or senml-cbor".into()).into_response();
-    }
-    let paths = match serde_json::from_str::<Value>(&body).ok().and_then(|b| b.get("paths").cloned()) {
-        Some(Value::Array(items)) if !items.is_empty() && items.len() <= content::MAX_COMPOSITE_PATHS => items,
-        _ => {
-            let shape =
-                format!("body must be {{\"paths\": [\"/3/0/0\", …]}} with 1 to {} paths", content::MAX_COMPOSITE_PATHS);
-            return bad_request(shape).into_response();
-        }
-    };
-    let mut parsed = Vec::new();
-    for item in &paths {
-        let text = item.as_str().unwrap_or_default();
-        if let Some(response) = path_error(text) {
-            return response;
-        }
-        match content::Path::parse(text) {
-            Ok(path) => parsed.push(path),
-            Err(err) => return bad_request(err.to_string()).into_response(),
-        }
-    }
-    let answer = match within(options.timeout, api.server.read_composite(&endpoint, &parsed, accept)).await {
-        Ok(answer) => answer,
-        Err(err) => return err.into_response(),
-    };
-    let code = coap_code(answer.code);
-    if answer.code.is_error() {
-        let status = http_status(answer.code);
-        return (status, Json(json!({ "error": format!("device answered {code}"), "coap_code": code })))
-            .into_response();
-    }
-    let root = content::Path { object: 0, instance: None, resource: None, resource_instance: None };
-    let types = |object, resource| api.models.resource_type(object, resource);
-    let format = answer.content_format.unwrap_or(accept);
-    let Ok(mut entries) = content::decode_with(format, &root, &answer.payload, &types) else {
-        return error(StatusCode::BAD_GATEWAY, Some(&code), "the device's answer does not decode".into());
-    };
-    entries.sort_by_key(|e| e.path);
-    let values: serde_json::Map<String, Value> =
-        entries.iter().map(|e| (e.path.to_string(), typed(&e.value))).collect();
-    let resources: Vec<Value> = entries.iter().map(|e| named(&api.models, e)).collect();
-    Json(json!({ "coap_code": code, "content_format": format, "values": values, "resources": resources }))
-        .into_response()
 }
 
 fn not_registered(endpoint: &str) -> Response {
@@ -329,8 +290,7 @@ async fn execute_or_observe(
         return match within(options.timeout, api.server.observe(&endpoint, path)).await {
             Ok(observation) => {
                 let id = observation.id;
-                api.observations.lock().unwrap_or_else(|e| e.into_inner()).insert(id, observation.notifications);
-                api.paths.lock().unwrap_or_else(|e| e.into_inner()).insert(id, path.to_string());
+                api.keep_observation(id, observation.notifications, path);
                 let mut body = payload_json(&observation.first, path, &api.models);
                 body["observation"] = json!(id);
                 Json(body).into_response()
@@ -431,6 +391,9 @@ async fn notifications(State(api): State<Api>, Path(id): Path<String>) -> Respon
     let mut active = true;
     loop {
         match queue.try_recv() {
+            Ok(notification) if path == composite::COMPOSITE => {
+                values.push(composite::values_json(&notification, &api.models))
+            }
             Ok(notification) => values.push(payload_json(&notification, &path, &api.models)),
             Err(mpsc::error::TryRecvError::Empty) => break,
             Err(mpsc::error::TryRecvError::Disconnected) => {
@@ -582,15 +545,17 @@ async fn metrics(State(server): State<Lwm2mServer>) -> Response {
 /// An LwM2M path: object, object/instance, object/instance/resource or
 /// object/instance/resource/resource-instance, each an ID below 65535 (which is reserved).
 fn path_error(path: &str) -> Option<Response> {
+    path_problem(path).map(|err| err.into_response())
+}
+
+/// [`path_error`] as an [`ApiError`].
+fn path_problem(path: &str) -> Option<ApiError> {
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let ids_valid = segments.iter().all(|s| s.parse::<u16>().is_ok_and(|id| id < u16::MAX));
     if segments.is_empty() || segments.len() > 4 || !ids_valid {
-        return Some(
-            bad_request(format!(
-                "{path:?} is not an LwM2M path: object[/instance[/resource[/resource-instance]]], IDs 0–65534"
-            ))
-            .into_response(),
-        );
+        return Some(bad_request(format!(
+            "{path:?} is not an LwM2M path: object[/instance[/resource[/resource-instance]]], IDs 0–65534"
+        )));
     }
     None
 }

@@ -119,6 +119,37 @@ pub fn write_payload(models: &Models, path: &str, body: &str) -> Result<(u16, Ve
     }
 }
 
+/// The values of a Write-Composite body, `{"values": {"/3/0/14": "+02:00", "/1/0/1": 300}}`
+/// (a value may be `{"hex": "…"}` for opaque resources), each checked against its model as
+/// a single write is and typed by it.
+pub fn composite_entries(models: &Models, body: &str) -> Result<Vec<content::Entry>, ApiError> {
+    const SHAPE: &str = "body must be {\"values\": {\"/3/0/14\": \"+02:00\", …}}";
+    let values = match serde_json::from_str::<Value>(body).ok().and_then(|b| b.get("values").cloned()) {
+        Some(Value::Object(values)) if !values.is_empty() => values,
+        _ => return Err(bad_request(format!("{SHAPE} with 1 to {} values", content::MAX_COMPOSITE_PATHS))),
+    };
+    if values.len() > content::MAX_COMPOSITE_PATHS {
+        return Err(bad_request(format!("at most {} values in one composite write", content::MAX_COMPOSITE_PATHS)));
+    }
+    let types = |object, resource| models.resource_type(object, resource);
+    let mut entries = Vec::new();
+    for (path_text, value) in &values {
+        let path = content::Path::parse(path_text)
+            .ok()
+            .filter(|p| p.resource.is_some())
+            .ok_or_else(|| bad_request(format!("{path_text:?} is not a resource path (/object/instance/resource)")))?;
+        let single = match value {
+            Value::Object(object) if object.contains_key("hex") => value.clone(),
+            value => serde_json::json!({ "value": value }),
+        };
+        let (format, payload) = write_payload(models, path_text, &single.to_string())?;
+        let decoded = content::decode_with(format, &path, &payload, &types)
+            .map_err(|e| bad_request(format!("{path_text}: {e}")))?;
+        entries.extend(decoded);
+    }
+    Ok(entries)
+}
+
 fn untyped_text(value: &Value) -> String {
     match value {
         Value::String(s) => s.clone(),

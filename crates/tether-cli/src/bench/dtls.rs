@@ -332,12 +332,12 @@ fn memory_per_session(server: &Arc<DtlsContext>, client: &Arc<DtlsContext>, coun
 /// RustCrypto; each over 20,000 records.
 fn aead_cost(payload: usize) -> Result<(f64, f64, f64)> {
     use openssl::symm::{decrypt_aead, encrypt_aead, Cipher};
-    use tether_proto::dtls::keys::{AeadKind, DirectionKey};
+    use tether_proto::dtls::keys::{DirectionKey, RecordCipher};
     const ROUNDS: u32 = 20_000;
-    let key = DirectionKey { key: [7; 16], salt: [1, 2, 3, 4] };
+    let key = DirectionKey { key: [7; 16], salt: [1, 2, 3, 4], mac: None };
     let aad = [9u8; 13];
     let plaintext = vec![0x5au8; payload];
-    let rustcrypto = |kind: AeadKind| -> Result<f64> {
+    let rustcrypto = |kind: RecordCipher| -> Result<f64> {
         let start = Instant::now();
         for i in 0..ROUNDS {
             let mut buffer = plaintext.clone();
@@ -347,8 +347,8 @@ fn aead_cost(payload: usize) -> Result<(f64, f64, f64)> {
         }
         Ok(start.elapsed().as_nanos() as f64 / f64::from(ROUNDS))
     };
-    let gcm = rustcrypto(AeadKind::Gcm)?;
-    let ccm8 = rustcrypto(AeadKind::Ccm8)?;
+    let gcm = rustcrypto(RecordCipher::Gcm)?;
+    let ccm8 = rustcrypto(RecordCipher::Ccm8)?;
     let cipher = Cipher::aes_128_gcm();
     let start = Instant::now();
     for i in 0..ROUNDS {

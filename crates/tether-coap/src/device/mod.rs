@@ -14,6 +14,7 @@
 //! The transport below is the driver's: the client only says when it needs a session and
 //! when the one it has must go.
 
+pub mod firmware;
 pub mod objects;
 
 use std::collections::VecDeque;
@@ -22,10 +23,11 @@ use std::time::{Duration, Instant};
 use coap_lite::{CoapOption, MessageClass, Packet, RequestType, ResponseType};
 use tether_proto::resilience::{Backoff, BackoffConfig, Jitter};
 
+use crate::block::{BlockOption, BlockOutcome, Reassembly};
 use crate::content::{format, Path};
 use crate::message::{CoapConfig, CoapEvent, IncomingRequest, MessageLayer, Token};
 use crate::packet::{encode_uint, request};
-pub use objects::{Attributes, DeviceInfo, Effect, Objects, RetryTimers, SecurityMode};
+pub use objects::{Attributes, DeviceInfo, Effect, Objects, Observed, RetryTimers, SecurityMode};
 
 /// Settings of an [`Lwm2mClient`].
 #[derive(Debug, Clone)]
@@ -186,7 +188,7 @@ enum Phase {
 
 struct Observation {
     request: IncomingRequest,
-    path: Path,
+    target: Observed,
     format: u16,
     last_payload: Vec<u8>,
     last_sent: Instant,
@@ -228,6 +230,8 @@ pub struct Lwm2mClient {
     rng: rand_chacha::ChaCha8Rng,
     last_traffic: Instant,
     observations: Vec<Observation>,
+    /// A request body arriving in Block1 blocks (a firmware package).
+    upload: Reassembly,
     next_observe_check: Option<Instant>,
     /// When the next Send is due, while registered.
     next_send: Option<Instant>,
@@ -280,6 +284,7 @@ impl Lwm2mClient {
             rng: rand::SeedableRng::seed_from_u64(config.seed ^ 0x05ee_d0f0_da7e),
             last_traffic: now,
             observations: Vec::new(),
+            upload: Reassembly::default(),
             next_observe_check: None,
             next_send: None,
             send_token: None,
@@ -729,18 +734,40 @@ impl Lwm2mClient {
     }
 
     fn on_request(&mut self, now: Instant, id: IncomingRequest, request: &Packet) {
-        let mut answer = objects::answer(&mut self.objects, now, request, self.config.content_format);
+        let block = request.get_first_option(CoapOption::Block1).map(|v| BlockOption::parse(v));
+        let (request, last_block) = match block {
+            None => (std::borrow::Cow::Borrowed(request), None),
+            Some(None) => return self.answer_only(now, &id, crate::registration::response(ResponseType::BadOption)),
+            Some(Some(block)) => {
+                let firmware = is_firmware_package(request);
+                match self.upload.accept(request, block, firmware::MAX_PACKAGE) {
+                    BlockOutcome::Continue(answer) => {
+                        self.objects.set_firmware_downloading(firmware);
+                        return self.answer_only(now, &id, answer);
+                    }
+                    BlockOutcome::Refused(answer) => {
+                        self.objects.set_firmware_downloading(false);
+                        return self.answer_only(now, &id, answer);
+                    }
+                    BlockOutcome::Complete(whole, block) => (std::borrow::Cow::Owned(whole), Some(block)),
+                }
+            }
+        };
+        let mut answer = objects::answer(&mut self.objects, now, &request, self.config.content_format);
+        if let Some(block) = last_block {
+            answer.response.add_option(CoapOption::Block1, block.encode());
+        }
         if answer.cancel_observation {
             self.observations.retain(|o| o.request.token() != id.token());
         }
-        if let Some((path, format)) =
+        if let Some((target, format)) =
             answer.observe.filter(|_| answer.response.header.code == MessageClass::Response(ResponseType::Content))
         {
             self.observations.retain(|o| o.request.token() != id.token());
             answer.response.set_observe_value(0);
             self.observations.push(Observation {
                 request: id.clone(),
-                path,
+                target,
                 format,
                 last_payload: answer.response.payload.clone(),
                 last_sent: now,
@@ -762,11 +789,19 @@ impl Lwm2mClient {
         }
     }
 
+    /// Answers a request with `response` and nothing else (a block of a larger body).
+    fn answer_only(&mut self, now: Instant, id: &IncomingRequest, response: Packet) {
+        if self.layer.respond(now, id, response).is_ok() {
+            self.stats.requests_answered += 1;
+        }
+    }
+
     fn reboot(&mut self, now: Instant) {
         self.events.push_back(DeviceEvent::Rebooting);
         // The response is already queued: the driver sends it before going dark.
         self.actions.push_back(Action::Abandon);
         self.observations.clear();
+        self.upload = Reassembly::default();
         self.next_observe_check = None;
         self.location = None;
         self.next_update = None;
@@ -811,14 +846,16 @@ impl Lwm2mClient {
         }
         let mut due = Vec::new();
         for (index, observation) in self.observations.iter().enumerate() {
-            let attributes = self.objects.attributes(&observation.path);
+            // A composite observation takes no attributes of its own: it notifies on change.
+            let attributes = match &observation.target {
+                Observed::Path(path) => self.objects.attributes(path),
+                Observed::Composite(_) => Attributes::default(),
+            };
             let since = now.saturating_duration_since(observation.last_sent);
             if attributes.pmin.is_some_and(|pmin| since < pmin) {
                 continue;
             }
-            let Ok((packet, _)) =
-                objects::read(&self.objects, now, &observation.path, Some(observation.format), observation.format)
-            else {
+            let Ok(packet) = observation.target.read(&self.objects, now, observation.format) else {
                 continue;
             };
             let changed = packet.payload != observation.last_payload;
@@ -844,6 +881,13 @@ impl Lwm2mClient {
         }
         self.next_observe_check = Some(now + OBSERVE_CHECK);
     }
+}
+
+/// A Write of the Firmware Update object's Package (/5/0/0).
+fn is_firmware_package(request: &Packet) -> bool {
+    let segments: Vec<&[u8]> =
+        request.get_option(CoapOption::UriPath).map(|s| s.iter().map(Vec::as_slice).collect()).unwrap_or_default();
+    segments == [b"5".as_slice(), b"0", b"0"]
 }
 
 fn backoff_config(retry: &RetryTimers, jitter: Jitter) -> BackoffConfig {

@@ -1,4 +1,5 @@
-//! A device's objects: Security (0), Server (1), Device (3) and Temperature (3303), with
+//! A device's objects: Security (0), Server (1), Device (3), Firmware Update (5, see
+//! [`super::firmware`]) and Temperature (3303), with
 //! values that behave like a real device's (a clock that advances, a battery that drains,
 //! free memory that moves, an error code when the battery runs low, a temperature that
 //! follows a 10-minute cycle with its min and max), and the Read / Write / Execute /
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use coap_lite::{CoapOption, MessageClass, Packet, RequestType, ResponseType};
 
+use super::firmware::{self, Firmware};
 use crate::content::{self, format, Entry, Path, ResourceType, Value};
 use crate::link_format::Link;
 use crate::packet::{decode_uint, encode_uint};
@@ -148,6 +150,8 @@ pub struct Objects {
     temperature_reset_at: Instant,
     /// /3303/0/5750.
     application_type: String,
+    /// Firmware Update (5/0).
+    firmware: Firmware,
     attributes: BTreeMap<Path, Attributes>,
 }
 
@@ -186,12 +190,15 @@ impl Objects {
             errors_reset_at: None,
             temperature_reset_at: now,
             application_type: "ambient".into(),
+            firmware: Firmware::default(),
             attributes: BTreeMap::new(),
         }
     }
 
-    /// The device rebooted at `now`: volatile state (uptime, attributes) starts again.
+    /// The device rebooted at `now`: volatile state (uptime, attributes) starts again, and
+    /// a firmware update in progress is installed.
     pub fn reboot(&mut self, now: Instant) {
+        self.firmware.boot();
         let elapsed = now.saturating_duration_since(self.booted).as_secs() as i64;
         self.unix_at_boot += elapsed;
         self.booted = now;
@@ -200,11 +207,11 @@ impl Objects {
         self.attributes.clear();
     }
 
-    /// The object instances registered (`</1/0>,</3/0>,</3303/0>`): the Security object is
+    /// The object instances registered (`</1/0>,</3/0>,</5/0>,</3303/0>`): the Security object is
     /// never listed (LwM2M 1.1 §6.2.1).
     pub fn registration_links(&self, content_format: u16) -> String {
         format!(
-            "</>;rt=\"oma.lwm2m\";ct={content_format},</1>;ver=1.1,</1/0>,</3>;ver=1.1,</3/0>,</3303>;ver=1.1,</3303/0>"
+            "</>;rt=\"oma.lwm2m\";ct={content_format},</1>;ver=1.1,</1/0>,</3>;ver=1.1,</3/0>,</5/0>,</3303>;ver=1.1,</3303/0>"
         )
     }
 
@@ -240,6 +247,11 @@ impl Objects {
         &self.binding
     }
 
+    /// Blocks of a firmware package are arriving (State 1, Downloading) or stopped.
+    pub fn set_firmware_downloading(&mut self, downloading: bool) {
+        self.firmware.set_downloading(downloading);
+    }
+
     /// Attributes set on `path`, if any.
     pub fn attributes(&self, path: &Path) -> Attributes {
         self.attributes.get(path).copied().unwrap_or_default()
@@ -258,7 +270,7 @@ impl Objects {
             // key material never leaves the device.
             return Err(ResponseType::Unauthorized);
         }
-        if !matches!(path.object, 1 | 3 | 3303) {
+        if !matches!(path.object, 1 | 3 | 5 | 3303) {
             return Err(ResponseType::NotFound);
         }
         if path.instance.is_some_and(|i| i != 0) {
@@ -312,7 +324,9 @@ impl Objects {
             (3, 0) => Single(Value::String(self.info.manufacturer.clone())),
             (3, 1) => Single(Value::String(self.info.model.clone())),
             (3, 2) => Single(Value::String(self.info.serial.clone())),
-            (3, 3) => Single(Value::String(self.info.firmware_version.clone())),
+            (3, 3) => {
+                Single(Value::String(self.firmware.installed().unwrap_or(&self.info.firmware_version).to_string()))
+            }
             // Power sources: 1 internal battery, 5 USB.
             (3, 6) => Multiple(vec![(0, Value::Integer(1)), (1, Value::Integer(5))]),
             // Voltage (mV) and current (mA) per power source.
@@ -332,6 +346,12 @@ impl Objects {
             // Battery status: 0 normal, 4 low.
             (3, 20) => Single(Value::Integer(if battery < 10 { 4 } else { 0 })),
             (3, 21) => Single(Value::Integer(MEMORY_TOTAL_KIB)),
+            (5, 1) => Single(Value::String(self.firmware.uri().to_string())),
+            (5, 3) => Single(Value::Integer(self.firmware.state())),
+            (5, 5) => Single(Value::Integer(self.firmware.result())),
+            (5, 6) => Single(Value::String(self.firmware.package().0.to_string())),
+            (5, 7) => Single(Value::String(self.firmware.package().1.to_string())),
+            (5, 9) => Single(Value::Integer(firmware::DELIVERY_PUSH_ONLY)),
             (3303, 5601) => Single(Value::Float(self.temperature_extremes(now).0)),
             (3303, 5602) => Single(Value::Float(self.temperature_extremes(now).1)),
             (3303, 5603) => Single(Value::Float(-40.0)),
@@ -369,6 +389,9 @@ impl Objects {
             if !value_fits(&entry.path, &entry.value) {
                 return Err(ResponseType::BadRequest);
             }
+            if entry.path.object == 5 && !self.firmware.writable() {
+                return Err(ResponseType::MethodNotAllowed);
+            }
         }
         let mut effect = None;
         for entry in entries {
@@ -385,6 +408,8 @@ impl Objects {
                     effect = Some(Effect::UpdateRegistration);
                 }
                 (3303, Some(5750), Value::String(kind)) => self.application_type = kind.clone(),
+                (5, Some(0), Value::Opaque(package)) => self.firmware.write_package(package),
+                (5, Some(1), Value::String(uri)) => self.firmware.write_uri(uri),
                 (1, Some(17), value) => self.retry.retry_count = as_u64(value).unwrap_or(1).max(1) as u32,
                 (1, Some(18), value) => self.retry.retry_timer = Duration::from_secs(as_u64(value).unwrap_or(0)),
                 (1, Some(19), value) => self.retry.sequence_delay = Duration::from_secs(as_u64(value).unwrap_or(0)),
@@ -420,10 +445,13 @@ impl Objects {
                 self.temperature_reset_at = now;
                 Ok(None)
             }
-            (1 | 3 | 3303, Some(0), Some(r), None) if resources(path.object).contains(&r) => {
+            // Update: the device answers, then reboots into the new firmware.
+            (5, Some(0), Some(2), None) => self.firmware.update().map(|()| Some(Effect::Reboot)),
+            (5, Some(0), Some(10), None) => self.firmware.cancel().map(|()| None),
+            (1 | 3 | 5 | 3303, Some(0), Some(r), None) if resources(path.object).contains(&r) => {
                 Err(ResponseType::MethodNotAllowed)
             }
-            (1 | 3 | 3303, Some(0), None, None) | (1 | 3 | 3303, None, None, None) => {
+            (1 | 3 | 5 | 3303, Some(0), None, None) | (1 | 3 | 5 | 3303, None, None, None) => {
                 Err(ResponseType::MethodNotAllowed)
             }
             _ => Err(ResponseType::NotFound),
@@ -477,7 +505,7 @@ impl Objects {
         if path.object == 0 {
             return Err(ResponseType::Unauthorized);
         }
-        if !matches!(path.object, 1 | 3 | 3303)
+        if !matches!(path.object, 1 | 3 | 5 | 3303)
             || path.instance.is_some_and(|i| i != 0)
             || path.resource_instance.is_some()
         {
@@ -536,6 +564,7 @@ fn resources(object: u16) -> &'static [u16] {
     match object {
         1 => &[0, 1, 2, 3, 6, 7, 8, 17, 18, 19, 20],
         3 => &[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21],
+        5 => &[0, 1, 2, 3, 5, 6, 7, 9, 10],
         3303 => &[5601, 5602, 5603, 5604, 5605, 5700, 5701, 5750],
         _ => &[],
     }
@@ -545,7 +574,7 @@ fn writable(path: &Path) -> bool {
     match (path.object, path.instance, path.resource) {
         (1, Some(0), Some(r)) => matches!(r, 1 | 2 | 3 | 6 | 7 | 17..=20),
         (3, Some(0), Some(r)) => matches!(r, 13..=15),
-        (3303, Some(0), Some(5750)) => true,
+        (3303, Some(0), Some(5750)) | (5, Some(0), Some(0 | 1)) => true,
         _ => false,
     }
 }
@@ -553,7 +582,9 @@ fn writable(path: &Path) -> bool {
 fn value_fits(path: &Path, value: &Value) -> bool {
     let Some(kind) = path.resource_type() else { return false };
     match (kind, value) {
-        (ResourceType::String, Value::String(_)) | (ResourceType::Boolean, Value::Boolean(_)) => true,
+        (ResourceType::String, Value::String(_))
+        | (ResourceType::Boolean, Value::Boolean(_))
+        | (ResourceType::Opaque, Value::Opaque(_)) => true,
         (ResourceType::Integer | ResourceType::Unsigned | ResourceType::Time, v) => {
             as_u64(v).is_some() || matches!(v, Value::Integer(_) | Value::Time(_))
         }
@@ -573,6 +604,26 @@ fn at(object: u16, resource: u16, resource_instance: Option<u16>) -> Path {
     Path { object, instance: Some(0), resource: Some(resource), resource_instance }
 }
 
+/// What an observation watches: one path (Observe), or several (Observe-Composite, LwM2M
+/// 1.1 §6.3.8: `FETCH /` with SenML-ETCH paths and Observe 0).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Observed {
+    /// `GET` of one path.
+    Path(Path),
+    /// `FETCH` of several paths, answered in SenML.
+    Composite(Vec<Path>),
+}
+
+impl Observed {
+    /// The current value of what is observed, encoded in `format` (as its first answer was).
+    pub fn read(&self, objects: &Objects, now: Instant, format: u16) -> Result<Packet, ResponseType> {
+        match self {
+            Self::Path(path) => read(objects, now, path, Some(format), format).map(|(packet, _)| packet),
+            Self::Composite(paths) => read_paths(objects, now, paths, format),
+        }
+    }
+}
+
 /// A request the device answered, and what else it asks for.
 #[derive(Debug)]
 pub struct Answer {
@@ -580,8 +631,8 @@ pub struct Answer {
     pub response: Packet,
     /// What the device does once the response is out.
     pub effect: Option<Effect>,
-    /// The request is an Observe registration on this path in this format.
-    pub observe: Option<(Path, u16)>,
+    /// The request is an Observe registration on this target in this format.
+    pub observe: Option<(Observed, u16)>,
     /// The request cancels an observation (Observe 1).
     pub cancel_observation: bool,
     /// The request was an Execute that ran.
@@ -599,9 +650,21 @@ pub fn answer(objects: &mut Objects, now: Instant, request: &Packet, preferred: 
         executed: false,
     };
     let segments = uri_path(request);
-    if request.header.code == MessageClass::Request(RequestType::Fetch) && segments.is_empty() {
+    if segments.is_empty() && request.header.code == MessageClass::Request(RequestType::Fetch) {
+        let observe = request.get_observe_value().and_then(Result::ok);
         return match read_composite(objects, now, request, preferred) {
-            Ok(packet) => Answer { response: packet, ..plain(ResponseType::Content) },
+            Ok((packet, paths, chosen)) => Answer {
+                response: packet,
+                observe: (observe == Some(0)).then_some((Observed::Composite(paths), chosen)),
+                cancel_observation: observe == Some(1),
+                ..plain(ResponseType::Content)
+            },
+            Err(code) => plain(code),
+        };
+    }
+    if segments.is_empty() && request.header.code == MessageClass::Request(RequestType::IPatch) {
+        return match write_composite(objects, now, request) {
+            Ok(effect) => Answer { effect, ..plain(ResponseType::Changed) },
             Err(code) => plain(code),
         };
     }
@@ -627,7 +690,7 @@ pub fn answer(objects: &mut Objects, now: Instant, request: &Packet, preferred: 
                 Ok((packet, chosen)) => Answer {
                     response: packet,
                     effect: None,
-                    observe: (observe == Some(0)).then_some((path, chosen)),
+                    observe: (observe == Some(0)).then_some((Observed::Path(path), chosen)),
                     cancel_observation: observe == Some(1),
                     executed: false,
                 },
@@ -680,8 +743,14 @@ pub fn answer(objects: &mut Objects, now: Instant, request: &Packet, preferred: 
 
 /// Read-Composite (LwM2M 1.1, `FETCH /` with SenML-ETCH paths): the values of every path
 /// the device has, in SenML JSON or CBOR (`Accept`, else `preferred` when it is SenML, else
-/// CBOR). A path the device lacks is left out; 4.04 if it has none of them.
-fn read_composite(objects: &Objects, now: Instant, request: &Packet, preferred: u16) -> Result<Packet, ResponseType> {
+/// CBOR). A path the device lacks is left out; 4.04 if it has none of them. Returns the
+/// response, the paths asked for and the format chosen.
+fn read_composite(
+    objects: &Objects,
+    now: Instant,
+    request: &Packet,
+    preferred: u16,
+) -> Result<(Packet, Vec<Path>, u16), ResponseType> {
     let option = |option| request.get_first_option(option).and_then(|v| decode_uint(v));
     let paths =
         content::decode_paths(option(CoapOption::ContentFormat).unwrap_or(format::SENML_ETCH_JSON), &request.payload)
@@ -692,11 +761,17 @@ fn read_composite(objects: &Objects, now: Instant, request: &Packet, preferred: 
     let fallback =
         if matches!(preferred, format::SENML_JSON | format::SENML_CBOR) { preferred } else { format::SENML_CBOR };
     let chosen = option(CoapOption::Accept).unwrap_or(fallback);
+    let packet = read_paths(objects, now, &paths, chosen)?;
+    Ok((packet, paths, chosen))
+}
+
+/// The values under each of `paths` in one SenML payload of `chosen` (JSON or CBOR).
+fn read_paths(objects: &Objects, now: Instant, paths: &[Path], chosen: u16) -> Result<Packet, ResponseType> {
     if !matches!(chosen, format::SENML_JSON | format::SENML_CBOR) {
         return Err(ResponseType::NotAcceptable);
     }
     let mut entries = Vec::new();
-    for path in &paths {
+    for path in paths {
         match objects.read(now, path) {
             Ok(found) => entries.extend(found),
             Err(ResponseType::Unauthorized) => return Err(ResponseType::Unauthorized),
@@ -710,6 +785,21 @@ fn read_composite(objects: &Objects, now: Instant, request: &Packet, preferred: 
     packet.add_option(CoapOption::ContentFormat, encode_uint(u32::from(chosen)));
     packet.payload = payload;
     Ok(packet)
+}
+
+/// Write-Composite (LwM2M 1.1 §6.3.7, `iPATCH /` with SenML JSON or CBOR): every value is
+/// checked before any is written, so the write applies whole or not at all.
+fn write_composite(objects: &mut Objects, now: Instant, request: &Packet) -> Result<Option<Effect>, ResponseType> {
+    let content_format = request.get_first_option(CoapOption::ContentFormat).and_then(|v| decode_uint(v));
+    let Some(cf @ (format::SENML_JSON | format::SENML_CBOR)) = content_format else {
+        return Err(ResponseType::UnsupportedContentFormat);
+    };
+    let root = Path { object: 0, instance: None, resource: None, resource_instance: None };
+    let entries = content::decode(cf, &root, &request.payload).map_err(|_| ResponseType::BadRequest)?;
+    if entries.is_empty() || entries.len() > content::MAX_COMPOSITE_PATHS {
+        return Err(ResponseType::BadRequest);
+    }
+    objects.write(now, &entries)
 }
 
 /// Reads `path` and encodes it: in `accept` if given, else text for one plain value and

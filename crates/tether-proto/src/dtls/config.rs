@@ -43,18 +43,38 @@ pub enum CipherSuite {
     PskAes128Ccm,
     /// `TLS_ECDHE_ECDSA_WITH_AES_128_CCM` (RFC 7251; the 16-byte tag).
     EcdheEcdsaAes128Ccm,
+    /// `TLS_PSK_WITH_AES_128_CBC_SHA256` (RFC 5487): in LwM2M 1.0's list. CBC: off by
+    /// default, and used only with Encrypt-then-MAC (RFC 7366; see [`super::cbc`]).
+    PskAes128CbcSha256,
+    /// `TLS_ECDHE_PSK_WITH_AES_128_CBC_SHA256` (RFC 5489). CBC: off by default, EtM only.
+    EcdhePskAes128CbcSha256,
+    /// `TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA256` (RFC 5289). CBC: off by default, EtM only.
+    EcdheEcdsaAes128CbcSha256,
 }
 
 impl CipherSuite {
-    /// All suites, in tether's order of preference (all AEAD, none weak: every one is on by
-    /// default).
-    pub const ALL: [CipherSuite; 6] = [
+    /// The suites on by default, in tether's order of preference: every AEAD suite.
+    pub const DEFAULT: [CipherSuite; 6] = [
         Self::PskAes128Ccm8,
         Self::PskAes128GcmSha256,
         Self::PskAes128Ccm,
         Self::EcdheEcdsaAes128Ccm8,
         Self::EcdheEcdsaAes128GcmSha256,
         Self::EcdheEcdsaAes128Ccm,
+    ];
+
+    /// Every suite tether speaks: the defaults, then the CBC suites older devices offer
+    /// (weaker: MAC and encryption composed by hand, no AEAD), to be turned on by name.
+    pub const ALL: [CipherSuite; 9] = [
+        Self::PskAes128Ccm8,
+        Self::PskAes128GcmSha256,
+        Self::PskAes128Ccm,
+        Self::EcdheEcdsaAes128Ccm8,
+        Self::EcdheEcdsaAes128GcmSha256,
+        Self::EcdheEcdsaAes128Ccm,
+        Self::PskAes128CbcSha256,
+        Self::EcdhePskAes128CbcSha256,
+        Self::EcdheEcdsaAes128CbcSha256,
     ];
 
     /// OpenSSL's name of the suite.
@@ -66,12 +86,27 @@ impl CipherSuite {
             Self::EcdheEcdsaAes128GcmSha256 => "ECDHE-ECDSA-AES128-GCM-SHA256",
             Self::PskAes128Ccm => "PSK-AES128-CCM",
             Self::EcdheEcdsaAes128Ccm => "ECDHE-ECDSA-AES128-CCM",
+            Self::PskAes128CbcSha256 => "PSK-AES128-CBC-SHA256",
+            Self::EcdhePskAes128CbcSha256 => "ECDHE-PSK-AES128-CBC-SHA256",
+            Self::EcdheEcdsaAes128CbcSha256 => "ECDHE-ECDSA-AES128-SHA256",
         }
     }
 
     /// Whether the suite authenticates with a pre-shared key.
     pub fn is_psk(self) -> bool {
-        matches!(self, Self::PskAes128Ccm8 | Self::PskAes128GcmSha256 | Self::PskAes128Ccm)
+        matches!(
+            self,
+            Self::PskAes128Ccm8
+                | Self::PskAes128GcmSha256
+                | Self::PskAes128Ccm
+                | Self::PskAes128CbcSha256
+                | Self::EcdhePskAes128CbcSha256
+        )
+    }
+
+    /// Whether the suite is AES-CBC with HMAC (not an AEAD).
+    pub fn is_cbc(self) -> bool {
+        matches!(self, Self::PskAes128CbcSha256 | Self::EcdhePskAes128CbcSha256 | Self::EcdheEcdsaAes128CbcSha256)
     }
 
     /// The suite's IANA code point.
@@ -83,6 +118,9 @@ impl CipherSuite {
             Self::EcdheEcdsaAes128GcmSha256 => 0xc02b,
             Self::PskAes128Ccm => 0xc0a4,
             Self::EcdheEcdsaAes128Ccm => 0xc0ac,
+            Self::PskAes128CbcSha256 => 0x00ae,
+            Self::EcdhePskAes128CbcSha256 => 0xc037,
+            Self::EcdheEcdsaAes128CbcSha256 => 0xc023,
         }
     }
 
@@ -94,6 +132,15 @@ impl CipherSuite {
     /// Looks a suite up by its OpenSSL name.
     pub fn from_openssl_name(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|s| s.openssl_name() == name)
+    }
+
+    /// Looks a suite up by its OpenSSL name or its name in the LwM2M specification's lists
+    /// (`ECDHE-ECDSA-AES128-CBC-SHA256` for OpenSSL's `ECDHE-ECDSA-AES128-SHA256`), in any
+    /// case.
+    pub fn from_name(name: &str) -> Option<Self> {
+        let name = name.trim().to_ascii_uppercase();
+        let name = if name == "ECDHE-ECDSA-AES128-CBC-SHA256" { "ECDHE-ECDSA-AES128-SHA256" } else { &name };
+        Self::from_openssl_name(name)
     }
 }
 
@@ -135,7 +182,8 @@ pub struct SessionConfig {
     pub retransmit: RetransmitPolicy,
     /// Overall deadline for a handshake, on the caller's clock. Default 30 s.
     pub handshake_timeout: Duration,
-    /// Suites offered or accepted, filtered by the credentials present. Default: all four.
+    /// Suites offered or accepted, filtered by the credentials present. Default:
+    /// [`CipherSuite::DEFAULT`] (every AEAD suite; the CBC suites are off).
     pub cipher_suites: Vec<CipherSuite>,
 }
 
@@ -145,7 +193,7 @@ impl Default for SessionConfig {
             mtu: 1200,
             retransmit: RetransmitPolicy::default(),
             handshake_timeout: Duration::from_secs(30),
-            cipher_suites: CipherSuite::ALL.to_vec(),
+            cipher_suites: CipherSuite::DEFAULT.to_vec(),
         }
     }
 }
@@ -598,6 +646,7 @@ impl DtlsContext {
         };
         builder.set_session_id_context(b"tether-dtls")?;
         add_connection_id_extension(&mut builder)?;
+        offer_cbc_only_with_encrypt_then_mac(&mut builder, &config.session, has_psk, has_x509)?;
         // DTLSv1_listen requires both callbacks. The endpoint checks cookies itself before a
         // session exists and leaves the verified cookie on the new SSL for OpenSSL to
         // compare; OpenSSL is never asked to generate one.
@@ -704,8 +753,17 @@ fn add_connection_id_extension(builder: &mut SslContextBuilder) -> Result<(), Co
         CONNECTION_ID_EXTENSION,
         context,
         |ssl: &mut SslRef, context, _| -> Result<Option<Vec<u8>>, SslAlert> {
-            let Some(ids) = ssl.ex_data(connection_id_index()) else { return Ok(None) };
             let answering = context.contains(ExtensionContext::TLS1_2_SERVER_HELLO);
+            // tether's record layer protects CID records with AEAD suites only: a server that
+            // chose a CBC suite does not take the client's offer.
+            let chosen = super::ffi::pending_cipher_name(ssl).and_then(|name| CipherSuite::from_openssl_name(&name));
+            if answering && chosen.is_some_and(CipherSuite::is_cbc) {
+                if let Some(ids) = ssl.ex_data_mut(connection_id_index()) {
+                    *ids = ConnectionIds { ours: None, peer: None };
+                }
+                return Ok(None);
+            }
+            let Some(ids) = ssl.ex_data(connection_id_index()) else { return Ok(None) };
             if answering && ids.peer.is_none() {
                 return Ok(None);
             }
@@ -728,6 +786,42 @@ fn add_connection_id_extension(builder: &mut SslContextBuilder) -> Result<(), Co
             Ok(())
         },
     )?;
+    Ok(())
+}
+
+/// The `encrypt_then_mac` extension's code point (RFC 7366).
+const ENCRYPT_THEN_MAC_EXTENSION: u32 = 22;
+
+/// With CBC suites configured, a server chooses one only for a client that offers
+/// Encrypt-then-MAC (RFC 7366): for any other, the `SSL` is restricted to the AEAD suites
+/// before OpenSSL selects (and the handshake fails if none is configured). MAC-then-encrypt
+/// CBC, the Lucky Thirteen construction, never reaches tether's record layer.
+fn offer_cbc_only_with_encrypt_then_mac(
+    builder: &mut SslContextBuilder,
+    session: &SessionConfig,
+    psk: bool,
+    x509: bool,
+) -> Result<(), ConfigError> {
+    if !session.cipher_suites.iter().any(|s| s.is_cbc()) {
+        return Ok(());
+    }
+    let aead: Vec<&str> = session
+        .cipher_suites
+        .iter()
+        .filter(|s| !s.is_cbc() && if s.is_psk() { psk } else { x509 })
+        .map(|s| s.openssl_name())
+        .collect();
+    let aead = aead.join(":");
+    builder.set_client_hello_callback(move |ssl, alert| {
+        if super::ffi::client_hello_has_extension(ssl, ENCRYPT_THEN_MAC_EXTENSION) {
+            return Ok(openssl::ssl::ClientHelloResponse::SUCCESS);
+        }
+        if aead.is_empty() || ssl.set_cipher_list(&aead).is_err() {
+            *alert = SslAlert::HANDSHAKE_FAILURE;
+            return Err(openssl::error::ErrorStack::get());
+        }
+        Ok(openssl::ssl::ClientHelloResponse::SUCCESS)
+    });
     Ok(())
 }
 

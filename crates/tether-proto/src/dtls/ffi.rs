@@ -35,6 +35,7 @@ extern "C" {
     fn BIO_ADDR_free(addr: *mut BIO_ADDR);
     fn DTLS_set_timer_cb(ssl: *mut SSL, cb: TimerCallback);
     fn SSL_CTX_use_psk_identity_hint(ctx: *mut SSL_CTX, hint: *const std::os::raw::c_char) -> c_int;
+    fn SSL_get_pending_cipher(ssl: *const SSL) -> *const openssl_sys::SSL_CIPHER;
 }
 
 /// Runs `DTLSv1_listen` on a fresh server `SSL` whose read BIO holds one ClientHello that
@@ -150,4 +151,29 @@ pub(crate) fn use_psk_identity_hint(
     } else {
         Err(openssl::error::ErrorStack::get())
     }
+}
+
+/// Whether the ClientHello being processed carries extension `kind`. Only meaningful inside a
+/// client-hello callback (`SSL_CTX_set_client_hello_cb`); elsewhere it answers false.
+pub(crate) fn client_hello_has_extension(ssl: &SslRef, kind: u32) -> bool {
+    let mut data: *const u8 = std::ptr::null();
+    let mut len: usize = 0;
+    // SAFETY: the out-pointers are locals that outlive the call; OpenSSL only reads the
+    // ClientHello it holds during the callback (and fails cleanly outside one).
+    unsafe { openssl_sys::SSL_client_hello_get0_ext(ssl.as_ptr(), kind as c_uint, &mut data, &mut len) == 1 }
+}
+
+/// The OpenSSL name of the suite chosen for the handshake under way
+/// (`SSL_get_pending_cipher`): a server has it once it has chosen, before it writes the
+/// ServerHello's extensions, when `SSL_get_current_cipher` is still unset.
+pub(crate) fn pending_cipher_name(ssl: &SslRef) -> Option<String> {
+    // SAFETY: returns null or a pointer into OpenSSL's cipher table, which lives as long as
+    // the library.
+    let cipher = unsafe { SSL_get_pending_cipher(ssl.as_ptr()) };
+    if cipher.is_null() {
+        return None;
+    }
+    // SAFETY: `cipher` is a live table entry; its name is a static NUL-terminated string.
+    let name = unsafe { std::ffi::CStr::from_ptr(openssl_sys::SSL_CIPHER_get_name(cipher)) };
+    name.to_str().ok().map(str::to_string)
 }

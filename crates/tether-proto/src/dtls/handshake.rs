@@ -25,7 +25,7 @@ use openssl::ssl::{ErrorCode, Ssl, SslRef, SslSession, SslStream};
 use super::config::{connection_id_index, CipherSuite, ConnectionIds, Role};
 use super::error::{AlertDescription, CloseReason};
 use super::ffi;
-use super::keys::{AeadKind, TrafficKeys, MASTER_SECRET_LEN, RANDOM_LEN};
+use super::keys::{RecordCipher, TrafficKeys, MASTER_SECRET_LEN, RANDOM_LEN};
 use super::record::{self, ContentType, Record};
 use super::record_layer::{open_record, seal_record, RecordLayer, MAX_SEQUENCE};
 use super::replay::ReplayWindow;
@@ -157,8 +157,8 @@ impl Handshake {
     /// Turns a peer's `tls12_cid` record into the plain record OpenSSL reads (same key,
     /// epoch and sequence number). `None` if it does not authenticate or no keys exist yet.
     pub(crate) fn translate_incoming(&self, r: &Record<'_>) -> Option<Vec<u8>> {
-        let kind = AeadKind::of(self.cipher_suite()?);
-        let keys = derive_keys(self.ssl())?;
+        let kind = RecordCipher::of(self.cipher_suite()?);
+        let keys = derive_keys(self.ssl(), kind)?;
         let key = match self.role {
             Role::Client => &keys.server_write,
             Role::Server => &keys.client_write,
@@ -195,8 +195,13 @@ impl Handshake {
         let internal = |what: &str| CloseReason::Protocol(format!("record layer hand-off: {what}"));
         let ssl = self.ssl();
         let suite = self.cipher_suite().ok_or_else(|| internal("unknown cipher suite"))?;
-        let kind = AeadKind::of(suite);
-        let keys = derive_keys(ssl).ok_or_else(|| internal("no master secret"))?;
+        let kind = RecordCipher::of(suite);
+        let keys = derive_keys(ssl, kind).ok_or_else(|| internal("no master secret"))?;
+        if kind == RecordCipher::CbcSha256 && self.connection_ids().is_some() {
+            return Err(internal(
+                "a CBC suite with a connection ID (tether protects CID records with AEAD suites only)",
+            ));
+        }
         let (recv_cid, send_cid) = match self.connection_ids() {
             Some((ours, peer)) => (Box::from(ours), Box::from(peer)),
             None => (Box::default(), Box::default()),
@@ -308,8 +313,8 @@ impl Handshake {
     fn reseal(&self, r: &Record<'_>) -> Result<Vec<u8>, CloseReason> {
         let mismatch = || CloseReason::Protocol("record layer hand-off: derived keys do not match OpenSSL's".into());
         let suite = self.cipher_suite().ok_or_else(mismatch)?;
-        let kind = AeadKind::of(suite);
-        let keys = derive_keys(self.ssl()).ok_or_else(mismatch)?;
+        let kind = RecordCipher::of(suite);
+        let keys = derive_keys(self.ssl(), kind).ok_or_else(mismatch)?;
         let key = match self.role {
             Role::Client => &keys.client_write,
             Role::Server => &keys.server_write,
@@ -322,7 +327,7 @@ impl Handshake {
 
 /// The traffic keys of the session OpenSSL negotiated: its master secret and both randoms
 /// through the TLS 1.2 PRF. `None` before the master secret exists.
-fn derive_keys(ssl: &SslRef) -> Option<TrafficKeys> {
+fn derive_keys(ssl: &SslRef, cipher: RecordCipher) -> Option<TrafficKeys> {
     let session = ssl.session()?;
     let mut master = [0u8; MASTER_SECRET_LEN];
     if session.master_key(&mut master) != MASTER_SECRET_LEN {
@@ -332,7 +337,7 @@ fn derive_keys(ssl: &SslRef) -> Option<TrafficKeys> {
     let mut server_random = [0u8; RANDOM_LEN];
     let randoms =
         ssl.client_random(&mut client_random) == RANDOM_LEN && ssl.server_random(&mut server_random) == RANDOM_LEN;
-    let keys = randoms.then(|| TrafficKeys::derive(&master, &client_random, &server_random));
+    let keys = randoms.then(|| TrafficKeys::derive(cipher, &master, &client_random, &server_random));
     master.fill(0);
     keys
 }

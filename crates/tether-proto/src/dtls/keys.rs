@@ -2,9 +2,11 @@
 //! PRF (RFC 5246 §5, §6.3), and the AEAD that protects its records (RFC 5288 for GCM,
 //! RFC 6655 for CCM and CCM_8).
 //!
-//! Every suite tether speaks is AES-128 with a 4-byte implicit salt and an 8-byte explicit
-//! nonce carried in the record, and uses the SHA-256 PRF, so one key schedule fits them all:
-//! no MAC keys, two 16-byte write keys, two 4-byte salts.
+//! Every AEAD suite tether speaks is AES-128 with a 4-byte implicit salt and an 8-byte
+//! explicit nonce carried in the record, and uses the SHA-256 PRF, so one key schedule fits
+//! them all: no MAC keys, two 16-byte write keys, two 4-byte salts. The CBC suites (off by
+//! default) add two 32-byte HMAC-SHA256 keys and use no salt; their records are protected in
+//! [`super::cbc`].
 //!
 //! The AEAD is RustCrypto's (`aes-gcm`, `ccm` on the `aes` crate, which uses AES-NI and
 //! CLMUL when the CPU has them). A key is expanded for each record rather than kept expanded:
@@ -31,48 +33,71 @@ pub const RANDOM_LEN: usize = 32;
 /// Length of the explicit nonce every AEAD record carries before its ciphertext.
 pub const EXPLICIT_NONCE_LEN: usize = 8;
 
-/// The AEAD of a suite: AES-128 in GCM, CCM or CCM_8.
+/// How a suite protects records: AES-128 in GCM, CCM or CCM_8 (AEAD), or AES-128-CBC with
+/// HMAC-SHA256, encrypt-then-MAC.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AeadKind {
+pub enum RecordCipher {
     /// AES-128-GCM, 16-byte tag.
     Gcm,
     /// AES-128-CCM, 16-byte tag.
     Ccm,
     /// AES-128-CCM_8, 8-byte tag.
     Ccm8,
+    /// AES-128-CBC and HMAC-SHA256 in Encrypt-then-MAC (RFC 7366): see [`super::cbc`].
+    CbcSha256,
 }
 
-impl AeadKind {
-    /// The AEAD of `suite`.
+impl RecordCipher {
+    /// The record protection of `suite`.
     pub fn of(suite: CipherSuite) -> Self {
         match suite {
             CipherSuite::PskAes128Ccm8 | CipherSuite::EcdheEcdsaAes128Ccm8 => Self::Ccm8,
             CipherSuite::PskAes128GcmSha256 | CipherSuite::EcdheEcdsaAes128GcmSha256 => Self::Gcm,
             CipherSuite::PskAes128Ccm | CipherSuite::EcdheEcdsaAes128Ccm => Self::Ccm,
+            CipherSuite::PskAes128CbcSha256
+            | CipherSuite::EcdhePskAes128CbcSha256
+            | CipherSuite::EcdheEcdsaAes128CbcSha256 => Self::CbcSha256,
         }
     }
 
-    /// Length of the authentication tag.
+    /// Length of the authentication tag (the MAC for CBC).
     pub fn tag_len(self) -> usize {
         match self {
             Self::Gcm | Self::Ccm => 16,
             Self::Ccm8 => 8,
+            Self::CbcSha256 => super::cbc::MAC_LEN,
         }
     }
 
-    /// Bytes a record's fragment adds to its plaintext: explicit nonce and tag.
+    /// The most bytes a record's fragment adds to its plaintext: explicit nonce and tag, or
+    /// IV, padding (at most a block) and MAC.
     pub fn overhead(self) -> usize {
-        EXPLICIT_NONCE_LEN + self.tag_len()
+        match self {
+            Self::CbcSha256 => super::cbc::BLOCK_LEN + super::cbc::BLOCK_LEN + super::cbc::MAC_LEN,
+            aead => EXPLICIT_NONCE_LEN + aead.tag_len(),
+        }
+    }
+
+    /// The shortest fragment a protected record can have: an AEAD's nonce and tag, or an IV,
+    /// one block and the MAC.
+    pub fn min_fragment(self) -> usize {
+        match self {
+            Self::CbcSha256 => super::cbc::BLOCK_LEN + super::cbc::BLOCK_LEN + super::cbc::MAC_LEN,
+            aead => aead.overhead(),
+        }
     }
 }
 
-/// One direction's key: the AES-128 write key and the 4-byte salt of the nonce.
+/// One direction's key: the AES-128 write key and the 4-byte salt of the nonce; for a CBC
+/// suite, the HMAC-SHA256 key too (boxed: AEAD sessions, the many, carry a null pointer).
 #[derive(Clone, PartialEq, Eq)]
 pub struct DirectionKey {
     /// AES-128 key.
     pub key: [u8; 16],
-    /// Implicit part of the nonce (`client_write_IV` / `server_write_IV`).
+    /// Implicit part of the nonce (`client_write_IV` / `server_write_IV`); zero for CBC.
     pub salt: [u8; 4],
+    /// `client_write_MAC_key` / `server_write_MAC_key` of a CBC suite.
+    pub mac: Option<Box<[u8; 32]>>,
 }
 
 impl fmt::Debug for DirectionKey {
@@ -88,24 +113,26 @@ pub struct OpenError;
 impl DirectionKey {
     /// Encrypts `buffer` in place and returns the tag (its first `kind.tag_len()` bytes).
     /// `explicit_nonce` is the value carried in front of the ciphertext.
-    pub fn seal(&self, kind: AeadKind, explicit_nonce: u64, aad: &[u8], buffer: &mut [u8]) -> [u8; 16] {
+    pub fn seal(&self, kind: RecordCipher, explicit_nonce: u64, aad: &[u8], buffer: &mut [u8]) -> [u8; 16] {
         let nonce = self.nonce(explicit_nonce).into();
         let key = self.key.into();
         let mut tag = [0u8; 16];
         // Encryption only fails for plaintexts beyond the AEAD's limits (GCM: 64 GiB, CCM
         // with a 3-byte length field: 16 MiB); a record holds at most 16 KiB.
         match kind {
-            AeadKind::Gcm => {
+            // Not an AEAD: its records are sealed whole by `super::cbc`.
+            RecordCipher::CbcSha256 => {}
+            RecordCipher::Gcm => {
                 if let Ok(t) = Aes128Gcm::new(&key).encrypt_in_place_detached(&nonce, aad, buffer) {
                     tag.copy_from_slice(&t);
                 }
             }
-            AeadKind::Ccm => {
+            RecordCipher::Ccm => {
                 if let Ok(t) = Ccm::<Aes128, U16, U12>::new(&key).encrypt_in_place_detached(&nonce, aad, buffer) {
                     tag.copy_from_slice(&t);
                 }
             }
-            AeadKind::Ccm8 => {
+            RecordCipher::Ccm8 => {
                 if let Ok(t) = Ccm::<Aes128, U8, U12>::new(&key).encrypt_in_place_detached(&nonce, aad, buffer) {
                     tag[..8].copy_from_slice(&t);
                 }
@@ -117,7 +144,7 @@ impl DirectionKey {
     /// Authenticates `buffer` (ciphertext) against `tag` and decrypts it in place.
     pub fn open(
         &self,
-        kind: AeadKind,
+        kind: RecordCipher,
         explicit_nonce: u64,
         aad: &[u8],
         buffer: &mut [u8],
@@ -129,11 +156,12 @@ impl DirectionKey {
         let nonce = self.nonce(explicit_nonce).into();
         let key = self.key.into();
         let opened = match kind {
-            AeadKind::Gcm => Aes128Gcm::new(&key).decrypt_in_place_detached(&nonce, aad, buffer, tag.into()),
-            AeadKind::Ccm => {
+            RecordCipher::CbcSha256 => return Err(OpenError),
+            RecordCipher::Gcm => Aes128Gcm::new(&key).decrypt_in_place_detached(&nonce, aad, buffer, tag.into()),
+            RecordCipher::Ccm => {
                 Ccm::<Aes128, U16, U12>::new(&key).decrypt_in_place_detached(&nonce, aad, buffer, tag.into())
             }
-            AeadKind::Ccm8 => {
+            RecordCipher::Ccm8 => {
                 Ccm::<Aes128, U8, U12>::new(&key).decrypt_in_place_detached(&nonce, aad, buffer, tag.into())
             }
         };
@@ -158,21 +186,33 @@ pub struct TrafficKeys {
 }
 
 impl TrafficKeys {
-    /// The key block of RFC 5246 §6.3 for an AES-128 AEAD suite:
-    /// `PRF(master_secret, "key expansion", server_random + client_random)`, split into
-    /// client and server write keys, then client and server salts.
-    pub fn derive(master_secret: &[u8], client_random: &[u8], server_random: &[u8]) -> Self {
+    /// The key block of RFC 5246 §6.3,
+    /// `PRF(master_secret, "key expansion", server_random + client_random)`, split as the
+    /// suite's `cipher` needs it: for an AES-128 AEAD, client and server write keys, then
+    /// client and server salts; for CBC-SHA256, client and server MAC keys, then client and
+    /// server write keys (TLS 1.2 derives no IVs for CBC: each record carries its own).
+    pub fn derive(cipher: RecordCipher, master_secret: &[u8], client_random: &[u8], server_random: &[u8]) -> Self {
         let mut seed = Vec::with_capacity(2 * RANDOM_LEN);
         seed.extend_from_slice(server_random);
         seed.extend_from_slice(client_random);
-        let mut block = [0u8; 2 * 16 + 2 * 4];
-        prf_sha256(master_secret, b"key expansion", &seed, &mut block);
-        let take = |range: std::ops::Range<usize>| -> Vec<u8> { block[range].to_vec() };
-        let key = |bytes: Vec<u8>| -> [u8; 16] { bytes.try_into().unwrap_or([0; 16]) };
-        let salt = |bytes: Vec<u8>| -> [u8; 4] { bytes.try_into().unwrap_or([0; 4]) };
-        let keys = Self {
-            client_write: DirectionKey { key: key(take(0..16)), salt: salt(take(32..36)) },
-            server_write: DirectionKey { key: key(take(16..32)), salt: salt(take(36..40)) },
+        let mut block = [0u8; 2 * 32 + 2 * 16];
+        let used = match cipher {
+            RecordCipher::CbcSha256 => 2 * 32 + 2 * 16,
+            _ => 2 * 16 + 2 * 4,
+        };
+        prf_sha256(master_secret, b"key expansion", &seed, &mut block[..used]);
+        let key = |at: usize| -> [u8; 16] { block[at..at + 16].try_into().unwrap_or([0; 16]) };
+        let salt = |at: usize| -> [u8; 4] { block[at..at + 4].try_into().unwrap_or([0; 4]) };
+        let mac = |at: usize| -> Option<Box<[u8; 32]>> { block[at..at + 32].try_into().ok().map(Box::new) };
+        let keys = match cipher {
+            RecordCipher::CbcSha256 => Self {
+                client_write: DirectionKey { key: key(64), salt: [0; 4], mac: mac(0) },
+                server_write: DirectionKey { key: key(80), salt: [0; 4], mac: mac(32) },
+            },
+            _ => Self {
+                client_write: DirectionKey { key: key(0), salt: salt(32), mac: None },
+                server_write: DirectionKey { key: key(16), salt: salt(36), mac: None },
+            },
         };
         block.fill(0);
         keys
@@ -228,8 +268,8 @@ mod tests {
     /// What is sealed opens; any change to ciphertext, tag, AAD or nonce fails.
     #[test]
     fn every_aead_round_trips_and_rejects_tampering() {
-        let key = DirectionKey { key: [0x42; 16], salt: [1, 2, 3, 4] };
-        for kind in [AeadKind::Gcm, AeadKind::Ccm, AeadKind::Ccm8] {
+        let key = DirectionKey { key: [0x42; 16], salt: [1, 2, 3, 4], mac: None };
+        for kind in [RecordCipher::Gcm, RecordCipher::Ccm, RecordCipher::Ccm8] {
             let mut buffer = b"a CoAP request".to_vec();
             let tag = key.seal(kind, 7, b"aad", &mut buffer);
             let tag = &tag[..kind.tag_len()];
@@ -253,9 +293,12 @@ mod tests {
 
     #[test]
     fn debug_never_shows_key_material() {
-        let keys = TrafficKeys::derive(&[9; 48], &[1; 32], &[2; 32]);
-        let shown = format!("{keys:?}");
-        assert!(!shown.contains("key: ["), "{shown}");
-        assert_ne!(keys.client_write, keys.server_write);
+        for cipher in [RecordCipher::Ccm8, RecordCipher::CbcSha256] {
+            let keys = TrafficKeys::derive(cipher, &[9; 48], &[1; 32], &[2; 32]);
+            let shown = format!("{keys:?}");
+            assert!(!shown.contains("key: [") && !shown.contains("mac"), "{shown}");
+            assert_ne!(keys.client_write, keys.server_write);
+            assert_eq!(keys.client_write.mac.is_some(), cipher == RecordCipher::CbcSha256);
+        }
     }
 }

@@ -7,6 +7,7 @@
 //!   re-handshake (§4.2.8), limits and drop counters.
 //! - [`DtlsContext`]: a compiled [`ClientConfig`] or [`ServerConfig`], shared by sessions.
 
+mod cbc;
 mod config;
 mod cookie;
 mod endpoint;

@@ -11,9 +11,10 @@
 //! Every parser here reads bytes a peer sent: nothing panics, nothing allocates more than
 //! the datagram's size.
 
+use super::cbc;
 use super::config::{CipherSuite, Role};
 use super::error::AlertDescription;
-use super::keys::{AeadKind, DirectionKey, TrafficKeys, EXPLICIT_NONCE_LEN};
+use super::keys::{DirectionKey, RecordCipher, TrafficKeys, EXPLICIT_NONCE_LEN};
 use super::record::{self, ContentType, Record, DTLS_1_2, RECORD_HEADER_LEN};
 use super::replay::ReplayWindow;
 
@@ -103,8 +104,8 @@ impl RecordLayer {
         &self.session_id[..usize::from(self.session_id_len).min(32)]
     }
 
-    fn kind(&self) -> AeadKind {
-        AeadKind::of(self.suite)
+    fn kind(&self) -> RecordCipher {
+        RecordCipher::of(self.suite)
     }
 
     fn write_key(&self) -> &DirectionKey {
@@ -238,7 +239,7 @@ impl RecordLayer {
 /// Protects `payload` into one record: RFC 6347 with an empty `cid`, RFC 9146 `tls12_cid`
 /// otherwise. The explicit nonce is the epoch and sequence number, unique under the key.
 pub(crate) fn seal_record(
-    kind: AeadKind,
+    kind: RecordCipher,
     key: &DirectionKey,
     cid: &[u8],
     content_type: ContentType,
@@ -246,6 +247,14 @@ pub(crate) fn seal_record(
     sequence: u64,
     payload: &[u8],
 ) -> Vec<u8> {
+    if kind == RecordCipher::CbcSha256 {
+        // A CBC session never has a CID (see `super::cbc`): plain records only.
+        let fragment = cbc::seal(key, content_type, epoch, sequence, payload).unwrap_or_default();
+        let mut out = Vec::with_capacity(RECORD_HEADER_LEN + fragment.len());
+        record::write_header(&mut out, content_type, epoch, sequence, &[], fragment.len());
+        out.extend_from_slice(&fragment);
+        return out;
+    }
     let explicit_nonce = (u64::from(epoch) << 48) | sequence;
     let with_cid = !cid.is_empty();
     let inner_len = payload.len() + usize::from(with_cid);
@@ -268,7 +277,13 @@ pub(crate) fn seal_record(
 
 /// Authenticates and decrypts one protected record (either format) under `key`; returns its
 /// real content type and plaintext.
-pub(crate) fn open_record(kind: AeadKind, key: &DirectionKey, r: &Record<'_>) -> Option<(ContentType, Vec<u8>)> {
+pub(crate) fn open_record(kind: RecordCipher, key: &DirectionKey, r: &Record<'_>) -> Option<(ContentType, Vec<u8>)> {
+    if kind == RecordCipher::CbcSha256 {
+        if r.content_type == ContentType::Tls12Cid {
+            return None;
+        }
+        return Some((r.content_type, cbc::open(key, r.content_type, r.epoch, r.sequence, r.fragment)?));
+    }
     let fragment = r.fragment;
     if fragment.len() < kind.overhead() {
         return None;
@@ -345,7 +360,7 @@ mod tests {
     use super::*;
 
     fn pair(cid: bool) -> (RecordLayer, RecordLayer) {
-        let keys = TrafficKeys::derive(&[7; 48], &[1; 32], &[2; 32]);
+        let keys = TrafficKeys::derive(RecordCipher::Ccm8, &[7; 48], &[1; 32], &[2; 32]);
         let client_cid: Box<[u8]> = if cid { Box::new([0xc1, 0xc2]) } else { Box::new([]) };
         let server_cid: Box<[u8]> = if cid { Box::new([5, 6, 7, 8, 9, 10]) } else { Box::new([]) };
         let base = RecordLayer {

@@ -14,7 +14,7 @@ use super::config::{
 use super::error::{AlertDescription, CloseReason, ConfigError, SendError};
 use super::ffi;
 use super::handshake::{Handshake, Progress};
-use super::keys::AeadKind;
+use super::keys::RecordCipher;
 use super::record::{self, ContentType};
 use super::record_layer::{Inbound, RecordLayer, SealError};
 
@@ -613,7 +613,7 @@ impl Session {
     /// error instead of discarding it, so one spoofed 21-byte datagram could otherwise end
     /// a handshake.
     fn is_plausible(&self, records: &[record::Record<'_>]) -> bool {
-        let min = self.cipher_suite().map_or(MIN_AEAD_CIPHERTEXT, |s| AeadKind::of(s).overhead());
+        let min = self.cipher_suite().map_or(MIN_AEAD_CIPHERTEXT, |s| RecordCipher::of(s).min_fragment());
         records.iter().all(|r| r.epoch == 0 || r.fragment.len() >= min)
     }
 

@@ -113,6 +113,10 @@ impl SessionSnapshot {
         for key in [&l.keys.client_write, &l.keys.server_write] {
             out.extend_from_slice(&key.key);
             out.extend_from_slice(&key.salt);
+            // A CBC suite's MAC key follows its write key (the suite says whether it is there).
+            if let Some(mac) = &key.mac {
+                out.extend_from_slice(&mac[..]);
+            }
         }
         put_short(&mut out, &l.send_cid);
         put_short(&mut out, &l.recv_cid);
@@ -150,10 +154,15 @@ impl SessionSnapshot {
         let write_sequence = r.u64()?;
         let write_limit = r.u64()?;
         let window = ReplayWindow::from_parts(r.u64()?, r.u64()?);
+        let cbc = suite.is_cbc();
         let mut key = || -> Result<DirectionKey, SnapshotError> {
             let key = r.take(16)?.try_into().map_err(|_| SnapshotError::Malformed("key"))?;
             let salt = r.take(4)?.try_into().map_err(|_| SnapshotError::Malformed("salt"))?;
-            Ok(DirectionKey { key, salt })
+            let mac = match cbc {
+                true => Some(Box::new(r.take(32)?.try_into().map_err(|_| SnapshotError::Malformed("MAC key"))?)),
+                false => None,
+            };
+            Ok(DirectionKey { key, salt, mac })
         };
         let keys = TrafficKeys { client_write: key()?, server_write: key()? };
         let send_cid = r.short()?;
@@ -316,7 +325,7 @@ mod tests {
             layer: RecordLayer {
                 role: Role::Server,
                 suite: CipherSuite::PskAes128Ccm8,
-                keys: TrafficKeys::derive(&[3; 48], &[1; 32], &[2; 32]),
+                keys: TrafficKeys::derive(crate::dtls::keys::RecordCipher::Ccm8, &[3; 48], &[1; 32], &[2; 32]),
                 epoch: 1,
                 write_sequence: 17,
                 write_limit: 65_553,
