@@ -44,7 +44,7 @@ pub enum CipherSuite {
     /// `TLS_ECDHE_ECDSA_WITH_AES_128_CCM` (RFC 7251; the 16-byte tag).
     EcdheEcdsaAes128Ccm,
     /// `TLS_PSK_WITH_AES_128_CBC_SHA256` (RFC 5487): in LwM2M 1.0's list. CBC: off by
-    /// default, and used only with Encrypt-then-MAC (RFC 7366; see [`super::cbc`]).
+    /// default, and used only with Encrypt-then-MAC (RFC 7366; see the `cbc` module).
     PskAes128CbcSha256,
     /// `TLS_ECDHE_PSK_WITH_AES_128_CBC_SHA256` (RFC 5489). CBC: off by default, EtM only.
     EcdhePskAes128CbcSha256,

@@ -6,7 +6,7 @@
 //! explicit nonce carried in the record, and uses the SHA-256 PRF, so one key schedule fits
 //! them all: no MAC keys, two 16-byte write keys, two 4-byte salts. The CBC suites (off by
 //! default) add two 32-byte HMAC-SHA256 keys and use no salt; their records are protected in
-//! [`super::cbc`].
+//! the `cbc` module.
 //!
 //! The AEAD is RustCrypto's (`aes-gcm`, `ccm` on the `aes` crate, which uses AES-NI and
 //! CLMUL when the CPU has them). A key is expanded for each record rather than kept expanded:
@@ -43,7 +43,7 @@ pub enum RecordCipher {
     Ccm,
     /// AES-128-CCM_8, 8-byte tag.
     Ccm8,
-    /// AES-128-CBC and HMAC-SHA256 in Encrypt-then-MAC (RFC 7366): see [`super::cbc`].
+    /// AES-128-CBC and HMAC-SHA256 in Encrypt-then-MAC (RFC 7366): see the `cbc` module.
     CbcSha256,
 }
 
