@@ -160,3 +160,47 @@ fn cbc_is_chosen_only_with_encrypt_then_mac() {
         let _ = server.join().unwrap();
     }
 }
+
+/// The certificate suites added for LwM2M devices (the 16-byte-tag CCM, and CBC with
+/// Encrypt-then-MAC) handshake with `openssl s_client` against our endpoint's certificate
+/// and carry its echo.
+#[test]
+fn openssl_s_client_gets_the_ecdsa_ccm_and_cbc_suites() {
+    let pki = pki();
+    let dir = std::env::temp_dir().join(format!("tether-interop-ecdsa-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, pki.ca.certificate.to_pem().unwrap()).unwrap();
+    for suite in [CipherSuite::EcdheEcdsaAes128Ccm, CipherSuite::EcdheEcdsaAes128CbcSha256] {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = local(&socket).port();
+        let server = x509_server(&pki, tether_proto::dtls::ClientAuth::None, only(suite));
+        let endpoint = Endpoint::new(server, EndpointConfig::new([5; 32]), Instant::now()).unwrap();
+        let (events_tx, events) = mpsc::channel();
+        let (stop, stop_rx) = mpsc::channel();
+        let server =
+            std::thread::spawn(move || serve_echo(socket, endpoint, Duration::from_secs(20), events_tx, stop_rx));
+        let mut child = KillOnDrop(
+            Command::new("openssl")
+                .args(["s_client", "-dtls1_2", "-quiet", "-verify_return_error", "-CAfile"])
+                .arg(&ca)
+                .args(["-cipher", suite.openssl_name(), "-connect", &format!("127.0.0.1:{port}")])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("openssl is installed (.ci/run installs it)"),
+        );
+        let stdout = Lines::new(child.0.stdout.take().unwrap());
+        let _stderr = Lines::new(child.0.stderr.take().unwrap());
+        let connected = events.recv_timeout(Duration::from_secs(10)).expect("s_client connects");
+        assert!(matches!(connected, EndpointEvent::Connected { .. }), "{suite:?}: {connected:?}");
+        let line = format!("hello over {}", suite.openssl_name());
+        writeln!(child.0.stdin.as_mut().unwrap(), "{line}").unwrap();
+        assert!(stdout.wait(Duration::from_secs(10), |l| l == line).is_ok(), "{suite:?}: no echo");
+        drop(child);
+        stop.send(()).unwrap();
+        let _ = server.join().unwrap();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
