@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::api::auth::{Access, Role};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use tether::lwm2m::{EndpointBindings, Lwm2mServer, Lwm2mServerConfig};
@@ -51,6 +52,14 @@ pub struct ServeArgs {
     /// (default `info`).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// API tokens (TOML: `[[token]]` entries with `role = "admin"` or `"read"` and `token`).
+    /// Default: one admin token in the data directory's `api-token` file, made (mode 0600)
+    /// on first start.
+    #[arg(long, value_name = "FILE")]
+    pub api_token_file: Option<PathBuf>,
+    /// Serve the REST API and web UI without authentication: only on a loopback HTTP address.
+    #[arg(long, conflicts_with = "api_token_file")]
+    pub no_api_auth: bool,
 }
 
 /// How log lines are written.
@@ -84,6 +93,10 @@ struct FileConfig {
     models: Option<PathBuf>,
     /// DTLS cipher suites offered, by OpenSSL name, in order of preference.
     ciphers: Option<Vec<String>>,
+    /// API tokens file (see `--api-token-file`).
+    api_token_file: Option<PathBuf>,
+    /// `false`: no API authentication (loopback only).
+    api_auth: Option<bool>,
     #[serde(default)]
     psk: Vec<PskEntryFile>,
 }
@@ -149,6 +162,19 @@ pub struct Settings {
     pub models: Models,
     /// DTLS cipher suites, in order of preference.
     pub cipher_suites: Vec<CipherSuite>,
+    /// Who may use the REST API and web UI.
+    pub api: ApiAuth,
+}
+
+/// How the REST API and web UI authenticate.
+#[derive(Debug, Clone)]
+pub enum ApiAuth {
+    /// Tokens from this file.
+    TokenFile(PathBuf, Vec<(crate::api::auth::Role, String)>),
+    /// The admin token of the data directory's `api-token` file (made on first start).
+    DataDirToken,
+    /// None (loopback only).
+    Off,
 }
 
 /// Certificate settings.
@@ -197,6 +223,19 @@ impl Settings {
                 bail!("PSK identity {:?} is configured twice (for {previous:?} and {:?})", e.identity, e.endpoint);
             }
         }
+        let http = args.http.or(file.http).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
+        let api = if args.no_api_auth || file.api_auth == Some(false) {
+            if !http.ip().is_loopback() {
+                bail!(
+                    "refusing to serve the REST API on {http} without authentication: drop --no-api-auth /                      api_auth = false (an admin token is then made in the data directory), or bind --http to                      127.0.0.1"
+                );
+            }
+            ApiAuth::Off
+        } else if let Some(path) = args.api_token_file.as_ref().or(file.api_token_file.as_ref()) {
+            ApiAuth::TokenFile(path.clone(), crate::api::auth::read_token_file(path)?)
+        } else {
+            ApiAuth::DataDirToken
+        };
         // Any configured credential, PSK or certificate, turns the public development key off.
         let development_psk = entries.is_empty() && x509.is_none();
         if development_psk {
@@ -204,7 +243,7 @@ impl Settings {
         }
         Ok(Self {
             coaps: args.coaps.or(file.coaps).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 5684))),
-            http: args.http.or(file.http).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            http,
             data_dir: args.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from("tether-data")),
             psk: entries,
             development_psk,
@@ -213,6 +252,7 @@ impl Settings {
                 Some(names) => cipher_suites(names)?,
                 None => CipherSuite::DEFAULT.to_vec(),
             },
+            api,
             models: match args.models.as_ref().or(file.models.as_ref()) {
                 Some(dir) => load_models(dir)?,
                 None => Models::built_in(),
@@ -424,7 +464,30 @@ pub async fn run(settings: Settings) -> Result<()> {
         "tether serve started"
     );
     say!("tether serve: CoAPs (DTLS 1.2) on udp {}", dtls.local_addr());
-    say!("tether serve: REST API on http://{}/api/clients, metrics on /metrics", listener.local_addr()?);
+    let http = listener.local_addr()?;
+    let loopback = http.ip().is_loopback();
+    let access = match &settings.api {
+        ApiAuth::Off => {
+            say!("tether serve: REST API without authentication (--no-api-auth; loopback only)");
+            Access::open()
+        }
+        ApiAuth::TokenFile(path, tokens) => {
+            let admins = tokens.iter().filter(|(role, _)| *role == Role::Admin).count();
+            say!(
+                "tether serve: API tokens from {} ({admins} admin, {} read-only; not shown)",
+                path.display(),
+                tokens.len() - admins
+            );
+            Access::tokens(tokens.clone(), loopback)
+        }
+        ApiAuth::DataDirToken => {
+            let (token, path, made) = crate::api::auth::data_dir_token(&settings.data_dir)?;
+            let made = if made { "made now" } else { "kept from before" };
+            say!("tether serve: admin API token in {} (mode 0600, {made})", path.display());
+            Access::tokens(vec![(Role::Admin, token)], loopback)
+        }
+    };
+    say!("tether serve: web UI on http://{http}/ ; REST API on http://{http}/api/clients, metrics on /metrics");
     say!("tether serve: registrations in {} ({restored} restored)", db.display());
     say!(
         "tether serve: DTLS sessions in {} (mode 0600; {stored_sessions} restored, no handshake needed)",
@@ -444,7 +507,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         tether_coap::model::BUILT_IN.len(),
         settings.models.loaded()
     );
-    let app = crate::api::router(lwm2m.clone(), Arc::new(settings.models));
+    let app = crate::api::router(lwm2m.clone(), Arc::new(settings.models), access);
     let http = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
     http.await?;
     tracing::info!("shutting down: close_notify to every device");
@@ -477,7 +540,20 @@ mod tests {
             psk: psk.iter().map(ToString::to_string).collect(),
             log_format: LogFormat::Text,
             models: None,
+            api_token_file: None,
+            no_api_auth: false,
         }
+    }
+
+    #[test]
+    fn no_api_auth_is_refused_off_loopback() {
+        let mut open = args(None, &[]);
+        open.no_api_auth = true;
+        assert!(matches!(Settings::resolve(&open).unwrap().api, ApiAuth::Off));
+        open.http = Some(SocketAddr::from(([0, 0, 0, 0], 8080)));
+        let err = format!("{:#}", Settings::resolve(&open).unwrap_err());
+        assert!(err.contains("refusing to serve the REST API on 0.0.0.0:8080 without authentication"), "{err}");
+        assert!(matches!(Settings::resolve(&args(None, &[])).unwrap().api, ApiAuth::DataDirToken));
     }
 
     #[test]

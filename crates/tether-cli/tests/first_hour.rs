@@ -144,7 +144,7 @@ async fn rest_answers_predictably() {
     // Every error is one JSON shape, unknown routes and methods included.
     for (method, path, body, expected) in [
         ("GET", "/api/nothing", None, 404),
-        ("GET", "/", None, 404),
+        ("GET", "/nothing", None, 404),
         ("PATCH", "/api/clients", None, 405),
         ("DELETE", "/api/pool", None, 405),
         ("GET", "/api/clients/urn:dev:0/3/0/0/1/2", None, 400),

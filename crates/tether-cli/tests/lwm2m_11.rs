@@ -4,10 +4,9 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{http, wait_registered, Server, KEY};
+use support::{device_0, http, wait_registered, Server, KEY};
 use tether::lwm2m::build;
 use tether::DtlsClient;
 use tether_coap::coap_lite::{MessageClass, MessageType, Packet, RequestType, ResponseType};
@@ -19,12 +18,7 @@ async fn a_device_sends_its_temperature_and_rest_shows_it_named() {
     let data = std::env::temp_dir().join(format!("tether-lwm2m-11-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data);
     let server = Server::start(&data);
-    let mut device = Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["device", "--server", &format!("coaps://{}", server.coaps), "--psk-identity", "device-0"])
-        .args(["--endpoint", "urn:dev:0", "--psk-key", KEY, "--send-interval", "0.5", "--duration", "60"])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut device = device_0(&server, &["--send-interval", "0.5", "--duration", "60"]);
     wait_registered(&server, 1, Duration::from_secs(10)).await;
     let (_, client) = http(server.http, "GET", "/api/clients/urn:dev:0", None).await;
     assert!(client["objects"].as_str().unwrap().contains("</3303/0>"), "{client}");
@@ -134,12 +128,7 @@ async fn composite_writes_and_observations_and_a_firmware_update_run_against_a_d
     let data = std::env::temp_dir().join(format!("tether-lwm2m-11-fw-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data);
     let server = Server::start(&data);
-    let mut device = Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["device", "--server", &format!("coaps://{}", server.coaps), "--psk-identity", "device-0"])
-        .args(["--endpoint", "urn:dev:0", "--psk-key", KEY, "--duration", "90"])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut device = device_0(&server, &["--duration", "90"]);
     wait_registered(&server, 1, Duration::from_secs(10)).await;
     let ep = "/api/clients/urn:dev:0";
 

@@ -134,11 +134,43 @@ pub struct ClientState {
     pub last_heard: Option<std::time::Instant>,
 }
 
+/// A device's DTLS session as it changes, for live views (the web UI, `/api/events`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEvent {
+    /// A handshake completed. `resumed`: an abbreviated one; `replaced`: the new session took
+    /// the place of the one its peer had (a reboot, RFC 6347 §4.2.8).
+    Opened {
+        /// The device's address.
+        peer: SocketAddr,
+        /// Its DTLS identity (`psk:…`, `x509:…`).
+        identity: Option<String>,
+        /// An abbreviated handshake.
+        resumed: bool,
+        /// It replaced the peer's previous session.
+        replaced: bool,
+    },
+    /// The session followed its Connection ID to a new address.
+    Moved {
+        /// The old address.
+        from: SocketAddr,
+        /// The new one.
+        to: SocketAddr,
+    },
+    /// The session ended.
+    Closed {
+        /// The device's address.
+        peer: SocketAddr,
+        /// Why: the close reason, `idle timeout` or `evicted`.
+        reason: String,
+    },
+}
+
 /// The LwM2M server. See the module docs.
 #[derive(Debug, Clone)]
 pub struct Lwm2mServer {
     commands: mpsc::Sender<Command>,
     events: broadcast::Sender<RegistryEvent>,
+    session_events: broadcast::Sender<SessionEvent>,
     dtls: Arc<DtlsServer>,
 }
 
@@ -155,6 +187,7 @@ impl Lwm2mServer {
     ) -> Result<Self, crate::store::StoreError> {
         let (commands, command_rx) = mpsc::channel(1024);
         let (events, _) = broadcast::channel(4096);
+        let (session_events, _) = broadcast::channel(4096);
         let mut registry = Registry::new(config.seed);
         if let Some(store) = &store {
             for registration in store.load(clock::now())? {
@@ -178,10 +211,11 @@ impl Lwm2mServer {
             queue_awake: config.queue_awake,
             queue_limit: config.queue_limit,
             events: events.clone(),
+            session_events: session_events.clone(),
             sent: crate::send::SentStore::default(),
         };
         tokio::spawn(actor.run(command_rx));
-        Ok(Self { commands, events, dtls })
+        Ok(Self { commands, events, session_events, dtls })
     }
 
     /// The DTLS server underneath (pool statistics, shutdown).
@@ -192,6 +226,11 @@ impl Lwm2mServer {
     /// Registry changes, for persistence and observers.
     pub fn events(&self) -> broadcast::Receiver<RegistryEvent> {
         self.events.subscribe()
+    }
+
+    /// Devices' DTLS sessions opening, moving and closing.
+    pub fn session_events(&self) -> broadcast::Receiver<SessionEvent> {
+        self.session_events.subscribe()
     }
 
     /// Every registration.
@@ -501,6 +540,7 @@ struct Actor {
     queue_awake: Duration,
     queue_limit: usize,
     events: broadcast::Sender<RegistryEvent>,
+    session_events: broadcast::Sender<SessionEvent>,
     /// The latest values devices sent (LwM2M Send).
     sent: crate::send::SentStore,
 }
@@ -524,10 +564,20 @@ impl Actor {
                 accepted = dtls.accept() => {
                     let Some(accepted) = accepted else { return };
                     match accepted.arrival {
-                        Arrival::Moved { from } => self.move_session(from, accepted.peer, accepted.bound_name.as_deref()),
+                        Arrival::Moved { from } => {
+                            self.move_session(from, accepted.peer, accepted.bound_name.as_deref());
+                            let _ = self.session_events.send(SessionEvent::Moved { from, to: accepted.peer });
+                        }
                         _ => {
+                            let replaced = self.sessions.contains_key(&accepted.peer);
                             self.fail_pending(accepted.peer);
                             self.open_session(&accepted);
+                            let _ = self.session_events.send(SessionEvent::Opened {
+                                peer: accepted.peer,
+                                identity: accepted.identity.as_ref().map(authorization_identity),
+                                resumed: accepted.resumed,
+                                replaced,
+                            });
                         }
                     }
                 }
@@ -546,6 +596,12 @@ impl Actor {
                     if self.sessions.get(&departed.peer).is_some_and(|s| s.generation == departed.generation) {
                         self.forget_session(departed.peer);
                         self.fail_pending(departed.peer);
+                        let reason = match &departed.reason {
+                            crate::server::DepartReason::Closed(reason) => reason.to_string(),
+                            crate::server::DepartReason::Expired => "idle timeout".to_string(),
+                            _ => "evicted".to_string(),
+                        };
+                        let _ = self.session_events.send(SessionEvent::Closed { peer: departed.peer, reason });
                     }
                 }
                 command = commands.recv() => match command {

@@ -53,7 +53,8 @@ pub async fn observe(
             if observation.first.code.is_error() {
                 return composite_answer(&observation.first, &api.models);
             }
-            api.keep_observation(id, observation.notifications, COMPOSITE);
+            let decode = |answer: &DeviceResponse, _: &str, models: &Models| values_json(answer, models);
+            super::events::follow(&api, id, &endpoint, COMPOSITE, observation.notifications, decode);
             body["observation"] = json!(id);
             Json(body).into_response()
         }

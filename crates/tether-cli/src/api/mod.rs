@@ -1,18 +1,22 @@
 //! The REST API (Leshan-like) and `/metrics`.
 
+pub mod auth;
 mod composite;
+mod events;
 mod firmware;
+mod openapi;
 mod options;
 mod typed;
+mod ui;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::DefaultBodyLimit;
 use axum::extract::{FromRef, Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, MethodRouter};
 use axum::{Json, Router};
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -23,27 +27,22 @@ use options::{within, RequestOptions};
 use tether_coap::coap_lite::{MessageClass, RequestType, ResponseType};
 use tether_coap::content;
 use tether_coap::model::Models;
-use tokio::sync::mpsc;
-
-/// Observations started through the API, by id, with their notification queues.
-type Observations = Arc<Mutex<HashMap<u64, mpsc::Receiver<DeviceResponse>>>>;
 
 #[derive(Clone)]
 struct Api {
     server: Lwm2mServer,
     /// Object models: typed, named values; writes checked.
     models: Arc<Models>,
-    observations: Observations,
-    /// The path each observation watches, for decoding its notifications.
-    paths: Arc<Mutex<HashMap<u64, String>>>,
+    /// Observations started through the API, with their latest notifications.
+    feeds: events::Feeds,
+    /// What `/api/events` streams.
+    live: tokio::sync::broadcast::Sender<events::LiveEvent>,
+    access: auth::Access,
 }
 
-impl Api {
-    /// Keeps an observation's notification queue for `/api/observations/{id}`, with what it
-    /// watches (a path, or [`composite::COMPOSITE`]).
-    fn keep_observation(&self, id: u64, notifications: mpsc::Receiver<DeviceResponse>, watched: &str) {
-        self.observations.lock().unwrap_or_else(|e| e.into_inner()).insert(id, notifications);
-        self.paths.lock().unwrap_or_else(|e| e.into_inner()).insert(id, watched.to_string());
+impl FromRef<Api> for auth::Access {
+    fn from_ref(api: &Api) -> Self {
+        api.access.clone()
     }
 }
 
@@ -59,28 +58,110 @@ impl FromRef<Api> for Lwm2mServer {
     }
 }
 
-/// The API's routes; values are decoded and writes checked with `models`.
-pub fn router(server: Lwm2mServer, models: Arc<Models>) -> Router {
-    let api = Api { server, models, observations: Arc::default(), paths: Arc::default() };
-    Router::new()
-        .route("/api/clients", get(clients))
-        .route("/api/clients/{endpoint}", get(client))
-        .route("/api/clients/{endpoint}/sent", get(sent))
-        .route("/api/clients/{endpoint}/composite", axum::routing::post(composite::read).put(composite::write))
-        .route("/api/clients/{endpoint}/composite/observe", axum::routing::post(composite::observe))
-        .route(
+/// Largest request body, but for firmware packages.
+const MAX_BODY: usize = 64 * 1024;
+
+/// Every route: its path, its methods and their handlers, declared together (the OpenAPI
+/// description is held to this list by a test).
+fn routes() -> Vec<(&'static str, &'static [&'static str], MethodRouter<Api>)> {
+    use axum::routing::{delete, post, put};
+    vec![
+        ("/", &["GET"], get(ui::index)),
+        ("/ui/{file}", &["GET"], get(ui::asset)),
+        ("/api/login", &["POST"], post(auth::login)),
+        ("/api/logout", &["POST"], post(auth::logout)),
+        ("/api/whoami", &["GET"], get(auth::whoami)),
+        ("/api/openapi.json", &["GET"], get(openapi::document)),
+        ("/api/events", &["GET"], get(events::stream)),
+        ("/api/objects/{object}", &["GET"], get(object_model)),
+        ("/api/clients", &["GET"], get(clients)),
+        ("/api/clients/{endpoint}", &["GET"], get(client)),
+        ("/api/clients/{endpoint}/sent", &["GET"], get(sent)),
+        ("/api/clients/{endpoint}/composite", &["POST", "PUT"], post(composite::read).put(composite::write)),
+        ("/api/clients/{endpoint}/composite/observe", &["POST"], post(composite::observe)),
+        (
             "/api/clients/{endpoint}/firmware",
-            get(firmware::status)
-                .post(firmware::push)
-                .layer(axum::extract::DefaultBodyLimit::max(firmware::MAX_PACKAGE)),
-        )
-        .route("/api/clients/{endpoint}/{*path}", get(read).put(write).post(execute_or_observe).delete(delete))
-        .route("/api/observations/{id}", get(notifications).delete(cancel))
-        .route("/api/pool", get(pool))
-        .route("/metrics", get(metrics))
+            &["GET", "POST"],
+            get(firmware::status).post(firmware::push).layer(DefaultBodyLimit::max(firmware::MAX_PACKAGE)),
+        ),
+        (
+            "/api/clients/{endpoint}/{*path}",
+            &["GET", "PUT", "POST", "DELETE"],
+            get(read).merge(put(write)).merge(post(execute_or_observe)).merge(delete(remove)),
+        ),
+        ("/api/observations/{id}", &["GET", "DELETE"], get(notifications).delete(cancel)),
+        ("/api/pool", &["GET"], get(pool)),
+        ("/metrics", &["GET"], get(metrics)),
+    ]
+}
+
+/// Every (method, path) of the API, as `/api/openapi.json` names them (`{path}` for the
+/// wildcard).
+#[cfg(test)]
+fn route_list() -> Vec<(&'static str, String)> {
+    routes()
+        .into_iter()
+        .flat_map(|(path, methods, _)| methods.iter().map(move |m| (*m, path.replace("{*path}", "{path}"))))
+        .collect()
+}
+
+/// The API's routes behind `access`; values are decoded and writes checked with `models`.
+pub fn router(server: Lwm2mServer, models: Arc<Models>, access: auth::Access) -> Router {
+    let live = events::live(&server);
+    let api = Api { server, models, feeds: Arc::default(), live, access: access.clone() };
+    let mut router = Router::new();
+    for (path, _, handlers) in routes() {
+        router = router.route(path, handlers);
+    }
+    router
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(access, auth::require))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(api)
+}
+
+/// Errors stay JSON: an error answered in plain text by a layer below the handlers (a body
+/// over the limit, a malformed path) is rewritten to `{"error": "…", "coap_code": null}`.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let body = axum::body::to_bytes(response.into_body(), 16 * 1024).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&body).trim().to_string();
+    let message = if text.is_empty() { status.canonical_reason().unwrap_or("error").to_string() } else { text };
+    error(status, None, message)
+}
+
+/// `GET /api/objects/{object}`: what the server knows of an object (its model): name,
+/// whether it has several instances, and each resource's ID, name, operations, type, units.
+async fn object_model(State(models): State<Arc<Models>>, Path(object): Path<String>) -> Response {
+    let Some(model) = object.parse::<u16>().ok().and_then(|id| models.object(id)) else {
+        return error(StatusCode::NOT_FOUND, None, format!("no model of object {object:?}"));
+    };
+    let resources: Vec<Value> = model
+        .resources
+        .iter()
+        .map(|r| {
+            json!({
+                "id": r.id,
+                "name": r.name,
+                "operations": r.operations.as_str(),
+                "multiple": r.multiple,
+                "type": tether_coap::model::type_name(r.kind),
+                "units": r.units,
+            })
+        })
+        .collect();
+    Json(json!({ "id": model.id, "name": model.name, "multiple": model.multiple, "resources": resources }))
+        .into_response()
 }
 
 async fn unknown_route(uri: axum::http::Uri) -> Response {
@@ -290,7 +371,7 @@ async fn execute_or_observe(
         return match within(options.timeout, api.server.observe(&endpoint, path)).await {
             Ok(observation) => {
                 let id = observation.id;
-                api.keep_observation(id, observation.notifications, path);
+                events::follow(&api, id, &endpoint, path, observation.notifications, payload_json);
                 let mut body = payload_json(&observation.first, path, &api.models);
                 body["observation"] = json!(id);
                 Json(body).into_response()
@@ -382,29 +463,9 @@ async fn notifications(State(api): State<Api>, Path(id): Path<String>) -> Respon
         Ok(id) => id,
         Err(err) => return err.into_response(),
     };
-    let path = api.paths.lock().unwrap_or_else(|e| e.into_inner()).get(&id).cloned().unwrap_or_default();
-    let mut observations = api.observations.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(queue) = observations.get_mut(&id) else {
+    let Some((values, active)) = events::drain(&api.feeds, id) else {
         return error(StatusCode::NOT_FOUND, None, format!("no observation {id}"));
     };
-    let mut values = Vec::new();
-    let mut active = true;
-    loop {
-        match queue.try_recv() {
-            Ok(notification) if path == composite::COMPOSITE => {
-                values.push(composite::values_json(&notification, &api.models))
-            }
-            Ok(notification) => values.push(payload_json(&notification, &path, &api.models)),
-            Err(mpsc::error::TryRecvError::Empty) => break,
-            Err(mpsc::error::TryRecvError::Disconnected) => {
-                active = false;
-                break;
-            }
-        }
-    }
-    if !active {
-        observations.remove(&id);
-    }
     Json(json!({ "observation": id, "active": active, "notifications": values })).into_response()
 }
 
@@ -413,7 +474,7 @@ async fn cancel(State(api): State<Api>, Path(id): Path<String>) -> Response {
         Ok(id) => id,
         Err(err) => return err.into_response(),
     };
-    api.observations.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+    api.feeds.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
     if api.server.cancel_observation(id).await {
         Json(json!({ "observation": id, "cancelled": true })).into_response()
     } else {
@@ -478,7 +539,7 @@ fn observation_id(text: &str) -> Result<u64, ApiError> {
     text.parse().map_err(|_| bad_request(format!("{text:?} is not an observation id (a number)")))
 }
 
-async fn delete(
+async fn remove(
     State(server): State<Lwm2mServer>,
     State(models): State<Arc<Models>>,
     Path((endpoint, path)): Path<(String, String)>,
@@ -529,6 +590,10 @@ async fn pool(State(server): State<Lwm2mServer>) -> Response {
             "sessions_restored": stats.endpoint.sessions_restored,
             "session_store_failures": stats.store_failures,
             "datagrams_dropped": stats.endpoint.dropped_total(),
+            "dropped_by_reason": tether_proto::dtls::DropReason::ALL
+                .iter()
+                .map(|r| (r.name().to_string(), json!(stats.endpoint.dropped(*r))))
+                .collect::<serde_json::Map<String, Value>>(),
         },
         "per_session": sessions,
     }))

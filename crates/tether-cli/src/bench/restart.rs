@@ -50,7 +50,8 @@ struct Serve {
 impl Serve {
     fn start(coaps: &str, data: &Path, security: &Path) -> Result<Self> {
         let mut child = Command::new(std::env::current_exe()?)
-            .args(["serve", "--coaps", coaps, "--http", "127.0.0.1:0", "--data-dir"])
+            // Loopback, and the bench's own server: no API token to pass around.
+            .args(["serve", "--coaps", coaps, "--http", "127.0.0.1:0", "--no-api-auth", "--data-dir"])
             .arg(data)
             .arg("--security")
             .arg(security)
@@ -66,7 +67,7 @@ impl Serve {
             if let Some(addr) = line.strip_prefix("tether serve: CoAPs (DTLS 1.2) on udp ") {
                 coaps = addr.trim().parse().ok();
             }
-            if let Some(rest) = line.strip_prefix("tether serve: REST API on http://") {
+            if let Some(rest) = line.strip_prefix("tether serve: web UI on http://") {
                 http = rest.split('/').next().and_then(|a| a.parse().ok());
             }
         }

@@ -16,6 +16,9 @@ pub const KEY: &str = "73656372657450534b";
 /// PSK entries `device-N` → `urn:dev:N` the server is started with.
 pub const DEVICES: usize = 5;
 
+/// The admin API token of each server this test started, by HTTP address: [`http`] sends it.
+static TOKENS: std::sync::Mutex<Vec<(SocketAddr, String)>> = std::sync::Mutex::new(Vec::new());
+
 /// A `tether serve` process this test started; killed (by its PID) when dropped.
 pub struct Server {
     child: Child,
@@ -23,6 +26,8 @@ pub struct Server {
     pub coaps: SocketAddr,
     /// HTTP address.
     pub http: SocketAddr,
+    /// The admin API token it made in its data directory.
+    pub token: Option<String>,
 }
 
 impl Server {
@@ -37,8 +42,13 @@ impl Server {
 
     /// Starts with CoAPs on `coaps` (to come back on the same port after a kill).
     pub fn start_on(coaps: &str, data_dir: &Path, extra: &[&str]) -> Self {
+        Self::start_on_http(coaps, "127.0.0.1:0", data_dir, extra)
+    }
+
+    /// Starts with CoAPs on `coaps` and HTTP on `http`.
+    pub fn start_on_http(coaps: &str, http: &str, data_dir: &Path, extra: &[&str]) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_tether"));
-        command.args(["serve", "--coaps", coaps, "--http", "127.0.0.1:0", "--data-dir"]).arg(data_dir);
+        command.args(["serve", "--coaps", coaps, "--http", http, "--data-dir"]).arg(data_dir);
         command.args(extra);
         // Info lines of hundreds of devices would bury the test output; tests/logs.rs reads them.
         command.env("RUST_LOG", "warn");
@@ -59,11 +69,18 @@ impl Server {
             if let Some(addr) = line.strip_prefix("tether serve: CoAPs (DTLS 1.2) on udp ") {
                 coaps = addr.trim().parse().ok();
             }
-            if let Some(rest) = line.strip_prefix("tether serve: REST API on http://") {
+            if let Some(rest) = line.strip_prefix("tether serve: web UI on http://") {
                 http = rest.split('/').next().and_then(|a| a.parse().ok());
             }
         }
-        Self { child, coaps: coaps.unwrap(), http: http.unwrap() }
+        let (coaps, http) = (coaps.unwrap(), http.unwrap());
+        let token = std::fs::read_to_string(data_dir.join("api-token")).ok().map(|t| t.trim().to_string());
+        if let Some(token) = &token {
+            let mut tokens = TOKENS.lock().unwrap_or_else(|e| e.into_inner());
+            tokens.retain(|(addr, _)| *addr != http);
+            tokens.push((http, token.clone()));
+        }
+        Self { child, coaps, http, token }
     }
 
     /// The process ID.
@@ -99,12 +116,39 @@ impl Drop for Server {
     }
 }
 
-/// A minimal HTTP/1.1 request; returns the status and the JSON body.
+/// A `tether device` registering `urn:dev:0` (PSK identity `device-0`) with `server`, with
+/// `extra` flags (a `--duration` bounds it); the caller ends it by its PID.
+pub fn device_0(server: &Server, extra: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["device", "--server", &format!("coaps://{}", server.coaps), "--psk-identity", "device-0"])
+        .args(["--endpoint", "urn:dev:0", "--psk-key", KEY])
+        .args(extra)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("tether binary")
+}
+
+/// A minimal HTTP/1.1 request with the server's admin token; returns the status and the
+/// JSON body.
 pub async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+    let token =
+        TOKENS.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(a, _)| *a == addr).map(|(_, t)| t.clone());
+    http_as(addr, method, path, body, token.as_deref()).await
+}
+
+/// A minimal HTTP/1.1 request with `token` (none: no Authorization header).
+pub async fn http_as(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> (u16, Value) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let body = body.unwrap_or("");
+    let authorization = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\n{authorization}Content-Length: {}\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(request.as_bytes()).await.unwrap();
