@@ -20,7 +20,7 @@ use tether_coap::registration::{response, EndpointAuthorizer};
 use tether_proto::dtls::{DtlsContext, PskKey};
 use tokio::sync::broadcast;
 
-use crate::client::{sleep_until, ConnectError, DtlsClient};
+use crate::client::{local_for, sleep_until, ConnectError, DtlsClient};
 use crate::clock;
 use crate::lwm2m::authorization_identity;
 use crate::server::DtlsServer;
@@ -275,11 +275,8 @@ pub async fn bootstrap(
     endpoint: &str,
     coap: CoapConfig,
 ) -> Result<ServerAccount, BootstrapFailure> {
-    let local: SocketAddr =
-        if server.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
-    let local = if server.ip().is_loopback() { SocketAddr::new(server.ip(), 0) } else { local };
     let io = |e: std::io::Error| BootstrapFailure::Connect(ConnectError::Io(Arc::new(e)));
-    let socket = Socket::bind_udp(local, None).await.map_err(io)?;
+    let socket = Socket::bind_udp(local_for(server), None).await.map_err(io)?;
     socket.connect(server).await.map_err(io)?;
     let session = DtlsClient::connect_on_as(socket, server, context, None, psk).await?;
     let mut client = BootstrapClient::new(endpoint, Arc::new(coap), rand::random());

@@ -136,13 +136,7 @@ impl DtlsClient {
         context: &Arc<DtlsContext>,
         saved: Option<&SavedSession>,
     ) -> Result<Self, ConnectError> {
-        let local = match peer.ip() {
-            IpAddr::V4(ip) if ip.is_loopback() => SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-            IpAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
-            IpAddr::V6(ip) if ip.is_loopback() => SocketAddr::from((Ipv6Addr::LOCALHOST, 0)),
-            IpAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
-        };
-        let socket = Socket::bind_udp(local, None).await.map_err(|e| ConnectError::Io(Arc::new(e)))?;
+        let socket = Socket::bind_udp(local_for(peer), None).await.map_err(|e| ConnectError::Io(Arc::new(e)))?;
         socket.connect(peer).await.map_err(|e| ConnectError::Io(Arc::new(e)))?;
         Self::connect_on(socket, peer, context, saved).await
     }
@@ -387,6 +381,16 @@ impl Driver {
 }
 
 /// Sleeps until `deadline`, or forever without one.
+/// The local address to reach `peer` from: loopback for a loopback peer, else any, port 0.
+pub(crate) fn local_for(peer: SocketAddr) -> SocketAddr {
+    match peer.ip() {
+        IpAddr::V4(ip) if ip.is_loopback() => SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        IpAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        IpAddr::V6(ip) if ip.is_loopback() => SocketAddr::from((Ipv6Addr::LOCALHOST, 0)),
+        IpAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+    }
+}
+
 pub(crate) async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(at) => tokio::time::sleep_until(at).await,

@@ -124,11 +124,12 @@ fn changes_something(method: &Method, path: &str) -> bool {
 
 /// The token of `Authorization: Bearer …`, else of the login cookie.
 fn presented(headers: &HeaderMap) -> Option<String> {
+    // The scheme is case-insensitive (RFC 9110 §11.1).
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| t.trim().to_string());
+        .and_then(|v| v.split_once(' ').filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer")))
+        .map(|(_, token)| token.trim().to_string());
     bearer.or_else(|| {
         headers
             .get_all(header::COOKIE)
@@ -286,6 +287,8 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(header::AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {}", "r".repeat(32))).unwrap());
         assert_eq!(presented(&headers).and_then(|t| access.role_of(&t)), Some(Role::Read));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_str(&format!("bearer {}", "a".repeat(32))).unwrap());
+        assert_eq!(presented(&headers).and_then(|t| access.role_of(&t)), Some(Role::Admin), "any case");
         let mut headers = HeaderMap::new();
         headers
             .insert(header::COOKIE, HeaderValue::from_str(&format!("x=1; tether_token={}", "a".repeat(32))).unwrap());
