@@ -41,7 +41,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// The LwM2M server over CoAP over DTLS, with its REST API, on embedded defaults
+    /// The LwM2M server over CoAP over DTLS, with its REST API and web UI, on embedded defaults
     /// (CoAPs 127.0.0.1:5684, HTTP 127.0.0.1:8080, SQLite under ./tether-data).
     Serve(serve::ServeArgs),
     /// An LwM2M device, or a fleet (`--count N`), against a server; by default the

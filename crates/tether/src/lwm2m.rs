@@ -98,6 +98,9 @@ pub struct Observation {
     pub notifications: mpsc::Receiver<DeviceResponse>,
 }
 
+/// Session events kept for slow readers of [`Lwm2mServer::session_events`].
+const SESSION_EVENT_BACKLOG: usize = 512;
+
 /// Notifications queued per observation before the oldest unread are dropped.
 const NOTIFICATION_QUEUE: usize = 256;
 
@@ -187,7 +190,9 @@ impl Lwm2mServer {
     ) -> Result<Self, crate::store::StoreError> {
         let (commands, command_rx) = mpsc::channel(1024);
         let (events, _) = broadcast::channel(4096);
-        let (session_events, _) = broadcast::channel(4096);
+        // For live views only (a reader that falls behind is told it lagged): a small ring,
+        // allocated up front whether anyone listens or not.
+        let (session_events, _) = broadcast::channel(SESSION_EVENT_BACKLOG);
         let mut registry = Registry::new(config.seed);
         if let Some(store) = &store {
             for registration in store.load(clock::now())? {
