@@ -1,7 +1,7 @@
 //! The operator interface against the real binaries: every route the OpenAPI description
 //! names is routed and needs a token (but the UI's own files and login), read-only tokens
 //! cannot change anything, `/metrics` is open only on loopback, and `/api/events` streams a
-//! registration and then a notification as they happen.
+//! registration and then a notification as they happen (and the recent ones to a late reader).
 
 mod support;
 
@@ -119,7 +119,7 @@ async fn every_route_needs_a_token_and_read_tokens_change_nothing() {
 }
 
 /// The events of `/api/events` as (name, data), read from a real connection.
-async fn events(addr: std::net::SocketAddr, token: &str) -> tokio::sync::mpsc::UnboundedReceiver<(String, Value)> {
+async fn subscribe(addr: std::net::SocketAddr, token: &str) -> tokio::sync::mpsc::UnboundedReceiver<(String, Value)> {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let request = format!("GET /api/events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
@@ -154,7 +154,7 @@ async fn events_stream_a_registration_then_a_notification() {
     let _ = std::fs::remove_dir_all(&data);
     let server = Server::start(&data);
     let token = server.token.clone().expect("a token made in the data directory");
-    let mut events = events(server.http, &token).await;
+    let mut events = subscribe(server.http, &token).await;
     let mut device = device_0(&server, &["--duration", "60"]);
     let mut seen = Vec::new();
     loop {
@@ -178,6 +178,15 @@ async fn events_stream_a_registration_then_a_notification() {
             assert_eq!(data["observation"], id, "{data}");
             assert_eq!(data["endpoint"], "urn:dev:0");
             assert!(data["values"]["/3/0/13"].is_i64(), "{data}");
+            break;
+        }
+    }
+    // A reader connecting later gets the most recent events first: the registration is there.
+    let mut late = subscribe(server.http, &token).await;
+    loop {
+        let (name, data) = next(&mut late).await;
+        if name == "registered" {
+            assert_eq!(data["endpoint"], "urn:dev:0");
             break;
         }
     }

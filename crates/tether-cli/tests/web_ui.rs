@@ -175,8 +175,15 @@ async fn the_ui_lists_the_device_and_reads_its_manufacturer() {
     browser.call("POST", &format!("/element/{input}/value"), json!({ "text": token })).await;
     browser.click(&browser.wait_for("#login-button").await).await;
 
-    // The device list, then the device's objects with their model names.
+    // The device list, then the device's objects with their model names; the events panel
+    // shows the registration, which happened before the page opened.
     let row = browser.wait_for("tr[data-endpoint=\"urn:dev:0\"]").await;
+    let events = browser.wait_for("#events").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !browser.text(&events).await.contains("registered") {
+        assert!(Instant::now() < deadline, "the registration is in the events: {:?}", browser.text(&events).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let listed = browser.text(&row).await;
     assert!(listed.contains("urn:dev:0") && listed.contains("psk:device-0"), "{listed}");
     browser.click(&row).await;
@@ -193,7 +200,6 @@ async fn the_ui_lists_the_device_and_reads_its_manufacturer() {
     // Observe Current Time (/3/0/13, a new value every second): notifications arrive over
     // the event stream, into the events panel and the resource's cell.
     browser.click(&browser.wait_for("tr[data-path=\"/3/0/13\"] button.observe").await).await;
-    let events = browser.wait_for("#events").await;
     let deadline = Instant::now() + Duration::from_secs(20);
     while !browser.text(&events).await.contains("notification") {
         assert!(Instant::now() < deadline, "a notification streams in: {:?}", browser.text(&events).await);

@@ -1,4 +1,5 @@
-//! Live events: `GET /api/events` (Server-Sent Events) carries registrations, updates,
+//! Live events: `GET /api/events` (Server-Sent Events) carries, after the most recent few,
+//! registrations, updates,
 //! de-registrations and expiries, DTLS sessions opening, being replaced, moving and closing,
 //! and every notification of the observations started through the API, as they happen.
 //! Observations also keep their latest notifications for `GET /api/observations/{id}`.
@@ -27,39 +28,56 @@ pub struct LiveEvent {
 
 /// Events kept for slow SSE readers before they miss some (they are told how many).
 const LIVE_BACKLOG: usize = 1024;
+/// The most recent events, sent to a reader when it connects (a page opened after a
+/// registration still shows it).
+const RECENT: usize = 50;
+
+/// The live events: a broadcast to every connected reader, and the most recent few.
+#[derive(Debug, Clone)]
+pub struct Live {
+    tx: broadcast::Sender<LiveEvent>,
+    recent: Arc<Mutex<VecDeque<LiveEvent>>>,
+}
+
+impl Live {
+    fn publish(&self, event: LiveEvent) {
+        // Under the lock: a reader subscribing at the same time sees an event either among
+        // the recent ones or on its receiver, never both, never neither.
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if recent.len() >= RECENT {
+            recent.pop_front();
+        }
+        recent.push_back(event.clone());
+        let _ = self.tx.send(event);
+    }
+
+    fn subscribe(&self) -> (Vec<LiveEvent>, broadcast::Receiver<LiveEvent>) {
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        (recent.iter().cloned().collect(), self.tx.subscribe())
+    }
+}
 /// Notifications kept per observation for polling; the oldest go first.
 const FEED_LIMIT: usize = 256;
 
-/// The live event channel, fed from `server`'s registry and session events.
-pub fn live(server: &Lwm2mServer) -> broadcast::Sender<LiveEvent> {
-    let (live, _) = broadcast::channel(LIVE_BACKLOG);
-    let mut registry = server.events();
-    let tx = live.clone();
-    tokio::spawn(async move {
-        loop {
-            match registry.recv().await {
-                Ok(event) => {
-                    let _ = tx.send(registry_event(&event));
-                }
-                Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(broadcast::error::RecvError::Closed) => return,
-            }
-        }
-    });
-    let mut sessions = server.session_events();
-    let tx = live.clone();
-    tokio::spawn(async move {
-        loop {
-            match sessions.recv().await {
-                Ok(event) => {
-                    let _ = tx.send(session_event(&event));
-                }
-                Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(broadcast::error::RecvError::Closed) => return,
-            }
-        }
-    });
+/// The live events, fed from `server`'s registry and session events.
+pub fn live(server: &Lwm2mServer) -> Live {
+    let live = Live { tx: broadcast::channel(LIVE_BACKLOG).0, recent: Arc::default() };
+    forward(server.events(), live.clone(), registry_event);
+    forward(server.session_events(), live.clone(), session_event);
     live
+}
+
+/// Publishes every event of `events`, turned into a live event by `convert`.
+fn forward<T: Clone + Send + 'static>(mut events: broadcast::Receiver<T>, live: Live, convert: fn(&T) -> LiveEvent) {
+    tokio::spawn(async move {
+        loop {
+            match events.recv().await {
+                Ok(event) => live.publish(convert(&event)),
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
 }
 
 fn registration(r: &Registration) -> Value {
@@ -107,13 +125,15 @@ fn session_event(event: &SessionEvent) -> LiveEvent {
     }
 }
 
-/// `GET /api/events`: the live events as Server-Sent Events (`event:` the name, `data:` JSON).
-/// A reader too slow for the backlog gets a `lagged` event with the number it missed.
+/// `GET /api/events`: the most recent events, then the live ones as they happen, as
+/// Server-Sent Events (`event:` the name, `data:` JSON). A reader too slow for the backlog
+/// gets a `lagged` event with the number it missed.
 pub async fn stream(State(api): State<Api>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let events = api.live.subscribe();
-    let stream = futures::stream::unfold(events, |mut events| async move {
+    let (recent, events) = api.live.subscribe();
+    let replay = futures::stream::iter(recent.iter().map(sse).map(Ok).collect::<Vec<_>>());
+    let live = futures::stream::unfold(events, |mut events| async move {
         let event = match events.recv().await {
-            Ok(live) => Event::default().event(live.name).json_data(&live.data).unwrap_or_default(),
+            Ok(live) => sse(&live),
             Err(broadcast::error::RecvError::Lagged(missed)) => {
                 Event::default().event("lagged").data(missed.to_string())
             }
@@ -121,7 +141,11 @@ pub async fn stream(State(api): State<Api>) -> Sse<impl Stream<Item = Result<Eve
         };
         Some((Ok(event), events))
     });
-    Sse::new(stream).keep_alive(KeepAlive::default())
+    Sse::new(futures::StreamExt::chain(replay, live)).keep_alive(KeepAlive::default())
+}
+
+fn sse(live: &LiveEvent) -> Event {
+    Event::default().event(live.name).json_data(&live.data).unwrap_or_default()
 }
 
 /// The notifications of one observation kept for polling.
@@ -162,7 +186,7 @@ pub fn follow(
                 }
                 feed.queue.push_back(data.clone());
             }
-            let _ = live.send(LiveEvent { name: "notification", data });
+            live.publish(LiveEvent { name: "notification", data });
         }
         let mut feeds = feeds.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(feed) = feeds.get_mut(&id) {
@@ -172,7 +196,7 @@ pub fn follow(
             }
         }
         drop(feeds);
-        let _ = live.send(LiveEvent { name: "observation_ended", data: json!({ "observation": id }) });
+        live.publish(LiveEvent { name: "observation_ended", data: json!({ "observation": id }) });
     });
 }
 

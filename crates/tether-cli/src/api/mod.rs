@@ -36,7 +36,7 @@ struct Api {
     /// Observations started through the API, with their latest notifications.
     feeds: events::Feeds,
     /// What `/api/events` streams.
-    live: tokio::sync::broadcast::Sender<events::LiveEvent>,
+    live: events::Live,
     access: auth::Access,
 }
 
