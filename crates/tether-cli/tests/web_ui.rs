@@ -6,6 +6,7 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -47,7 +48,8 @@ async fn webdriver(addr: SocketAddr, method: &str, path: &str, body: Option<&str
     tokio::time::timeout(Duration::from_secs(60), exchange).await.expect("chromedriver answers within 60 s")
 }
 
-/// A `chromedriver` this test started, ended by its PID when dropped.
+/// A `chromedriver` this test started in a process group of its own, with the browser it
+/// starts; the whole group is ended when dropped, so a failing test leaves no browser behind.
 struct Driver {
     child: Child,
     addr: SocketAddr,
@@ -55,7 +57,8 @@ struct Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
         let _ = self.child.wait();
     }
 }
@@ -143,6 +146,7 @@ async fn the_ui_lists_the_device_and_reads_its_manufacturer() {
     let port = free_port();
     let child = Command::new("chromedriver")
         .arg(format!("--port={port}"))
+        .process_group(0)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -161,7 +165,10 @@ async fn the_ui_lists_the_device_and_reads_its_manufacturer() {
         "browserName": "chrome",
         "goog:chromeOptions": {
             "binary": "/usr/bin/chromium",
-            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1500,1700"]
+            "args": [
+                "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-crash-reporter",
+                "--disable-breakpad", "--window-size=1500,1700"
+            ]
         }
     }}});
     let (status, created) = webdriver(driver.addr, "POST", "/session", Some(&capabilities.to_string())).await;
