@@ -44,13 +44,10 @@ pub async fn push(
     RawQuery(query): RawQuery,
     package: Bytes,
 ) -> Response {
-    let mut options = match RequestOptions::parse(query.as_deref()) {
+    let options = match RequestOptions::parse_with(query.as_deref(), PUSH_TIMEOUT) {
         Ok(options) => options,
         Err(err) => return err.into_response(),
     };
-    if !query.as_deref().unwrap_or_default().split('&').any(|p| p.starts_with("timeout=")) {
-        options.timeout = PUSH_TIMEOUT;
-    }
     let mut update = false;
     for (key, value) in &options.rest {
         match (key.as_str(), value.as_str()) {

@@ -23,7 +23,12 @@ pub struct RequestOptions {
 
 impl RequestOptions {
     pub fn parse(query: Option<&str>) -> Result<Self, ApiError> {
-        let mut options = Self { timeout: DEFAULT_TIMEOUT, format: None, rest: Vec::new() };
+        Self::parse_with(query, DEFAULT_TIMEOUT)
+    }
+
+    /// Like [`parse`](Self::parse), with `default_timeout` when `?timeout=` is not given.
+    pub fn parse_with(query: Option<&str>, default_timeout: Duration) -> Result<Self, ApiError> {
+        let mut options = Self { timeout: default_timeout, format: None, rest: Vec::new() };
         for item in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
             let (key, value) = item.split_once('=').unwrap_or((item, ""));
             match key {
@@ -32,7 +37,7 @@ impl RequestOptions {
                     _ => {
                         return Err(bad_request(format!(
                             "timeout={value:?}: seconds between 0.1 and {MAX_TIMEOUT_S} (default {})",
-                            DEFAULT_TIMEOUT.as_secs()
+                            default_timeout.as_secs()
                         )))
                     }
                 },
