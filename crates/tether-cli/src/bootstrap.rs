@@ -94,8 +94,8 @@ impl BootstrapEntryFile {
         if !(1..u16::MAX).contains(&self.short_server_id) {
             bail!("short_server_id must be between 1 and 65534");
         }
-        if self.lifetime == 0 {
-            bail!("lifetime must be at least 1 second");
+        if let Err(err) = tether_coap::registration::Lifetime::from_secs(self.lifetime) {
+            bail!("{err}");
         }
         if !matches!(self.binding.as_str(), "U" | "UQ") {
             bail!("binding {:?}: \"U\" or \"UQ\"", self.binding);

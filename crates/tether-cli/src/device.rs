@@ -31,8 +31,9 @@ pub struct DeviceArgs {
     #[arg(long, default_value = DEV_IDENTITY)]
     pub psk_identity: String,
     /// PSK key in hex, for every device. Default: each device's key from `--security FILE`,
-    /// else the public development key `tether serve` accepts.
-    #[arg(long)]
+    /// else the public development key `tether serve` accepts. A key on the command line
+    /// shows in `ps`: give it in `TETHER_PSK_KEY` or a `--security` file instead.
+    #[arg(long, env = "TETHER_PSK_KEY", hide_env_values = true)]
     pub psk_key: Option<String>,
     /// Take each device's PSK from this security file (its `[[psk]]` entries, as
     /// `--write-security` writes them), by identity.
@@ -80,11 +81,11 @@ pub struct DeviceArgs {
     /// Never resume a session: every handshake is a full one.
     #[arg(long)]
     pub no_resume: bool,
-    /// Local IP address of the devices' sockets (port 0: one port each). On loopback a
-    /// fleet beyond ~25,000 devices runs out of ports on one address; give each fleet its
-    /// own (127.0.1.1, 127.0.2.1, …).
-    #[arg(long, value_name = "IP")]
-    pub bind: Option<std::net::IpAddr>,
+    /// Local address of the devices' sockets: an IP (a port each), or IP:PORT for one device
+    /// on a port of its choosing. On loopback a fleet beyond ~25,000 devices runs out of
+    /// ports on one address; give each fleet its own (127.0.1.1, 127.0.2.1, …).
+    #[arg(long, value_name = "IP[:PORT]", value_parser = parse_bind)]
+    pub bind: Option<SocketAddr>,
     /// Offer a DTLS Connection ID (RFC 9146): the server routes this device's records by
     /// it, so the session survives a new address or port (NAT rebinding) with no handshake.
     #[arg(long)]
@@ -152,16 +153,24 @@ impl DeviceArgs {
         if self.send_interval.is_some_and(|s| !(0.1..=86_400.0).contains(&s)) {
             bail!("--send-interval must be between 0.1 and 86400 seconds");
         }
-        if self.lifetime == 0 {
-            bail!("--lifetime must be at least 1 second");
+        if let Err(err) = tether_coap::registration::Lifetime::from_secs(self.lifetime) {
+            bail!("--lifetime: {err}");
         }
         if self.retry_count == 0 || self.sequence_retry_count == 0 {
             bail!("--retry-count and --sequence-retry-count must be at least 1");
         }
-        for (name, value) in [("--retry-timer", self.retry_timer), ("--sequence-delay", self.sequence_delay)] {
-            if !(0.0..=1e7).contains(&value) {
+        for (name, value) in [
+            ("--retry-timer", Some(self.retry_timer)),
+            ("--sequence-delay", Some(self.sequence_delay)),
+            ("--nat-timeout", self.nat_timeout),
+            ("--duration", self.duration),
+        ] {
+            if let Some(value) = value.filter(|v| !(0.0..=1e7).contains(v)) {
                 bail!("{name} must be between 0 and 10000000 seconds, got {value}");
             }
+        }
+        if self.bind.is_some_and(|b| b.port() != 0) && self.count > 1 {
+            bail!("--bind with a port names one device's address; a fleet (--count > 1) binds an IP only");
         }
         if self.certificate.is_some() && self.count > 1 {
             bail!("--certificate names one device; a fleet (--count > 1) authenticates with PSK identities");
@@ -212,9 +221,16 @@ impl DeviceArgs {
         client.seed = rand::random::<u64>() ^ i as u64;
         let mut config = Lwm2mDeviceConfig::new(client, server, context);
         config.resume = !self.no_resume;
-        config.local = self.bind.map(|ip| SocketAddr::new(ip, 0));
+        config.local = self.bind;
         config
     }
+}
+
+/// `--bind IP` (port 0) or `--bind IP:PORT`.
+fn parse_bind(text: &str) -> Result<SocketAddr, String> {
+    text.parse::<SocketAddr>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 0)))
+        .map_err(|_| format!("{text:?} is not an IP address or IP:PORT"))
 }
 
 /// Runs the devices until `--duration` or a signal; prints progress and a summary.

@@ -181,7 +181,24 @@ enum BenchTarget {
     },
 }
 
+/// The exit status after a panic (EX_SOFTWARE, sysexits.h).
+const EXIT_PANIC: i32 = 70;
+
+/// Makes a panic in any thread or task fatal and visible: it is printed and logged, and the
+/// process exits with [`EXIT_PANIC`]. A server whose LwM2M task died would otherwise answer
+/// HTTP with an empty fleet and look healthy; a supervisor restarts an exited one, and the
+/// stored registrations and sessions bring every device back.
+fn exit_on_panic() {
+    let print = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        print(info);
+        tracing::error!(panic = %info, "a task panicked: exiting with status {EXIT_PANIC}");
+        std::process::exit(EXIT_PANIC);
+    }));
+}
+
 fn main() -> Result<()> {
+    exit_on_panic();
     match Cli::parse().command {
         Command::Serve(args) => {
             serve::init_logging(args.log_format, "info");

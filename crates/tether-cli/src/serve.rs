@@ -40,7 +40,9 @@ pub struct ServeArgs {
     /// Security store (TOML with `[[psk]]` entries: identity, key (hex), endpoint).
     #[arg(long, value_name = "FILE")]
     pub security: Option<PathBuf>,
-    /// A PSK entry; repeatable. Replaces the development entry.
+    /// A PSK entry; repeatable. Replaces the development entry. A key on the command line
+    /// shows in `ps`: give entries in `TETHER_PSK` (separated by spaces) or a `--security`
+    /// file (mode 0600) instead.
     #[arg(long = "psk", value_name = "IDENTITY:HEXKEY:ENDPOINT")]
     pub psk: Vec<String>,
     /// A directory of OMA DDF XML object definitions (as the OMA registry publishes them) to
@@ -97,8 +99,98 @@ struct FileConfig {
     api_token_file: Option<PathBuf>,
     /// `false`: no API authentication (loopback only).
     api_auth: Option<bool>,
+    /// Names the HTTP server answers to besides its addresses and localhost (the `Host` a
+    /// browser sends; any other name is refused, against DNS rebinding).
+    #[serde(default)]
+    http_hosts: Vec<String>,
     #[serde(default)]
     psk: Vec<PskEntryFile>,
+    /// Limits (`[limits]`): what one source, one identity and all together may hold.
+    #[serde(default)]
+    limits: Limits,
+}
+
+/// `[limits]` of tether.toml: how much of the server one party may hold, and all together.
+/// Every field has a default; see README.md ("Limits").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// DTLS sessions at once, established or handshaking.
+    pub max_sessions: usize,
+    /// DTLS handshakes in progress at once.
+    pub max_handshakes: usize,
+    /// Handshakes in progress from one IP address (one that held a session is not limited).
+    pub handshakes_per_address: usize,
+    /// Handshakes in progress from one /24 (IPv4) or /64 (IPv6) network.
+    pub handshakes_per_network: usize,
+    /// DTLS sessions one identity holds at once; a new one closes its oldest.
+    pub sessions_per_identity: usize,
+    /// Seconds a handshake whose client said nothing after its ClientHello is kept.
+    pub stalled_handshake_timeout_s: f64,
+    /// HTTP connections at once.
+    pub http_connections: usize,
+    /// HTTP connections from one IP address at once.
+    pub http_connections_per_address: usize,
+    /// Seconds a connection has to send a request's headers, counted from when the server
+    /// waits for them (a new connection, or a kept-alive one between requests): slow and
+    /// silent clients are cut.
+    pub http_header_timeout_s: f64,
+    /// `/api/events` readers at once.
+    pub event_readers: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_sessions: 10_000,
+            max_handshakes: 1_000,
+            handshakes_per_address: 32,
+            handshakes_per_network: 128,
+            sessions_per_identity: 4,
+            stalled_handshake_timeout_s: 10.0,
+            http_connections: 512,
+            http_connections_per_address: 64,
+            http_header_timeout_s: 10.0,
+            event_readers: 64,
+        }
+    }
+}
+
+impl Limits {
+    /// Checks every limit is usable, naming the first that is not.
+    fn validate(&self) -> Result<()> {
+        let counts = [
+            ("max_sessions", self.max_sessions),
+            ("max_handshakes", self.max_handshakes),
+            ("handshakes_per_address", self.handshakes_per_address),
+            ("handshakes_per_network", self.handshakes_per_network),
+            ("sessions_per_identity", self.sessions_per_identity),
+            ("http_connections", self.http_connections),
+            ("http_connections_per_address", self.http_connections_per_address),
+            ("event_readers", self.event_readers),
+        ];
+        if let Some((name, _)) = counts.iter().find(|(_, value)| *value == 0) {
+            bail!("tether.toml [limits]: {name} must be at least 1");
+        }
+        let seconds = [
+            ("stalled_handshake_timeout_s", self.stalled_handshake_timeout_s),
+            ("http_header_timeout_s", self.http_header_timeout_s),
+        ];
+        if let Some((name, value)) = seconds.iter().find(|(_, value)| !(0.1..=86_400.0).contains(value)) {
+            bail!("tether.toml [limits]: {name} must be between 0.1 and 86400 seconds, got {value}");
+        }
+        Ok(())
+    }
+
+    /// The DTLS endpoint's limits.
+    pub fn endpoint(&self, config: tether_proto::dtls::EndpointConfig) -> tether_proto::dtls::EndpointConfig {
+        config
+            .max_sessions(self.max_sessions)
+            .max_handshakes(self.max_handshakes)
+            .handshakes_per_source(self.handshakes_per_address, self.handshakes_per_network)
+            .max_sessions_per_identity(self.sessions_per_identity)
+            .stalled_handshake_timeout(std::time::Duration::from_secs_f64(self.stalled_handshake_timeout_s))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -164,6 +256,10 @@ pub struct Settings {
     pub cipher_suites: Vec<CipherSuite>,
     /// Who may use the REST API and web UI.
     pub api: ApiAuth,
+    /// What one party, and all together, may hold.
+    pub limits: Limits,
+    /// Names the HTTP server answers to besides its addresses and localhost.
+    pub http_hosts: Vec<String>,
 }
 
 /// How the REST API and web UI authenticate.
@@ -217,12 +313,16 @@ impl Settings {
         for flag in &args.psk {
             entries.push(psk_flag(flag)?);
         }
+        for entry in std::env::var("TETHER_PSK").unwrap_or_default().split_whitespace() {
+            entries.push(psk_flag(entry).context("TETHER_PSK")?);
+        }
         let mut seen = HashMap::new();
         for e in &entries {
             if let Some(previous) = seen.insert(e.identity.clone(), e.endpoint.clone()) {
                 bail!("PSK identity {:?} is configured twice (for {previous:?} and {:?})", e.identity, e.endpoint);
             }
         }
+        file.limits.validate()?;
         let http = args.http.or(file.http).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
         let api = if args.no_api_auth || file.api_auth == Some(false) {
             if !http.ip().is_loopback() {
@@ -253,6 +353,8 @@ impl Settings {
                 None => CipherSuite::DEFAULT.to_vec(),
             },
             api,
+            limits: file.limits.clone(),
+            http_hosts: file.http_hosts.clone(),
             models: match args.models.as_ref().or(file.models.as_ref()) {
                 Some(dir) => load_models(dir)?,
                 None => Models::built_in(),
@@ -377,6 +479,19 @@ pub fn read_psk_entries(path: &Path) -> Result<Vec<PskEntry>> {
         .collect()
 }
 
+/// Makes `dir` (which holds keys and tokens) the owner's alone: mode 0700, said if it was
+/// wider.
+fn narrow_to_owner(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir).with_context(|| format!("cannot read {}", dir.display()))?.permissions().mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot make the data directory {} private (mode 0700)", dir.display()))?;
+        tracing::info!(dir = %dir.display(), was = format!("{:o}", mode & 0o777), "data directory narrowed to mode 0700");
+    }
+    Ok(())
+}
+
 /// Holds the data directory for this process: a second `tether serve` on the same
 /// directory would write the same databases and answer with the same sessions.
 #[derive(Debug)]
@@ -391,6 +506,7 @@ impl DataDirLock {
         use std::io::{Read, Seek, Write};
         use std::os::fd::AsRawFd;
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create the data directory {}", dir.display()))?;
+        narrow_to_owner(dir)?;
         let path = dir.join("tether.lock");
         let mut file =
             std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).with_context(
@@ -418,6 +534,39 @@ impl DataDirLock {
     }
 }
 
+/// Says what opening the stores found: a server that was not shut down (a crash, `kill -9`),
+/// and a session store put back from an older copy (whose sessions were dropped).
+fn report_opened(
+    registrations: &Path,
+    opened: &tether::store::OpenReport,
+    sessions: &Path,
+    sessions_opened: &tether::session_store::SessionsOpened,
+) {
+    for (file, unclean) in [(registrations, opened.unclean), (sessions, sessions_opened.store.unclean)] {
+        if unclean {
+            tracing::warn!(
+                file = %file.display(),
+                "not closed cleanly: the server stopped without shutting down (a crash, kill -9, power loss); \
+                 SQLite recovered every committed write from its write-ahead log"
+            );
+        }
+    }
+    if let Some(rolled_back) = sessions_opened.rolled_back {
+        tracing::warn!(
+            file = %sessions.display(),
+            database_generation = rolled_back.database,
+            marker_generation = rolled_back.marker,
+            "the session store is older than its generation marker: it was put back from a copy; its sessions are \
+             ended rather than reuse their sequence numbers (each device is told and handshakes once)"
+        );
+        say!(
+            "tether serve: {} was put back from an older copy: its sessions are ended, not restored (each device \
+             handshakes once); see README.md, \"Backup and restore\"",
+            sessions.display()
+        );
+    }
+}
+
 /// Runs the server until SIGINT or SIGTERM; then closes every session (close_notify) and
 /// returns.
 pub async fn run(settings: Settings) -> Result<()> {
@@ -439,13 +588,21 @@ pub async fn run(settings: Settings) -> Result<()> {
     }
     let context = DtlsContext::server(server_config)?;
     let _lock = DataDirLock::acquire(&settings.data_dir)?;
+    // Every connection and socket is bounded by the limits, not by the soft descriptor limit
+    // (1,024 by default): take what the hard limit allows.
+    if let Err(err) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::warn!(%err, "could not raise the open-file limit");
+    }
     let db = settings.data_dir.join("registrations.db");
     let store = Arc::new(RegistrationStore::open(&db).with_context(|| format!("cannot open {}", db.display()))?);
     let sessions_db = settings.data_dir.join("sessions.db");
     let sessions =
         Arc::new(SessionStore::open(&sessions_db).with_context(|| format!("cannot open {}", sessions_db.display()))?);
     let stored_sessions = sessions.len()?;
-    let dtls_config = DtlsServerConfig::default().session_store(sessions);
+    report_opened(&db, store.opened(), &sessions_db, sessions.opened());
+    let mut dtls_config = DtlsServerConfig::default().session_store(sessions);
+    dtls_config.endpoint = settings.limits.endpoint(dtls_config.endpoint);
+    dtls_config.pool.capacity = settings.limits.max_sessions;
     let dtls = Arc::new(DtlsServer::bind(settings.coaps, context, dtls_config).await?);
     let lwm2m = Lwm2mServer::start(Arc::clone(&dtls), Arc::new(authorizer), Some(store), Lwm2mServerConfig::default())?;
     let listener = tokio::net::TcpListener::bind(settings.http)
@@ -507,13 +664,35 @@ pub async fn run(settings: Settings) -> Result<()> {
         tether_coap::model::BUILT_IN.len(),
         settings.models.loaded()
     );
-    let app = crate::api::router(lwm2m.clone(), Arc::new(settings.models), access);
-    let http = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
-    http.await?;
+    inject_panic();
+    let api = crate::api::ApiSettings {
+        access,
+        hosts: crate::api::guard::Hosts::new(&settings.http_hosts),
+        event_readers: settings.limits.event_readers,
+    };
+    let app = crate::api::router(lwm2m.clone(), Arc::new(settings.models), api);
+    let limits = crate::api::listener::HttpLimits {
+        connections: settings.limits.http_connections,
+        connections_per_address: settings.limits.http_connections_per_address,
+        header_timeout: std::time::Duration::from_secs_f64(settings.limits.http_header_timeout_s),
+    };
+    crate::api::listener::serve(listener, app, limits, shutdown_signal()).await?;
     tracing::info!("shutting down: close_notify to every device");
     say!("tether serve: shutting down: close_notify to every peer");
     dtls.shutdown().await;
     Ok(())
+}
+
+/// Test builds only: `TETHER_FAULT_PANIC_AFTER_MS=N` makes a server task panic N ms after
+/// start, so a test can see that a panic ends the process (see `exit_on_panic` in main.rs).
+fn inject_panic() {
+    #[cfg(debug_assertions)]
+    if let Some(after) = std::env::var("TETHER_FAULT_PANIC_AFTER_MS").ok().and_then(|v| v.parse().ok()) {
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(after)).await;
+            panic!("injected fault (TETHER_FAULT_PANIC_AFTER_MS)");
+        });
+    }
 }
 
 async fn shutdown_signal() {

@@ -13,8 +13,8 @@ use serde_json::Value;
 use support::{device_0, http_as, wait_registered, Server};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-const ADMIN: &str = "a0a1a2a3a4a5a6a7a8a9aaabacadaeaf";
-const READER: &str = "b0b1b2b3b4b5b6b7b8b9babbbcbdbebf";
+const ADMIN: &str = "4f1c9e07b2d85a3e6c0f7b19d2a4e58c";
+const READER: &str = "9d3b7a15e0c48f62b1e9057ac3d6f284";
 
 /// `path` of the description with its parameters filled in.
 fn concrete(path: &str) -> String {

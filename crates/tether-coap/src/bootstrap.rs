@@ -20,7 +20,7 @@ use coap_lite::{CoapOption, MessageClass, Packet, RequestType, ResponseType};
 use crate::content::{self, format, Entry, Path, Value};
 use crate::message::{CoapConfig, CoapEvent, IncomingRequest, MessageLayer, Token};
 use crate::packet::{decode_uint, encode_uint, request};
-use crate::registration::{response, uri_path};
+use crate::registration::{response, uri_path, Lifetime, LifetimeError};
 
 /// The LwM2M server a device is given: what its Security (0) and Server (1) instances hold.
 #[derive(Clone, PartialEq, Eq)]
@@ -91,7 +91,7 @@ pub fn bootstrap_requests(account: &ServerAccount) -> Vec<Packet> {
     ];
     let server_entries = [
         at(&server, 0, Value::Integer(i64::from(account.short_server_id))),
-        at(&server, 1, Value::Integer(account.lifetime.as_secs() as i64)),
+        at(&server, 1, Value::Integer(i64::try_from(account.lifetime.as_secs()).unwrap_or(i64::MAX))),
         at(&server, 6, Value::Boolean(true)),
         at(&server, 7, Value::String(account.binding.clone())),
     ];
@@ -354,7 +354,13 @@ impl BootstrapClient {
             .map(|(_, instance)| *instance)
             .find(|i| integer(value(1, *i, 0)) == Some(i64::from(short_server_id)))
             .ok_or(format!("no Server instance with Short Server ID {short_server_id}"))?;
-        let lifetime = integer(value(1, server, 1)).filter(|l| *l > 0).unwrap_or(300) as u64;
+        let lifetime = match integer(value(1, server, 1)) {
+            None => Lifetime::from_secs(300).map_err(|e| e.to_string())?,
+            Some(secs) => u64::try_from(secs)
+                .map_err(|_| LifetimeError::OutOfRange(secs.to_string()))
+                .and_then(Lifetime::from_secs)
+                .map_err(|e| format!("/1/{server}/1: {e}"))?,
+        };
         let binding = match value(1, server, 7) {
             Some(Value::String(binding)) if !binding.is_empty() => binding.clone(),
             _ => "U".to_string(),
@@ -364,7 +370,7 @@ impl BootstrapClient {
             psk_identity,
             psk_key,
             short_server_id,
-            lifetime: Duration::from_secs(lifetime),
+            lifetime: lifetime.duration(),
             binding,
         })
     }

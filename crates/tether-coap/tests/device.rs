@@ -11,7 +11,8 @@ use tether_coap::content::{self, format, Path, Value};
 use tether_coap::device::{Action, ClientConfig, DeviceEvent, Lwm2mClient, RetryTimers};
 use tether_coap::message::{CoapConfig, CoapEvent, MessageLayer, Token};
 use tether_coap::packet;
-use tether_coap::registration::{Registry, RegistryEvent};
+use tether_coap::registration::{Origin, Registry, RegistryEvent};
+use tether_proto::dtls::SessionHandle;
 use tether_proto::resilience::Jitter;
 
 const PEER: &str = "127.0.0.1:40000";
@@ -90,8 +91,8 @@ impl Harness {
                     CoapEvent::Request { id, request } => {
                         let peer: SocketAddr = PEER.parse().unwrap();
                         let identity = format!("psk:{}", self.client.endpoint());
-                        let answer =
-                            self.registry.handle_request(self.now, peer, &identity, &self.authorizer, &request);
+                        let origin = Origin { session: SessionHandle(1), peer, identity: &identity };
+                        let answer = self.registry.handle_request(self.now, origin, &self.authorizer, &request);
                         self.server.respond(self.now, &id, answer).unwrap();
                     }
                     CoapEvent::Response { token, response } => {
@@ -205,7 +206,7 @@ fn content_format(packet: &Packet) -> u16 {
 fn registers_with_its_objects_and_updates_before_the_lifetime_runs_out() {
     let mut h = Harness::new(config("dev-1"));
     let registration = h.registry.get("dev-1").expect("registered").clone();
-    assert_eq!(registration.lifetime, Duration::from_secs(300));
+    assert_eq!(registration.lifetime.as_secs(), 300);
     let links: Vec<String> = registration.links.to_vec().iter().map(|l| l.target.clone()).collect();
     assert!(links.contains(&"/1/0".to_string()) && links.contains(&"/3/0".to_string()), "{links:?}");
     assert!(!links.iter().any(|l| l.starts_with("/0")), "the Security object is never registered: {links:?}");
@@ -466,7 +467,7 @@ fn writes_executes_and_discovers() {
     write.payload = content::encode(format::TLV, &Path::parse("/1/0/1").unwrap(), &entries).unwrap();
     assert_eq!(code(&h.request(write)), ResponseType::Changed);
     h.run_until(Duration::from_secs(1));
-    assert_eq!(h.registry.get("dev-1").unwrap().lifetime, Duration::from_secs(600));
+    assert_eq!(h.registry.get("dev-1").unwrap().lifetime.as_secs(), 600);
     assert_eq!(h.events_named("Updated").len(), 1);
 
     // Read-only resources refuse writes, whole or nothing.
@@ -564,4 +565,63 @@ fn garbage_from_the_server_never_panics_or_unregisters() {
     assert!(h.client.is_registered());
     h.run_until(Duration::from_secs(210));
     assert_eq!(h.events_named("Updated").len(), 1);
+}
+
+/// A Write of `value` (text) to `path`.
+fn write_text(path: &str, value: &str) -> Packet {
+    let mut write = request(RequestType::Put, path);
+    write.add_option(CoapOption::ContentFormat, uint(format::TEXT));
+    write.payload = value.as_bytes().to_vec();
+    write
+}
+
+#[test]
+fn values_out_of_range_are_refused_with_4_00_and_change_nothing() {
+    let mut h = Harness::new(config("dev-1"));
+    for (path, value) in [
+        ("/1/0/1", "0"),
+        ("/1/0/1", "-5"),
+        ("/1/0/1", "9223372036854775807"),
+        ("/1/0/1", "4294967296"),
+        ("/1/0/2", "-1"),
+        ("/1/0/17", "0"),
+        ("/1/0/18", "18446744073709551615"),
+        ("/1/0/19", "9223372036854775807"),
+        ("/3/0/13", "9223372036854775807"),
+        ("/3/0/13", "-9223372036854775808"),
+    ] {
+        assert_eq!(code(&h.request(write_text(path, value))), ResponseType::BadRequest, "{path} = {value}");
+    }
+    h.run_until(Duration::from_secs(1));
+    assert!(h.events_named("Updated").is_empty(), "no refused lifetime reached the server");
+    assert_eq!(h.registry.get("dev-1").unwrap().lifetime.as_secs(), 300);
+    let lifetime = h.request(get("/1/0/1", Some(format::TEXT)));
+    assert_eq!(lifetime.payload, b"300");
+    // The largest lifetime and clock are taken, and the clock goes on from there.
+    assert_eq!(code(&h.request(write_text("/1/0/1", "4294967295"))), ResponseType::Changed);
+    assert_eq!(code(&h.request(write_text("/3/0/13", "253402300799"))), ResponseType::Changed);
+    h.run_until(Duration::from_secs(3));
+    assert_eq!(h.registry.get("dev-1").unwrap().lifetime.as_secs(), 4_294_967_295);
+    let clock: i64 = String::from_utf8(h.request(get("/3/0/13", Some(format::TEXT))).payload).unwrap().parse().unwrap();
+    assert!((253_402_300_799..253_402_300_810).contains(&clock), "{clock}");
+}
+
+#[test]
+fn attributes_that_are_not_finite_or_in_range_are_refused() {
+    let mut h = Harness::new(config("dev-1"));
+    for item in
+        ["gt=-1e400", "gt=NaN", "gt=inf", "lt=-inf", "pmin=1e300", "pmin=-1", "pmax=NaN", "st=-1", "pmin=x", "zz=1"]
+    {
+        let mut attributes = request(RequestType::Put, "/3/0/9");
+        attributes.add_option(CoapOption::UriQuery, item.as_bytes().to_vec());
+        assert_eq!(code(&h.request(attributes)), ResponseType::BadRequest, "{item}");
+    }
+    let mut fine = request(RequestType::Put, "/3/0/9");
+    for item in ["gt=-1", "lt=-40.5", "st=0.5", "pmin=0.5", "pmax=4294967295"] {
+        fine.add_option(CoapOption::UriQuery, item.as_bytes().to_vec());
+    }
+    assert_eq!(code(&h.request(fine)), ResponseType::Changed);
+    let links = String::from_utf8(h.request(get("/3/0/9", Some(format::LINK))).payload).unwrap();
+    assert!(links.contains("pmin=0.5;pmax=4294967295;gt=-1;lt=-40.5;st=0.5"), "{links}");
+    assert!(h.client.is_registered());
 }

@@ -231,28 +231,44 @@ fn hostile_datagrams_mid_handshake_do_not_break_it() {
     assert!(client.is_established());
 }
 
+/// A client that completed the cookie exchange and sent its verified ClientHello from `at`,
+/// then went silent: a handshake in progress, stalled.
+fn stalled_at(now: Instant, ep: &mut Endpoint, at: SocketAddr) -> Session {
+    let mut client = Session::client(&psk_client(fast_session()), now).unwrap();
+    ep.handle(now, at, &client.poll_transmit().unwrap().contents);
+    client.handle_datagram(now, &ep.poll_transmit().unwrap().contents);
+    ep.handle(now, at, &client.poll_transmit().unwrap().contents);
+    while ep.poll_transmit().is_some() {}
+    client
+}
+
+/// An address in the network 10.`net`.0.0/24.
+fn host(net: u8, i: u8) -> SocketAddr {
+    SocketAddr::from(([10, net, 0, i], 5000))
+}
+
 #[test]
 fn handshake_and_session_limits_hold() {
     let now = Instant::now();
     let config = EndpointConfig::new([7; 32]).max_handshakes(2).max_sessions(3);
     let mut ep = Endpoint::new(psk_server(fast_session()), config, now).unwrap();
-    // Three handshakes reach the cookie stage; the third is refused.
-    let mut clients = Vec::new();
-    for i in 0..3 {
-        let at = addr(10 + i);
-        let mut client = Session::client(&psk_client(fast_session()), now).unwrap();
-        ep.handle(now, at, &client.poll_transmit().unwrap().contents);
-        client.handle_datagram(now, &ep.poll_transmit().unwrap().contents);
-        ep.handle(now, at, &client.poll_transmit().unwrap().contents);
-        while ep.poll_transmit().is_some() {}
-        clients.push(client);
+    // Two handshakes fill the table. Their clients keep talking (not stalled), so a third
+    // finds no slot it may take.
+    for i in 0..2 {
+        let at = host(i, 1);
+        let _client = stalled_at(now, &mut ep, at);
+        ep.handle(now, at, &[22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0]); // the client is heard from
     }
+    let _third = stalled_at(now, &mut ep, host(2, 1));
     assert_eq!(ep.handshakes_in_progress(), 2);
     assert_eq!(ep.stats().dropped(DropReason::HandshakeLimit), 1);
-    // Fill up to the session limit; the fourth established session is refused.
+    // Fill up to the session limit with sessions applications use: the fourth is refused.
     let mut ep = Endpoint::new(psk_server(fast_session()), EndpointConfig::new([7; 32]).max_sessions(3), now).unwrap();
+    let mut handles = Vec::new();
     for i in 0..3 {
-        connect(now, &mut ep, addr(20 + i));
+        let (_, events) = connect(now, &mut ep, addr(20 + i));
+        handles.push(connected_handle(&events));
+        ep.bind(*handles.last().unwrap());
     }
     let mut late = Session::client(&psk_client(fast_session()), now).unwrap();
     exchange(now, &mut ep, &mut late, addr(30));
@@ -262,6 +278,132 @@ fn handshake_and_session_limits_hold() {
     // A device that reboots still gets back in at the limit: its session is replaced.
     connect(now, &mut ep, addr(20));
     assert_eq!(ep.session_count(), 3);
+}
+
+#[test]
+fn at_the_session_limit_a_session_nobody_uses_makes_room() {
+    let now = Instant::now();
+    let mut ep = Endpoint::new(psk_server(fast_session()), EndpointConfig::new([8; 32]).max_sessions(3), now).unwrap();
+    let mut handles = Vec::new();
+    for i in 0..3 {
+        let (_, events) = connect(now, &mut ep, host(1, i + 1));
+        handles.push(connected_handle(&events));
+    }
+    // The first and third carry a registration; the second never registered.
+    ep.bind(handles[0]);
+    ep.bind(handles[2]);
+    let (newcomer, events) = connect(now, &mut ep, host(2, 1));
+    assert!(newcomer.is_established());
+    let closed: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            EndpointEvent::Closed { handle, reason, .. } => Some((*handle, reason.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(closed, [(handles[1], CloseReason::Evicted)]);
+    assert_eq!((ep.session_count(), ep.stats().sessions_evicted), (3, 1));
+}
+
+#[test]
+fn one_source_holds_only_its_share_of_handshakes() {
+    let now = Instant::now();
+    let config = EndpointConfig::new([9; 32]).handshakes_per_source(4, 6);
+    let mut ep = Endpoint::new(psk_server(fast_session()), config, now).unwrap();
+    // One address: four handshakes, then no more.
+    let _held: Vec<_> =
+        (0..10).map(|i| stalled_at(now, &mut ep, SocketAddr::from(([10, 1, 0, 1], 6000 + i)))).collect();
+    assert_eq!(ep.handshakes_in_progress(), 4);
+    assert_eq!(ep.stats().dropped(DropReason::SourceLimit), 6);
+    // Its network: six in all.
+    let _more: Vec<_> = (2..6).map(|i| stalled_at(now, &mut ep, host(1, i))).collect();
+    assert_eq!(ep.handshakes_in_progress(), 6);
+    // Another network is not held back, and completes its handshake.
+    let (other, _) = connect(now, &mut ep, host(2, 1));
+    assert!(other.is_established());
+    // A source that holds an established session is not limited: a device that reboots
+    // behind the busy network gets its handshake.
+    let mut ep =
+        Endpoint::new(psk_server(fast_session()), EndpointConfig::new([9; 32]).handshakes_per_source(1, 1), now)
+            .unwrap();
+    let device = host(3, 1);
+    connect(now, &mut ep, device);
+    let _flood: Vec<_> =
+        (0..3).map(|i| stalled_at(now, &mut ep, SocketAddr::from(([10, 3, 0, 1], 7000 + i)))).collect();
+    assert_eq!(ep.stats().dropped(DropReason::SourceLimit), 0, "a known address");
+    let (rebooted, _) = connect(now, &mut ep, device);
+    assert!(rebooted.is_established());
+}
+
+#[test]
+fn stalled_handshakes_end_early_and_yield_when_the_table_is_full() {
+    let now = Instant::now();
+    let config = EndpointConfig::new([10; 32])
+        .max_handshakes(10)
+        .reserved_handshakes(3)
+        .handshakes_per_source(100, 100)
+        .stalled_handshake_timeout(Duration::from_secs(5));
+    let mut ep = Endpoint::new(psk_server(fast_session()), config, now).unwrap();
+    // Unknown sources fill the seven slots not kept back.
+    let _silent: Vec<_> = (1..=7).map(|i| stalled_at(now, &mut ep, host(1, i))).collect();
+    assert_eq!(ep.handshakes_in_progress(), 7);
+    // Another one: the oldest silent handshake yields.
+    let (fresh, _) = connect(now + Duration::from_secs(1), &mut ep, host(2, 1));
+    assert!(fresh.is_established());
+    assert_eq!(ep.stats().stalled_handshakes_closed, 1);
+    assert_eq!(ep.stats().dropped(DropReason::HandshakeLimit), 0);
+    // Silent ones end at their short deadline, not the session's 30 s.
+    assert!(ep.poll_timeout().unwrap() <= now + Duration::from_secs(5));
+    ep.handle_timeout(now + Duration::from_secs(5));
+    assert_eq!(ep.handshakes_in_progress(), 0);
+    assert_eq!(ep.stats().stalled_handshakes_closed, 7);
+    assert!(ep.poll_event().is_some(), "each is reported closed");
+}
+
+#[test]
+fn slots_are_kept_for_sources_that_held_a_session() {
+    let now = Instant::now();
+    let config = EndpointConfig::new([11; 32]).max_handshakes(4).reserved_handshakes(2).handshakes_per_source(100, 100);
+    let mut ep = Endpoint::new(psk_server(fast_session()), config, now).unwrap();
+    let device = host(9, 9);
+    let (mut old, events) = connect(now, &mut ep, device);
+    let handle = connected_handle(&events);
+    // The device's session ends; a flood of silent ClientHellos whose clients keep talking
+    // (so none of them yields) takes every slot unknown sources may use.
+    old.close(now);
+    exchange(now, &mut ep, &mut old, device);
+    assert!(ep.session(handle).is_none());
+    for i in 1..=4 {
+        let _ = stalled_at(now, &mut ep, host(1, i));
+        ep.handle(now, host(1, i), &[22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0]);
+    }
+    assert_eq!(ep.handshakes_in_progress(), 2);
+    assert_eq!(ep.stats().dropped(DropReason::HandshakeLimit), 2);
+    // The device that held a session within the hour comes back into a kept slot.
+    let (back, _) = connect(now, &mut ep, device);
+    assert!(back.is_established());
+}
+
+#[test]
+fn one_identity_holds_at_most_its_share_of_sessions() {
+    let now = Instant::now();
+    let config = EndpointConfig::new([12; 32]).max_sessions_per_identity(2);
+    let mut ep = Endpoint::new(psk_server(fast_session()), config, now).unwrap();
+    let mut handles = Vec::new();
+    let mut all_events = Vec::new();
+    for i in 1..=4 {
+        let (_, events) = connect(now, &mut ep, host(1, i));
+        handles.push(connected_handle(&events));
+        all_events.extend(events);
+    }
+    assert_eq!(ep.session_count(), 2, "the identity's two newest");
+    assert!(ep.session(handles[2]).is_some() && ep.session(handles[3]).is_some());
+    let superseded = all_events
+        .iter()
+        .filter(|e| matches!(e, EndpointEvent::Closed { reason: CloseReason::Superseded, .. }))
+        .count();
+    assert_eq!(superseded, 2);
+    assert_eq!(ep.stats().sessions_evicted, 2);
 }
 
 #[test]

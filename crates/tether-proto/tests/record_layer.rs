@@ -530,3 +530,59 @@ fn cbc_suites_hand_off_without_a_connection_id_and_restore() {
     client.handle_datagram(now, &ep.poll_transmit().unwrap().contents);
     assert_eq!(client.poll_event(), Some(Event::Data(b"ecdsa over cbc".to_vec())));
 }
+
+#[test]
+fn with_short_connection_ids_all_taken_a_session_goes_without_one() {
+    // 1-byte Connection IDs: 256 of them. Sessions past that (still holding theirs) must
+    // neither hang the endpoint looking for a free one nor fail: they work by address.
+    let now = Instant::now();
+    let config = EndpointConfig::new([4; 32]).connection_id_len(1).max_sessions_per_identity(1000);
+    let mut ep = endpoint(now, config.handshakes_per_source(1000, 1000));
+    let context = cid_client(fast_session());
+    let mut with_cid = 0;
+    for i in 0..270u16 {
+        let at = SocketAddr::from(([127, 0, (i / 200) as u8 + 1, (i % 200) as u8 + 1], 6000 + i));
+        let mut client = Session::client(&context, now).unwrap();
+        let (events, _) = exchange(now, &mut ep, &mut client, at);
+        let handle = connected_handle(&events);
+        with_cid += usize::from(ep.session(handle).unwrap().connection_id().is_some());
+        client.send(now, b"ping").unwrap();
+        let (events, _) = exchange(now, &mut ep, &mut client, at);
+        assert_eq!(data_events(&events), vec![(at, b"ping".to_vec())], "session {i}");
+    }
+    assert_eq!(ep.session_count(), 270);
+    assert!((200..=256).contains(&with_cid), "{with_cid} of 270 have a 1-byte Connection ID");
+}
+
+#[test]
+fn a_session_that_must_not_be_restored_is_ended_on_a_sequence_number_it_never_used() {
+    let now = Instant::now();
+    let config = EndpointConfig::new([13; 32]).sequence_reservation(100);
+    let mut ep = Endpoint::new(psk_server(fast_session()), config.clone(), now).unwrap();
+    let mut client = Session::client(&psk_client(fast_session()), now).unwrap();
+    let at = addr(13);
+    let (events, _) = exchange(now, &mut ep, &mut client, at);
+    let handle = connected_handle(&events);
+    // A copy of the session's state is put aside; the session goes on after it.
+    let copy = ep.snapshot(handle).unwrap();
+    let mut nonces = std::collections::HashSet::new();
+    for i in 0..50 {
+        ep.send(now, handle, format!("after the copy {i}").as_bytes()).unwrap();
+        let t = ep.poll_transmit().unwrap();
+        nonces.insert(explicit_nonce(&t.contents));
+        client.handle_datagram(now, &t.contents);
+    }
+    while client.poll_event().is_some() {}
+    drop(ep);
+
+    // Started on the copy: the session is not restored; its peer is told it ended.
+    let mut ep = Endpoint::new(psk_server(fast_session()), config, now).unwrap();
+    ep.farewell(now, at, &copy).unwrap();
+    assert_eq!(ep.session_count(), 0);
+    let farewell = ep.poll_transmit().expect("a close_notify");
+    assert_eq!(farewell.destination, at);
+    assert!(nonces.insert(explicit_nonce(&farewell.contents)), "a nonce never used before");
+    assert_eq!(explicit_nonce(&farewell.contents) & ((1 << 48) - 1), (1 << 48) - 1, "the last sequence number");
+    client.handle_datagram(now, &farewell.contents);
+    assert_eq!(client.close_reason(), Some(&CloseReason::PeerClosed), "the device knows to handshake again");
+}

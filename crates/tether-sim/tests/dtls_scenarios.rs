@@ -66,7 +66,7 @@ fn every_suite_handshakes_and_echoes_over_the_simulator() {
         let ctx = contexts(suite, session(Duration::from_millis(50)));
         let mut net: Network<DtlsNode> = Network::new(seed, Clock::FollowWallClock, LinkConfig::default());
         let now = net.now();
-        let server = ServerNode::new(ctx.server, EndpointConfig::new([1; 32]), now).unwrap();
+        let server = ServerNode::new(ctx.server, shared_identity(EndpointConfig::new([1; 32])), now).unwrap();
         net.add(server_addr(), DtlsNode::Server(server));
         let payload = format!("hello over {suite:?}").into_bytes();
         let client = ClientNode::new(&ctx.client, server_addr(), now, Some(payload.clone())).unwrap();
@@ -108,7 +108,7 @@ fn two_hundred_handshakes_per_loss_level_complete_or_time_out() {
     let deadline = ctx.client.session_config().handshake_timeout;
     let mut net: Network<DtlsNode> = Network::new(seed, Clock::FollowWallClock, LinkConfig::default());
     let start = net.now();
-    let server = ServerNode::new(ctx.server, EndpointConfig::new([2; 32]), start).unwrap();
+    let server = ServerNode::new(ctx.server, shared_identity(EndpointConfig::new([2; 32])), start).unwrap();
     let server_id = net.add(server_addr(), DtlsNode::Server(server));
     let mut clients: Vec<Vec<NodeId>> = Vec::new();
     for (p, profile) in profiles.iter().enumerate() {
@@ -193,7 +193,7 @@ fn certificate_handshakes_survive_duplication_reordering_and_a_small_mtu() {
         .mtu(600);
     let mut net: Network<DtlsNode> = Network::new(seed, Clock::FollowWallClock, link);
     let now = net.now();
-    let server = ServerNode::new(ctx.server, EndpointConfig::new([3; 32]), now).unwrap();
+    let server = ServerNode::new(ctx.server, shared_identity(EndpointConfig::new([3; 32])), now).unwrap();
     net.add(server_addr(), DtlsNode::Server(server));
     let ids: Vec<NodeId> = (0..CLIENTS)
         .map(|i| {
@@ -232,6 +232,12 @@ fn certificate_handshakes_survive_duplication_reordering_and_a_small_mtu() {
         }
     }
     assert!(completed >= CLIENTS * 9 / 10, "only {completed}/{CLIENTS} completed at 5% loss: {stats:?}");
+}
+
+/// An endpoint's settings for clients that all present one identity (these scenarios are
+/// about handshakes on a bad network, not about the per-identity cap).
+fn shared_identity(config: EndpointConfig) -> EndpointConfig {
+    config.max_sessions_per_identity(10_000).handshakes_per_source(10_000, 10_000)
 }
 
 /// Writes a report under target/reports/, which `.ci/run` prints after the tests.

@@ -17,7 +17,7 @@ use tether_coap::bootstrap::{
 use tether_coap::coap_lite::{MessageClass, Packet, ResponseType};
 use tether_coap::message::{CoapConfig, CoapEvent, MessageLayer, Token};
 use tether_coap::registration::{response, EndpointAuthorizer};
-use tether_proto::dtls::{DtlsContext, PskKey};
+use tether_proto::dtls::{DtlsContext, PskKey, SessionHandle};
 use tokio::sync::broadcast;
 
 use crate::client::{local_for, sleep_until, ConnectError, DtlsClient};
@@ -92,6 +92,8 @@ impl BootstrapServer {
 
 struct Session {
     identity: Option<String>,
+    /// Where its datagrams come from (logged).
+    peer: SocketAddr,
     layer: MessageLayer,
     /// A bootstrap in progress: the endpoint, the requests still to send, the one waited on.
     running: Option<(String, VecDeque<Packet>, Token)>,
@@ -103,7 +105,7 @@ struct Actor {
     accounts: HashMap<String, ServerAccount>,
     coap: Arc<CoapConfig>,
     seed: u64,
-    sessions: HashMap<SocketAddr, Session>,
+    sessions: HashMap<SessionHandle, Session>,
     events: broadcast::Sender<BootstrapEvent>,
 }
 
@@ -121,34 +123,34 @@ impl Actor {
                     self.seed = self.seed.wrapping_add(1);
                     let identity = accepted.identity.as_ref().map(authorization_identity);
                     let layer = MessageLayer::new(Arc::clone(&self.coap), self.seed);
-                    self.sessions.insert(accepted.peer, Session { identity, layer, running: None });
+                    self.sessions.insert(accepted.handle, Session { identity, peer: accepted.peer, layer, running: None });
                 }
                 received = dtls.recv() => {
-                    let Some((peer, data)) = received else { return };
-                    if let Some(session) = self.sessions.get_mut(&peer) {
+                    let Some((handle, data)) = received else { return };
+                    if let Some(session) = self.sessions.get_mut(&handle) {
                         session.layer.handle_datagram(clock::now(), &data);
-                        self.drive(peer).await;
+                        self.drive(handle).await;
                     }
                 }
                 departed = dtls.departed() => {
                     let Some(departed) = departed else { return };
-                    if let Some(Session { running: Some((endpoint, ..)), .. }) = self.sessions.remove(&departed.peer) {
+                    if let Some(Session { running: Some((endpoint, ..)), .. }) = self.sessions.remove(&departed.handle) {
                         self.failed(Some(endpoint), departed.peer, "the session closed before Finish".into());
                     }
                 }
                 _ = sleep_until(deadline.map(clock::deadline)), if deadline.is_some() => {
                     let now = clock::now();
-                    let due: Vec<SocketAddr> = self
+                    let due: Vec<SessionHandle> = self
                         .sessions
                         .iter()
                         .filter(|(_, s)| s.layer.poll_timeout().is_some_and(|at| at <= now))
-                        .map(|(peer, _)| *peer)
+                        .map(|(handle, _)| *handle)
                         .collect();
-                    for peer in due {
-                        if let Some(session) = self.sessions.get_mut(&peer) {
+                    for handle in due {
+                        if let Some(session) = self.sessions.get_mut(&handle) {
                             session.layer.handle_timeout(now);
                         }
-                        self.drive(peer).await;
+                        self.drive(handle).await;
                     }
                 }
             }
@@ -156,29 +158,30 @@ impl Actor {
     }
 
     /// Sends a session's datagrams and acts on its CoAP events.
-    async fn drive(&mut self, peer: SocketAddr) {
+    async fn drive(&mut self, handle: SessionHandle) {
         loop {
-            let Some(session) = self.sessions.get_mut(&peer) else { return };
+            let Some(session) = self.sessions.get_mut(&handle) else { return };
+            let peer = session.peer;
             let mut outgoing = Vec::new();
             while let Some(datagram) = session.layer.poll_transmit() {
                 outgoing.push(datagram);
             }
             let event = session.layer.poll_event();
             for datagram in outgoing {
-                let _ = self.dtls.queue_to(peer, datagram).await;
+                let _ = self.dtls.queue_to(handle, datagram).await;
             }
             let Some(event) = event else { return };
             match event {
                 CoapEvent::Request { id, request } => {
-                    let answer = self.bootstrap_request(peer, &request);
-                    let Some(session) = self.sessions.get_mut(&peer) else { return };
+                    let answer = self.bootstrap_request(handle, &request);
+                    let Some(session) = self.sessions.get_mut(&handle) else { return };
                     let _ = session.layer.respond(clock::now(), &id, response(answer));
                     if answer == ResponseType::Changed {
-                        self.send_next(peer);
+                        self.send_next(handle);
                     }
                 }
                 CoapEvent::Response { token, response } => {
-                    let Some(session) = self.sessions.get_mut(&peer) else { return };
+                    let Some(session) = self.sessions.get_mut(&handle) else { return };
                     let Some((endpoint, remaining, waited)) = session.running.take() else { continue };
                     if waited != token {
                         session.running = Some((endpoint, remaining, waited));
@@ -192,11 +195,11 @@ impl Actor {
                         let _ = self.events.send(BootstrapEvent::Bootstrapped { endpoint, peer });
                     } else {
                         session.running = Some((endpoint, remaining, waited));
-                        self.send_next(peer);
+                        self.send_next(handle);
                     }
                 }
                 CoapEvent::RequestFailed { token, reason } => {
-                    let Some(session) = self.sessions.get_mut(&peer) else { return };
+                    let Some(session) = self.sessions.get_mut(&handle) else { return };
                     if let Some((endpoint, _, waited)) = session.running.take() {
                         if waited == token {
                             self.failed(Some(endpoint), peer, format!("no answer from the device ({reason})"));
@@ -210,11 +213,12 @@ impl Actor {
 
     /// Answers a request from a device: 2.04 to a Bootstrap-Request this identity may make
     /// for an endpoint with an account (and the bootstrap starts), else why not.
-    fn bootstrap_request(&mut self, peer: SocketAddr, request: &Packet) -> ResponseType {
+    fn bootstrap_request(&mut self, handle: SessionHandle, request: &Packet) -> ResponseType {
         let Some(endpoint) = bootstrap_request_endpoint(request) else {
             return ResponseType::MethodNotAllowed;
         };
-        let Some(session) = self.sessions.get_mut(&peer) else { return ResponseType::InternalServerError };
+        let Some(session) = self.sessions.get_mut(&handle) else { return ResponseType::InternalServerError };
+        let peer = session.peer;
         if session.running.is_some() {
             return ResponseType::ServiceUnavailable;
         }
@@ -234,9 +238,10 @@ impl Actor {
         ResponseType::Changed
     }
 
-    /// Sends the next request of the running bootstrap at `peer`.
-    fn send_next(&mut self, peer: SocketAddr) {
-        let Some(session) = self.sessions.get_mut(&peer) else { return };
+    /// Sends the next request of the running bootstrap over session `handle`.
+    fn send_next(&mut self, handle: SessionHandle) {
+        let Some(session) = self.sessions.get_mut(&handle) else { return };
+        let peer = session.peer;
         let Some((endpoint, mut remaining, _)) = session.running.take() else { return };
         let Some(next) = remaining.pop_front() else { return };
         match session.layer.request(clock::now(), next, true, false) {

@@ -28,7 +28,7 @@ mod clock;
 mod device;
 pub mod lwm2m;
 pub mod metrics;
-mod oplog;
+pub mod oplog;
 mod pool;
 mod resilient;
 mod send;

@@ -9,7 +9,7 @@ use tether_proto::dtls::{DropReason, EndpointStats};
 /// At most `burst` lines per `window`; the lines held back are counted and reported with
 /// the first line of the next window.
 #[derive(Debug)]
-pub(crate) struct LogBudget {
+pub struct LogBudget {
     window: Duration,
     burst: u32,
     window_start: Option<Instant>,
@@ -18,13 +18,14 @@ pub(crate) struct LogBudget {
 }
 
 impl LogBudget {
-    pub(crate) fn new(window: Duration, burst: u32) -> Self {
+    /// A budget of `burst` lines per `window`.
+    pub fn new(window: Duration, burst: u32) -> Self {
         Self { window, burst, window_start: None, used: 0, held_back: 0 }
     }
 
     /// Whether a line may be written at `now`; `Some(n)` with the lines held back since the
     /// last one written (to say so in it), `None` to hold this one back.
-    pub(crate) fn allow(&mut self, now: Instant) -> Option<u64> {
+    pub fn allow(&mut self, now: Instant) -> Option<u64> {
         let expired = self.window_start.is_none_or(|start| now.saturating_duration_since(start) >= self.window);
         if expired {
             self.window_start = Some(now);

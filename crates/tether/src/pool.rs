@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
-use tether_proto::dtls::{DtlsContext, SavedSession};
+use tether_proto::dtls::{DtlsContext, SavedSession, SessionHandle};
 use tether_proto::pool::{
     Generation, PoolConfig, PoolConfigError, PoolEvent, PoolState, PoolStats, SessionRole, Traffic,
 };
@@ -68,6 +68,8 @@ pub enum PooledSession {
         server: Arc<DtlsServer>,
         /// The peer.
         peer: SocketAddr,
+        /// The session: a later session of the same address is another one.
+        handle: SessionHandle,
     },
 }
 
@@ -102,7 +104,7 @@ impl PooledSession {
                 pool.lock().state.record(clock::now(), *peer, *generation, traffic);
                 Ok(())
             }
-            Self::Accepted { server, peer } => server.send_to(*peer, data).await,
+            Self::Accepted { server, handle, .. } => server.send_to(*handle, data).await,
         }
     }
 
@@ -202,13 +204,8 @@ impl SessionPool {
 
     async fn accepted(&self, peer: SocketAddr) -> Option<PooledSession> {
         let server = self.inner.server.as_ref()?;
-        let stats = server.stats().await?;
-        stats
-            .pool
-            .per_session
-            .iter()
-            .any(|s| s.peer == peer)
-            .then(|| PooledSession::Accepted { server: Arc::clone(server), peer })
+        let handle = server.session_at(peer).await?;
+        Some(PooledSession::Accepted { server: Arc::clone(server), peer, handle })
     }
 
     /// The pooled session of `peer`, connecting if there is none. Concurrent callers share
@@ -257,7 +254,7 @@ impl SessionPool {
         if let Some(entry) = self.lock().state.by_identity(identity) {
             return Some(entry.peer);
         }
-        self.inner.server.as_ref()?.peer_of(identity).await
+        Some(self.inner.server.as_ref()?.session_of(identity).await?.1)
     }
 
     /// Closes `peer`'s session, dialled or accepted, or abandons its handshake. True if there
@@ -285,7 +282,10 @@ impl SessionPool {
             }
             Some(None) => true,
             None => match &self.inner.server {
-                Some(server) => server.close(peer).await,
+                Some(server) => match server.session_at(peer).await {
+                    Some(handle) => server.close(handle).await,
+                    None => false,
+                },
                 None => false,
             },
         }

@@ -110,17 +110,17 @@ pub enum ServerError {
 /// A peer completed a handshake, or an established session moved to a new address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Accepted {
-    /// Its address.
+    /// The session: what every other call names it by.
+    pub handle: SessionHandle,
+    /// Its address now.
     pub peer: SocketAddr,
     /// Its authenticated identity.
     pub identity: Option<PeerIdentity>,
     /// Whether it resumed an earlier session.
     pub resumed: bool,
-    /// The pool generation of the session.
-    pub generation: Generation,
     /// How the session came to be at `peer`.
     pub arrival: Arrival,
-    /// The name bound to the session with [`DtlsServer::set_identity`] (an LwM2M endpoint
+    /// The name bound to the session with [`DtlsServer::bind_name`] (an LwM2M endpoint
     /// name), for a session that moved; `None` otherwise.
     pub bound_name: Option<Arc<str>>,
 }
@@ -130,12 +130,17 @@ pub struct Accepted {
 #[non_exhaustive]
 pub enum Arrival {
     /// A handshake completed.
-    Handshake,
+    Handshake {
+        /// The session of the same address it replaced (RFC 6347 §4.2.8: a reboot, a client
+        /// that re-handshakes), which departs with [`CloseReason::Replaced`]. The new
+        /// session may be of another identity.
+        replaced: Option<SessionHandle>,
+    },
     /// Restored from the session store after a restart (reported by
     /// [`DtlsServer::sessions`], not by `accept`).
     Restored,
     /// The session's Connection ID brought it here from `from` (RFC 9146): same session,
-    /// same generation, new address.
+    /// new address.
     Moved {
         /// The previous address.
         from: SocketAddr,
@@ -157,10 +162,10 @@ pub enum DepartReason {
 /// A session left the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Departed {
-    /// Its peer.
+    /// The session.
+    pub handle: SessionHandle,
+    /// Its peer's last address.
     pub peer: SocketAddr,
-    /// Its generation.
-    pub generation: Generation,
     /// Why.
     pub reason: DepartReason,
 }
@@ -169,9 +174,9 @@ pub struct Departed {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ServerSendError {
-    /// No established session with that peer.
-    #[error("no established session with {0}")]
-    NoSession(SocketAddr),
+    /// No such established session.
+    #[error("no established session {0}")]
+    NoSession(SessionHandle),
     /// The session refused the payload.
     #[error(transparent)]
     Send(#[from] SendError),
@@ -198,11 +203,12 @@ pub struct ServerStats {
 }
 
 enum Command {
-    /// Data for a peer, and where to report the outcome (if anyone waits for it).
-    SendTo(SocketAddr, Vec<u8>, Option<oneshot::Sender<Result<(), ServerSendError>>>),
-    Close(SocketAddr, oneshot::Sender<bool>),
-    SetIdentity(SocketAddr, String, oneshot::Sender<bool>),
-    Lookup(String, oneshot::Sender<Option<SocketAddr>>),
+    /// Data for a session, and where to report the outcome (if anyone waits for it).
+    SendTo(SessionHandle, Vec<u8>, Option<oneshot::Sender<Result<(), ServerSendError>>>),
+    Close(SessionHandle, oneshot::Sender<bool>),
+    BindName(SessionHandle, String, oneshot::Sender<bool>),
+    Lookup(String, oneshot::Sender<Option<(SessionHandle, SocketAddr)>>),
+    SessionAt(SocketAddr, oneshot::Sender<Option<SessionHandle>>),
     Sessions(oneshot::Sender<Vec<Accepted>>),
     Stats(oneshot::Sender<ServerStats>),
     Shutdown(oneshot::Sender<()>),
@@ -213,6 +219,10 @@ enum Command {
 /// on [`recv`](Self::recv), and sessions that leave on [`departed`](Self::departed). Each of
 /// the three is its own queue, so they can be consumed independently.
 ///
+/// Every session is named by its [`SessionHandle`], never reused: data, sends, closes and
+/// names all go by handle, so nothing meant for one session reaches another that came to
+/// hold its address (a reboot's new handshake, NAT or CGNAT reusing a port).
+///
 /// With a [`SessionStore`], every established session is written to it (before anything
 /// of the session reaches the application) and checkpointed while it lives; a server
 /// started on the same store restores them all, with no handshake
@@ -222,7 +232,7 @@ pub struct DtlsServer {
     local_addr: SocketAddr,
     commands: mpsc::Sender<Command>,
     accepted: Mutex<mpsc::Receiver<Accepted>>,
-    received: Mutex<mpsc::Receiver<(SocketAddr, Vec<u8>)>>,
+    received: Mutex<mpsc::Receiver<(SessionHandle, Vec<u8>)>>,
     departed: Mutex<mpsc::Receiver<Departed>>,
 }
 
@@ -292,8 +302,9 @@ impl DtlsServer {
         self.accepted.lock().await.recv().await
     }
 
-    /// The next datagram of application data and its sender; `None` after shutdown.
-    pub async fn recv(&self) -> Option<(SocketAddr, Vec<u8>)> {
+    /// The next datagram of application data and the session it came over; `None` after
+    /// shutdown.
+    pub async fn recv(&self) -> Option<(SessionHandle, Vec<u8>)> {
         self.received.lock().await.recv().await
     }
 
@@ -302,37 +313,46 @@ impl DtlsServer {
         self.departed.lock().await.recv().await
     }
 
-    /// Sends application data to `peer` on its established session.
-    pub async fn send_to(&self, peer: SocketAddr, data: &[u8]) -> Result<(), ServerSendError> {
+    /// Sends application data on the established session `handle`.
+    pub async fn send_to(&self, handle: SessionHandle, data: &[u8]) -> Result<(), ServerSendError> {
         let (tx, rx) = oneshot::channel();
-        self.command(Command::SendTo(peer, data.to_vec(), Some(tx))).await?;
+        self.command(Command::SendTo(handle, data.to_vec(), Some(tx))).await?;
         rx.await.unwrap_or(Err(ServerSendError::ShutDown))
     }
 
-    /// Queues application data for `peer` without waiting for the outcome, for protocols
-    /// that recover lost datagrams themselves (CoAP retransmits): a refused send is a lost
-    /// datagram. Waits only while the server's command queue is full.
-    pub async fn queue_to(&self, peer: SocketAddr, data: Vec<u8>) -> Result<(), ServerSendError> {
-        self.command(Command::SendTo(peer, data, None)).await
+    /// Queues application data for session `handle` without waiting for the outcome, for
+    /// protocols that recover lost datagrams themselves (CoAP retransmits): a refused send is
+    /// a lost datagram. Waits only while the server's command queue is full.
+    pub async fn queue_to(&self, handle: SessionHandle, data: Vec<u8>) -> Result<(), ServerSendError> {
+        self.command(Command::SendTo(handle, data, None)).await
     }
 
-    /// Closes `peer`'s session (close_notify). False if it had none.
-    pub async fn close(&self, peer: SocketAddr) -> bool {
+    /// Closes session `handle` (close_notify). False if there was no such session.
+    pub async fn close(&self, handle: SessionHandle) -> bool {
         let (tx, rx) = oneshot::channel();
-        self.command(Command::Close(peer, tx)).await.is_ok() && rx.await.unwrap_or(false)
+        self.command(Command::Close(handle, tx)).await.is_ok() && rx.await.unwrap_or(false)
     }
 
-    /// Binds an identity (an LwM2M endpoint name) to `peer`'s session for lookups.
-    pub async fn set_identity(&self, peer: SocketAddr, identity: impl Into<String>) -> bool {
+    /// Binds a name (the LwM2M endpoint registered over it) to session `handle`, for lookups
+    /// and statistics; a session with a name is one a device uses, kept over those without
+    /// one when room is short.
+    pub async fn bind_name(&self, handle: SessionHandle, name: impl Into<String>) -> bool {
         let (tx, rx) = oneshot::channel();
-        self.command(Command::SetIdentity(peer, identity.into(), tx)).await.is_ok() && rx.await.unwrap_or(false)
+        self.command(Command::BindName(handle, name.into(), tx)).await.is_ok() && rx.await.unwrap_or(false)
     }
 
-    /// The peer whose session carries `identity` (PSK identity, certificate CN, or a name
-    /// bound with [`set_identity`](Self::set_identity)).
-    pub async fn peer_of(&self, identity: &str) -> Option<SocketAddr> {
+    /// The session that carries `identity` (PSK identity, certificate CN, or a name bound
+    /// with [`bind_name`](Self::bind_name)), and its address now.
+    pub async fn session_of(&self, identity: &str) -> Option<(SessionHandle, SocketAddr)> {
         let (tx, rx) = oneshot::channel();
         self.command(Command::Lookup(identity.to_string(), tx)).await.ok()?;
+        rx.await.ok().flatten()
+    }
+
+    /// The established session of the address `peer` now, if any.
+    pub async fn session_at(&self, peer: SocketAddr) -> Option<SessionHandle> {
+        let (tx, rx) = oneshot::channel();
+        self.command(Command::SessionAt(peer, tx)).await.ok()?;
         rx.await.ok().flatten()
     }
 
@@ -373,7 +393,7 @@ struct Actor {
     generations: HashMap<SessionHandle, Generation>,
     handles: HashMap<Generation, SessionHandle>,
     accepted: mpsc::Sender<Accepted>,
-    received: mpsc::Sender<(SocketAddr, Vec<u8>)>,
+    received: mpsc::Sender<(SessionHandle, Vec<u8>)>,
     departed: mpsc::Sender<Departed>,
     events_dropped: u64,
     store: Option<Arc<SessionStore>>,
@@ -461,7 +481,16 @@ impl Actor {
         };
         let now = clock::now();
         let mut unusable = Vec::new();
+        let rolled_back = store_rolled_back(self.store.as_deref());
         for stored in loaded {
+            if rolled_back {
+                // Put back from an older copy: the session may have gone on after the copy.
+                // Its device is told (on a sequence number it cannot have used) and
+                // handshakes again.
+                let _ = self.endpoint.farewell(now, stored.peer, &stored.snapshot);
+                unusable.push(SessionWrite::Delete(stored.handle));
+                continue;
+            }
             if let Err(err) = self.endpoint.restore(now, stored.handle, stored.peer, &stored.snapshot) {
                 tracing::warn!(handle = %stored.handle, %err, "stored session not restored");
                 unusable.push(SessionWrite::Delete(stored.handle));
@@ -514,38 +543,43 @@ impl Actor {
     fn command(&mut self, command: Command) {
         let now = clock::now();
         match command {
-            Command::SendTo(peer, data, reply) => {
-                let result = match self.endpoint.established(peer) {
-                    None => Err(ServerSendError::NoSession(peer)),
-                    Some(handle) => self.endpoint.send(now, handle, &data).map_err(ServerSendError::from),
+            Command::SendTo(handle, data, reply) => {
+                let result = match self.established_peer(handle) {
+                    None => Err(ServerSendError::NoSession(handle)),
+                    Some(_) => self.endpoint.send(now, handle, &data).map_err(ServerSendError::from),
                 };
-                if result.is_ok() {
-                    if let Some(generation) = self.endpoint.established(peer).and_then(|h| self.generations.get(&h)) {
-                        let traffic = Traffic { bytes_out: data.len() as u64, requests: 1, ..Traffic::default() };
-                        self.pool.record(now, peer, *generation, traffic);
-                    }
+                if let (Ok(()), Some(peer), Some(generation)) =
+                    (&result, self.endpoint.peer_of(handle), self.generations.get(&handle))
+                {
+                    let traffic = Traffic { bytes_out: data.len() as u64, requests: 1, ..Traffic::default() };
+                    self.pool.record(now, peer, *generation, traffic);
                 }
                 if let Some(reply) = reply {
                     let _ = reply.send(result);
                 }
             }
-            Command::Close(peer, reply) => {
-                let handle = self.endpoint.established(peer);
-                if let Some(handle) = handle {
-                    self.endpoint.close(now, handle);
-                }
-                let _ = reply.send(handle.is_some());
+            Command::Close(handle, reply) => {
+                let open = self.endpoint.session(handle).is_some();
+                self.endpoint.close(now, handle);
+                let _ = reply.send(open);
             }
-            Command::SetIdentity(peer, identity, reply) => {
-                let bound = self
-                    .pool
-                    .get(peer)
-                    .map(|e| e.generation)
-                    .is_some_and(|generation| self.pool.set_identity(peer, generation, identity));
+            Command::BindName(handle, name, reply) => {
+                let bound = match (self.established_peer(handle), self.generations.get(&handle)) {
+                    (Some(peer), Some(generation)) => self.pool.set_identity(peer, *generation, name),
+                    _ => false,
+                };
+                if bound {
+                    self.endpoint.bind(handle);
+                }
                 let _ = reply.send(bound);
             }
             Command::Lookup(identity, reply) => {
-                let _ = reply.send(self.pool.by_identity(&identity).map(|e| e.peer));
+                let found =
+                    self.pool.by_identity(&identity).and_then(|e| Some((*self.handles.get(&e.generation)?, e.peer)));
+                let _ = reply.send(found);
+            }
+            Command::SessionAt(peer, reply) => {
+                let _ = reply.send(self.endpoint.established(peer));
             }
             Command::Sessions(reply) => {
                 let sessions = self
@@ -553,13 +587,18 @@ impl Actor {
                     .iter()
                     .filter_map(|(handle, generation)| {
                         let session = self.endpoint.session(*handle).filter(|s| s.is_established())?;
+                        let restored = session.is_restored();
                         Some(Accepted {
+                            handle: *handle,
                             peer: self.endpoint.peer_of(*handle)?,
                             identity: session.peer_identity().cloned(),
                             resumed: session.is_resumed(),
-                            generation: *generation,
-                            arrival: if session.is_restored() { Arrival::Restored } else { Arrival::Handshake },
-                            bound_name: None,
+                            arrival: if restored { Arrival::Restored } else { Arrival::Handshake { replaced: None } },
+                            bound_name: self
+                                .pool
+                                .get(self.endpoint.peer_of(*handle)?)
+                                .filter(|e| e.generation == *generation)
+                                .and_then(|e| e.identity.clone()),
                         })
                     })
                     .collect();
@@ -608,23 +647,17 @@ impl Actor {
         let now = clock::now();
         for event in events {
             match event {
-                EndpointEvent::Connected { handle, peer, identity, resumed, .. } => {
+                EndpointEvent::Connected { handle, peer, identity, resumed, replaced } => {
                     let name = identity.as_ref().map(identity_name);
                     match self.pool.insert_accepted(now, peer, name) {
-                        Ok((generation, replaced)) => {
-                            if let Some(old) = replaced {
-                                self.depart(peer, old, DepartReason::Closed(CloseReason::Replaced));
+                        Ok((generation, displaced)) => {
+                            if let Some(old) = displaced {
+                                self.depart_generation(old, peer, DepartReason::Closed(CloseReason::Replaced));
                             }
                             self.generations.insert(handle, generation);
                             self.handles.insert(generation, handle);
-                            let accepted = Accepted {
-                                peer,
-                                identity,
-                                resumed,
-                                generation,
-                                arrival: Arrival::Handshake,
-                                bound_name: None,
-                            };
+                            let arrival = Arrival::Handshake { replaced };
+                            let accepted = Accepted { handle, peer, identity, resumed, arrival, bound_name: None };
                             if self.accepted.try_send(accepted).is_err() {
                                 self.events_dropped += 1;
                             }
@@ -635,14 +668,14 @@ impl Actor {
                 EndpointEvent::Migrated { handle, from, to } => {
                     let Some(generation) = self.generations.get(&handle).copied() else { continue };
                     if let Some(displaced) = self.pool.move_peer(from, to, generation) {
-                        self.depart(to, displaced, DepartReason::Closed(CloseReason::Replaced));
+                        self.depart_generation(displaced, to, DepartReason::Closed(CloseReason::Replaced));
                     }
                     let session = self.endpoint.session(handle);
                     let accepted = Accepted {
+                        handle,
                         peer: to,
                         identity: session.and_then(|s| s.peer_identity().cloned()),
                         resumed: session.is_some_and(|s| s.is_resumed()),
-                        generation,
                         arrival: Arrival::Moved { from },
                         bound_name: self.pool.get(to).and_then(|e| e.identity.clone()),
                     };
@@ -655,7 +688,7 @@ impl Actor {
                         let traffic = Traffic { bytes_in: data.len() as u64, ..Traffic::default() };
                         self.pool.record(now, peer, *generation, traffic);
                     }
-                    if self.received.try_send((peer, data)).is_err() {
+                    if self.received.try_send((handle, data)).is_err() {
                         self.events_dropped += 1;
                     }
                 }
@@ -676,7 +709,7 @@ impl Actor {
                             CloseReason::Local => tracing::debug!(%peer, identity, "session closed by the server"),
                             _ => tracing::info!(%peer, identity, %reason, "session closed"),
                         }
-                        self.depart(peer, generation, DepartReason::Closed(reason));
+                        self.depart(handle, peer, DepartReason::Closed(reason));
                     }
                 }
                 _ => {}
@@ -695,7 +728,7 @@ impl Actor {
             if let Some(handle) = self.handles.get(&generation) {
                 self.endpoint.close(now, *handle);
             }
-            self.depart(peer, generation, reason);
+            self.depart_generation(generation, peer, reason);
         }
         if self.endpoint.checkpoint_due() {
             self.write_store(Vec::new(), true).await;
@@ -705,10 +738,24 @@ impl Actor {
         }
     }
 
-    fn depart(&mut self, peer: SocketAddr, generation: Generation, reason: DepartReason) {
-        if self.departed.try_send(Departed { peer, generation, reason }).is_err() {
+    /// Reports the session of pool generation `generation` gone.
+    fn depart_generation(&mut self, generation: Generation, peer: SocketAddr, reason: DepartReason) {
+        if let Some(handle) = self.handles.get(&generation).copied() {
+            self.depart(handle, peer, reason);
+        }
+    }
+
+    /// Reports session `handle` gone.
+    fn depart(&mut self, handle: SessionHandle, peer: SocketAddr, reason: DepartReason) {
+        if self.departed.try_send(Departed { handle, peer, reason }).is_err() {
             self.events_dropped += 1;
         }
+    }
+
+    /// The address of `handle` if it is an established session.
+    fn established_peer(&self, handle: SessionHandle) -> Option<SocketAddr> {
+        let peer = self.endpoint.peer_of(handle)?;
+        (self.endpoint.established(peer) == Some(handle)).then_some(peer)
     }
 
     async fn flush(&mut self) {
@@ -716,6 +763,11 @@ impl Actor {
             let _ = self.socket.send_to(&t.contents, t.destination).await;
         }
     }
+}
+
+/// Whether `store` was put back from an older copy (its sessions must not be restored).
+fn store_rolled_back(store: Option<&SessionStore>) -> bool {
+    store.is_some_and(|store| store.opened().rolled_back.is_some())
 }
 
 /// The name a pool indexes a peer identity by.

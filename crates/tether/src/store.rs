@@ -10,7 +10,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection};
-use tether_coap::registration::{Binding, Links, Registration};
+use tether_coap::registration::{Binding, Lifetime, Links, Registration};
+use tether_proto::dtls::SessionHandle;
 
 /// A store (registrations or sessions) could not be opened or written.
 #[derive(Debug, thiserror::Error)]
@@ -22,19 +23,43 @@ pub enum StoreError {
     /// The file could not be created or given its permissions.
     #[error("cannot create {0}: {1}")]
     Io(String, #[source] std::io::Error),
+    /// SQLite's integrity check found the file damaged: nothing is served from it.
+    #[error("{file} is damaged ({detail}): {remedy}")]
+    Damaged {
+        /// The file.
+        file: String,
+        /// What `PRAGMA quick_check` said, first lines.
+        detail: String,
+        /// What the operator can do.
+        remedy: &'static str,
+    },
+}
+
+/// What opening a store found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OpenReport {
+    /// The file was not closed cleanly: its write-ahead log was left behind by a server that
+    /// stopped without shutting down (a crash, `kill -9`, power loss). SQLite recovered
+    /// every committed write from it.
+    pub unclean: bool,
 }
 
 /// Registrations on disk.
 #[derive(Debug)]
 pub struct RegistrationStore {
     db: Mutex<Connection>,
+    opened: OpenReport,
 }
 
 impl RegistrationStore {
-    /// Opens (creating if needed) the database at `path`.
+    /// Opens (creating if needed, mode 0600) the database at `path`, after SQLite's
+    /// integrity check: a damaged file is refused, never half-served.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let opened = OpenReport { unclean: left_unclean(path) };
+        create_private(path).map_err(|e| StoreError::Io(path.display().to_string(), e))?;
         let db = Connection::open(path)?;
-        Self::init(db)
+        check_integrity(&db, path, "restore it from a backup, or move it away to start with no registrations")?;
+        Ok(Self { opened, ..Self::init(db)? })
     }
 
     /// An in-memory store (tests).
@@ -42,24 +67,34 @@ impl RegistrationStore {
         Self::init(Connection::open_in_memory()?)
     }
 
+    /// What opening found.
+    pub fn opened(&self) -> &OpenReport {
+        &self.opened
+    }
+
     fn init(db: Connection) -> Result<Self, StoreError> {
         let db = durable(db)?;
-        db.execute_batch(
-            "CREATE TABLE IF NOT EXISTS registrations (
-                endpoint TEXT PRIMARY KEY,
-                id TEXT NOT NULL UNIQUE,
-                identity TEXT NOT NULL,
-                peer TEXT NOT NULL,
-                lifetime_secs INTEGER NOT NULL,
-                version TEXT NOT NULL,
-                binding TEXT NOT NULL,
-                links TEXT NOT NULL,
-                content_format INTEGER,
-                registered_unix_ms INTEGER NOT NULL,
-                updated_unix_ms INTEGER NOT NULL
-            );",
+        migrate(
+            &db,
+            &[
+                "CREATE TABLE IF NOT EXISTS registrations (
+                    endpoint TEXT PRIMARY KEY,
+                    id TEXT NOT NULL UNIQUE,
+                    identity TEXT NOT NULL,
+                    peer TEXT NOT NULL,
+                    lifetime_secs INTEGER NOT NULL,
+                    version TEXT NOT NULL,
+                    binding TEXT NOT NULL,
+                    links TEXT NOT NULL,
+                    content_format INTEGER,
+                    registered_unix_ms INTEGER NOT NULL,
+                    updated_unix_ms INTEGER NOT NULL
+                );",
+                // The DTLS session a registration is bound to (requests go over it alone).
+                "ALTER TABLE registrations ADD COLUMN session INTEGER;",
+            ],
         )?;
-        Ok(Self { db: Mutex::new(db) })
+        Ok(Self { db: Mutex::new(db), opened: OpenReport::default() })
     }
 
     /// Writes (inserts or replaces) a registration. `now` is the instant its times are
@@ -68,20 +103,21 @@ impl RegistrationStore {
         let db = self.db.lock().unwrap_or_else(|e| e.into_inner());
         db.execute(
             "INSERT OR REPLACE INTO registrations
-             (endpoint, id, identity, peer, lifetime_secs, version, binding, links, content_format, registered_unix_ms, updated_unix_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+             (endpoint, id, identity, peer, lifetime_secs, version, binding, links, content_format, registered_unix_ms, updated_unix_ms, session)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             params![
                 registration.endpoint,
                 registration.id,
                 registration.identity,
                 registration.peer.to_string(),
-                registration.lifetime.as_secs() as i64,
+                i64::try_from(registration.lifetime.as_secs()).unwrap_or(i64::MAX),
                 registration.version,
                 registration.binding.as_str(),
                 registration.links.as_str(),
                 registration.content_format.map(i64::from),
                 unix_ms(registration.registered_at, now),
                 unix_ms(registration.last_update, now),
+                registration.session.map(|s| s.0 as i64),
             ],
         )?;
         Ok(())
@@ -99,7 +135,7 @@ impl RegistrationStore {
     pub fn load(&self, now: Instant) -> Result<Vec<Registration>, StoreError> {
         let db = self.db.lock().unwrap_or_else(|e| e.into_inner());
         let mut statement = db.prepare(
-            "SELECT endpoint, id, identity, peer, lifetime_secs, version, binding, links, content_format, registered_unix_ms, updated_unix_ms FROM registrations",
+            "SELECT endpoint, id, identity, peer, lifetime_secs, version, binding, links, content_format, registered_unix_ms, updated_unix_ms, session FROM registrations",
         )?;
         let rows = statement.query_map([], |row| {
             Ok((
@@ -114,18 +150,21 @@ impl RegistrationStore {
                 row.get::<_, Option<i64>>(8)?,
                 row.get::<_, i64>(9)?,
                 row.get::<_, i64>(10)?,
+                row.get::<_, Option<i64>>(11)?,
             ))
         })?;
         let mut registrations = Vec::new();
         for row in rows {
-            let (endpoint, id, identity, peer, lifetime, version, binding, links, ct, registered, updated) = row?;
+            let (endpoint, id, identity, peer, lifetime, version, binding, links, ct, registered, updated, session) =
+                row?;
             let (Ok(peer), Ok(links)) = (peer.parse::<SocketAddr>(), Links::parse(&links)) else { continue };
             registrations.push(Registration {
                 id,
                 endpoint,
                 identity,
+                session: session.map(|s| SessionHandle(s as u64)),
                 peer,
-                lifetime: Duration::from_secs(lifetime.max(0) as u64),
+                lifetime: Lifetime::clamped(u64::try_from(lifetime).unwrap_or(0)),
                 version,
                 binding: if binding == "U" { Binding::Udp } else { Binding::UdpQueue },
                 links,
@@ -136,6 +175,47 @@ impl RegistrationStore {
         }
         Ok(registrations)
     }
+}
+
+/// Whether the database at `path` was left without a clean close: SQLite removes its
+/// write-ahead log when the last connection closes normally.
+pub(crate) fn left_unclean(path: &Path) -> bool {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    Path::new(&wal).exists()
+}
+
+/// `PRAGMA quick_check`: damaged pages or indexes are refused at start, with `remedy`.
+pub(crate) fn check_integrity(db: &Connection, path: &Path, remedy: &'static str) -> Result<(), StoreError> {
+    let findings = (|| -> rusqlite::Result<Vec<String>> {
+        let mut statement = db.prepare("PRAGMA quick_check")?;
+        let rows = statement.query_map([], |row| row.get::<_, String>(0))?;
+        rows.take(3).collect()
+    })();
+    let detail = match findings {
+        Ok(findings) if findings.len() == 1 && findings[0] == "ok" => return Ok(()),
+        Ok(findings) => findings.join("; "),
+        Err(err) => err.to_string(),
+    };
+    Err(StoreError::Damaged { file: path.display().to_string(), detail, remedy })
+}
+
+/// Creates `path` readable and writable by its owner only, or narrows an existing file to
+/// that (SQLite gives its `-wal` and `-shm` files the database's mode).
+pub(crate) fn create_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+}
+
+/// Brings the schema of `db` up to date: `steps[i]` takes it from version `i` to `i + 1`
+/// (`PRAGMA user_version`), each in its own transaction with its version.
+pub(crate) fn migrate(db: &Connection, steps: &[&str]) -> Result<(), StoreError> {
+    let version: usize = db.query_row("PRAGMA user_version", [], |row| row.get::<_, i64>(0))?.try_into().unwrap_or(0);
+    for (i, step) in steps.iter().enumerate().skip(version) {
+        db.execute_batch(&format!("BEGIN; {step} PRAGMA user_version = {}; COMMIT;", i + 1))?;
+    }
+    Ok(())
 }
 
 /// A database whose every committed transaction is on disk when the commit returns
@@ -173,8 +253,9 @@ mod tests {
             id: "abc".into(),
             endpoint: "urn:dev:1".into(),
             identity: "identity".into(),
+            session: Some(SessionHandle(7)),
             peer: "127.0.0.1:5000".parse().unwrap(),
-            lifetime: Duration::from_secs(300),
+            lifetime: Lifetime::from_secs(300).unwrap(),
             version: "1.1".into(),
             binding: Binding::Udp,
             links: Links::parse("</>;ct=11543,</3/0>").unwrap(),
@@ -187,8 +268,15 @@ mod tests {
         assert_eq!(loaded.len(), 1);
         let got = &loaded[0];
         assert_eq!(
-            (&got.id, &got.endpoint, got.peer, got.lifetime, got.content_format),
-            (&registration.id, &registration.endpoint, registration.peer, registration.lifetime, Some(11543))
+            (&got.id, &got.endpoint, got.session, got.peer, got.lifetime, got.content_format),
+            (
+                &registration.id,
+                &registration.endpoint,
+                Some(SessionHandle(7)),
+                registration.peer,
+                registration.lifetime,
+                Some(11543)
+            )
         );
         assert_eq!(got.links, registration.links);
         let drift = got.last_update.max(registration.last_update) - got.last_update.min(registration.last_update);

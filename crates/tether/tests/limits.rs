@@ -1,6 +1,8 @@
 //! The server's caps under a flood of handshakes that stall after the cookie exchange, over
-//! real UDP: handshakes in progress and sessions never exceed their limits, legitimate
-//! sessions are untouched, and at capacity the least recently active session is evicted.
+//! real UDP: one address holds only its share of handshakes, handshakes in progress and
+//! sessions never exceed their limits (stalled handshakes yield their slots to new ones),
+//! legitimate sessions are untouched, and at capacity the least recently active session is
+//! evicted.
 
 mod support;
 
@@ -16,6 +18,8 @@ use tether_proto::pool::PoolConfig;
 const MAX_HANDSHAKES: usize = 20;
 const MAX_SESSIONS: usize = 65;
 const CAPACITY: usize = 50;
+/// Handshakes in progress from one address that never held a session.
+const PER_ADDRESS: usize = 10;
 
 /// A client that completes the cookie exchange, sends its ClientHello with the cookie, and
 /// then falls silent: a handshake slot held until the server's deadline.
@@ -71,7 +75,14 @@ async fn caps_hold_under_a_handshake_flood_and_the_least_recently_active_session
         DtlsContext::server(tether_proto::dtls::ServerConfig::psk(store).session(session.clone())).unwrap()
     };
     let config = DtlsServerConfig::default()
-        .endpoint(EndpointConfig::new([9; 32]).max_handshakes(MAX_HANDSHAKES).max_sessions(MAX_SESSIONS))
+        .endpoint(
+            // Every client here shares one identity: this test is about the other caps.
+            EndpointConfig::new([9; 32])
+                .max_handshakes(MAX_HANDSHAKES)
+                .max_sessions(MAX_SESSIONS)
+                .max_sessions_per_identity(MAX_SESSIONS)
+                .handshakes_per_source(PER_ADDRESS, 4 * PER_ADDRESS),
+        )
         .pool(PoolConfig::default().capacity(CAPACITY));
     let server = Arc::new(DtlsServer::bind("127.0.0.1:0".parse().unwrap(), server_context, config).await.unwrap());
     let echo = Arc::clone(&server);
@@ -83,14 +94,15 @@ async fn caps_hold_under_a_handshake_flood_and_the_least_recently_active_session
     let addr = server.local_addr();
     let client_context = DtlsContext::client(ClientConfig::psk(IDENTITY, key()).session(session)).unwrap();
 
-    // A flood with no session yet: the handshake limit binds.
+    // A flood from an address that never held a session: it holds its share only.
+    let per_address = PER_ADDRESS;
     let (stalled, most_handshaking, _) = flood(&server, &client_context).await;
     let stats = server.stats().await.unwrap();
-    assert_eq!(stats.handshakes_in_progress, MAX_HANDSHAKES, "the slots are full of stalled handshakes");
-    assert!(most_handshaking <= MAX_HANDSHAKES, "{most_handshaking} handshakes in progress");
-    let over_handshakes = stats.endpoint.dropped(DropReason::HandshakeLimit);
-    assert!(over_handshakes >= 150, "ClientHellos over the handshake limit dropped: {over_handshakes}");
-    assert_eq!(stats.endpoint.sessions_created as usize, MAX_HANDSHAKES, "no state beyond the cap");
+    assert_eq!(stats.handshakes_in_progress, per_address, "one address's share of stalled handshakes");
+    assert!(most_handshaking <= per_address, "{most_handshaking} handshakes in progress");
+    let over_share = stats.endpoint.dropped(DropReason::SourceLimit);
+    assert!(over_share >= 150, "ClientHellos over the address's share dropped: {over_share}");
+    assert_eq!(stats.endpoint.sessions_created as usize, per_address, "no state beyond the cap");
     drop(stalled);
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(server.stats().await.unwrap().handshakes_in_progress, 0, "stalled handshakes expire");
@@ -107,14 +119,17 @@ async fn caps_hold_under_a_handshake_flood_and_the_least_recently_active_session
         assert_eq!(tokio::time::timeout(Duration::from_secs(5), client.recv()).await.unwrap().unwrap(), b"ping");
     }
 
-    // A flood with CAPACITY sessions established: the total-session limit binds first.
+    // A flood from the same address, which now holds sessions (a known source, not held
+    // to a share): the handshake limit binds, and each new ClientHello takes the slot of the
+    // oldest stalled handshake. No established session is given up for an unauthenticated
+    // handshake.
     let (stalled, most_handshaking, most_sessions) = flood(&server, &client_context).await;
     let stats = server.stats().await.unwrap();
-    assert_eq!(stats.handshakes_in_progress, MAX_SESSIONS - CAPACITY);
-    assert!(most_handshaking <= MAX_SESSIONS - CAPACITY, "{most_handshaking} handshakes in progress");
+    assert_eq!(stats.handshakes_in_progress, MAX_HANDSHAKES);
+    assert!(most_handshaking <= MAX_HANDSHAKES, "{most_handshaking} handshakes in progress");
     assert!(most_sessions <= CAPACITY, "{most_sessions} sessions");
-    let over_sessions = stats.endpoint.dropped(DropReason::SessionLimit);
-    assert!(over_sessions >= 150, "ClientHellos over the session limit dropped: {over_sessions}");
+    assert!(stats.endpoint.stalled_handshakes_closed >= 150, "{:?}", stats.endpoint);
+    assert_eq!(stats.endpoint.sessions_evicted, 0);
     // The legitimate sessions carried on through it.
     for client in &clients[1..] {
         client.send(b"still").await.unwrap();

@@ -289,7 +289,7 @@ async fn accepted_sessions_are_pooled_and_found_by_identity_or_endpoint_name() {
     let session = pool.get_or_connect(device).await.expect("the accepted session, no dialling");
     assert_eq!(session.role(), SessionRole::Accepted);
     // Bound to an endpoint name (as LwM2M registration does), found by that too.
-    assert!(server.set_identity(device, "urn:dev:1").await);
+    assert!(server.bind_name(accepted.handle, "urn:dev:1").await);
     assert_eq!(pool.peer_of("urn:dev:1").await, Some(device));
     // A server-initiated request rides on the device's own session.
     session.send(b"server to device").await.unwrap();

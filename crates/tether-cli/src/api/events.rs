@@ -9,13 +9,15 @@ use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use serde_json::{json, Value};
 use tether::lwm2m::{DeviceResponse, Lwm2mServer, SessionEvent};
 use tether_coap::model::Models;
 use tether_coap::registration::{Registration, RegistryEvent};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::Api;
 
@@ -37,6 +39,8 @@ const RECENT: usize = 50;
 pub struct Live {
     tx: broadcast::Sender<LiveEvent>,
     recent: Arc<Mutex<VecDeque<LiveEvent>>>,
+    /// A slot per reader that may be connected at once.
+    readers: Arc<Semaphore>,
 }
 
 impl Live {
@@ -59,9 +63,14 @@ impl Live {
 /// Notifications kept per observation for polling; the oldest go first.
 const FEED_LIMIT: usize = 256;
 
-/// The live events, fed from `server`'s registry and session events.
-pub fn live(server: &Lwm2mServer) -> Live {
-    let live = Live { tx: broadcast::channel(LIVE_BACKLOG).0, recent: Arc::default() };
+/// The live events, fed from `server`'s registry and session events, for at most
+/// `readers` readers at once.
+pub fn live(server: &Lwm2mServer, readers: usize) -> Live {
+    let live = Live {
+        tx: broadcast::channel(LIVE_BACKLOG).0,
+        recent: Arc::default(),
+        readers: Arc::new(Semaphore::new(readers)),
+    };
     forward(server.events(), live.clone(), registry_event);
     forward(server.session_events(), live.clone(), session_event);
     live
@@ -99,27 +108,37 @@ fn registry_event(event: &RegistryEvent) -> LiveEvent {
             data["replaced"] = json!(replaced.is_some());
             LiveEvent { name: "registered", data }
         }
-        RegistryEvent::Updated { registration: r, moved_from } => {
+        RegistryEvent::Updated { registration: r, .. } => {
             let mut data = registration(r);
-            data["moved_from"] = json!(moved_from.map(|a| a.to_string()));
+            data["moved_from"] = json!(event.moved_from().map(|a| a.to_string()));
             LiveEvent { name: "updated", data }
         }
         RegistryEvent::Deregistered { registration: r } => LiveEvent { name: "deregistered", data: registration(r) },
         RegistryEvent::Expired { registration: r } => LiveEvent { name: "expired", data: registration(r) },
+        RegistryEvent::Refused { endpoint, identity, peer, code, reason } => LiveEvent {
+            name: "registration_refused",
+            data: json!({
+                "endpoint": endpoint,
+                "identity": identity,
+                "address": peer.to_string(),
+                "coap_code": tether_coap::coap_lite::MessageClass::Response(*code).to_string(),
+                "reason": reason,
+            }),
+        },
         _ => LiveEvent { name: "registry", data: json!({}) },
     }
 }
 
 fn session_event(event: &SessionEvent) -> LiveEvent {
     match event {
-        SessionEvent::Opened { peer, identity, resumed, replaced } => LiveEvent {
+        SessionEvent::Opened { peer, identity, resumed, replaced, .. } => LiveEvent {
             name: if *replaced { "session_replaced" } else { "session_opened" },
             data: json!({ "address": peer.to_string(), "identity": identity, "resumed": resumed }),
         },
-        SessionEvent::Moved { from, to } => {
+        SessionEvent::Moved { from, to, .. } => {
             LiveEvent { name: "session_moved", data: json!({ "from": from.to_string(), "address": to.to_string() }) }
         }
-        SessionEvent::Closed { peer, reason } => {
+        SessionEvent::Closed { peer, reason, .. } => {
             LiveEvent { name: "session_closed", data: json!({ "address": peer.to_string(), "reason": reason }) }
         }
     }
@@ -127,11 +146,21 @@ fn session_event(event: &SessionEvent) -> LiveEvent {
 
 /// `GET /api/events`: the most recent events, then the live ones as they happen, as
 /// Server-Sent Events (`event:` the name, `data:` JSON). A reader too slow for the backlog
-/// gets a `lagged` event with the number it missed.
-pub async fn stream(State(api): State<Api>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let (recent, events) = api.live.subscribe();
+/// gets a `lagged` event with the number it missed. Readers are bounded (`event_readers` in
+/// `[limits]`): one more is answered 503.
+pub async fn stream(State(api): State<Api>) -> Response {
+    let Ok(reader) = Arc::clone(&api.live.readers).try_acquire_owned() else {
+        let message = "the server has as many event readers as it takes (event_readers in tether.toml [limits])";
+        return super::error(StatusCode::SERVICE_UNAVAILABLE, None, message.into());
+    };
+    Sse::new(events(&api.live, reader)).keep_alive(KeepAlive::default()).into_response()
+}
+
+/// The recent events, then the live ones; holds `reader` (a reader's slot) while it lasts.
+fn events(live: &Live, reader: OwnedSemaphorePermit) -> impl Stream<Item = Result<Event, Infallible>> {
+    let (recent, events) = live.subscribe();
     let replay = futures::stream::iter(recent.iter().map(sse).map(Ok).collect::<Vec<_>>());
-    let live = futures::stream::unfold(events, |mut events| async move {
+    let live = futures::stream::unfold((events, reader), |(mut events, reader)| async move {
         let event = match events.recv().await {
             Ok(live) => sse(&live),
             Err(broadcast::error::RecvError::Lagged(missed)) => {
@@ -139,9 +168,9 @@ pub async fn stream(State(api): State<Api>) -> Sse<impl Stream<Item = Result<Eve
             }
             Err(broadcast::error::RecvError::Closed) => return None,
         };
-        Some((Ok(event), events))
+        Some((Ok(event), (events, reader)))
     });
-    Sse::new(futures::StreamExt::chain(replay, live)).keep_alive(KeepAlive::default())
+    futures::StreamExt::chain(replay, live)
 }
 
 fn sse(live: &LiveEvent) -> Event {

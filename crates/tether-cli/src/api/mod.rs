@@ -4,6 +4,9 @@ pub mod auth;
 mod composite;
 mod events;
 mod firmware;
+pub mod guard;
+mod health;
+pub mod listener;
 mod openapi;
 mod options;
 mod typed;
@@ -68,6 +71,7 @@ fn routes() -> Vec<(&'static str, &'static [&'static str], MethodRouter<Api>)> {
     vec![
         ("/", &["GET"], get(ui::index)),
         ("/ui/{file}", &["GET"], get(ui::asset)),
+        ("/healthz", &["GET"], get(health::healthz)),
         ("/api/login", &["POST"], post(auth::login)),
         ("/api/logout", &["POST"], post(auth::logout)),
         ("/api/whoami", &["GET"], get(auth::whoami)),
@@ -105,9 +109,21 @@ fn route_list() -> Vec<(&'static str, String)> {
         .collect()
 }
 
-/// The API's routes behind `access`; values are decoded and writes checked with `models`.
-pub fn router(server: Lwm2mServer, models: Arc<Models>, access: auth::Access) -> Router {
-    let live = events::live(&server);
+/// Who may use the API, from where, and how many event readers it takes.
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    /// Tokens, roles and the UI's logins.
+    pub access: auth::Access,
+    /// The names the server answers to besides IP addresses and localhost.
+    pub hosts: guard::Hosts,
+    /// `/api/events` readers at once.
+    pub event_readers: usize,
+}
+
+/// The API's routes behind `settings`; values are decoded and writes checked with `models`.
+pub fn router(server: Lwm2mServer, models: Arc<Models>, settings: ApiSettings) -> Router {
+    let live = events::live(&server, settings.event_readers);
+    let access = settings.access;
     let api = Api { server, models, feeds: Arc::default(), live, access: access.clone() };
     let mut router = Router::new();
     for (path, _, handlers) in routes() {
@@ -119,6 +135,7 @@ pub fn router(server: Lwm2mServer, models: Arc<Models>, access: auth::Access) ->
         .layer(axum::middleware::from_fn_with_state(access, auth::require))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::map_response(json_errors))
+        .layer(axum::middleware::from_fn_with_state(settings.hosts, guard::check))
         .with_state(api)
 }
 
@@ -588,6 +605,8 @@ async fn pool(State(server): State<Lwm2mServer>) -> Response {
             "handshakes_resumed": stats.endpoint.handshakes_resumed,
             "migrations": stats.endpoint.migrations,
             "sessions_restored": stats.endpoint.sessions_restored,
+            "sessions_evicted": stats.endpoint.sessions_evicted,
+            "stalled_handshakes_closed": stats.endpoint.stalled_handshakes_closed,
             "session_store_failures": stats.store_failures,
             "datagrams_dropped": stats.endpoint.dropped_total(),
             "dropped_by_reason": tether_proto::dtls::DropReason::ALL

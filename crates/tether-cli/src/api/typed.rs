@@ -20,6 +20,19 @@ pub enum Operation {
     Execute,
 }
 
+/// A number written to a numeric resource, to check against its range.
+fn numeric(kind: ResourceType, value: &Value) -> Option<f64> {
+    match kind {
+        ResourceType::Integer | ResourceType::Unsigned | ResourceType::Time => integer(value).map(|i| i as f64),
+        ResourceType::Float => match value {
+            Value::Number(n) => n.as_f64(),
+            Value::String(s) => s.trim().parse().ok(),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 /// The model of the resource `path` names, if it names one tether knows.
 fn modelled<'m>(models: &'m Models, path: &str) -> Option<(content::Path, &'m ResourceModel)> {
     let path = content::Path::parse(path).ok()?;
@@ -113,10 +126,18 @@ pub fn write_payload(models: &Models, path: &str, body: &str) -> Result<(u16, Ve
         (ResourceType::ObjectLink, Value::String(s)) => object_link(s),
         _ => None,
     };
-    match text {
-        Some(text) => Ok((content::format::TEXT, text.into_bytes())),
-        None => Err(wrong(value.to_string())),
+    let Some(text) = text else { return Err(wrong(value.to_string())) };
+    if let (Some(range), Some(number)) = (&resource.range, numeric(resource.kind, value)) {
+        if !range.contains(number) {
+            let units = if resource.units.is_empty() { String::new() } else { format!(" {}", resource.units) };
+            return Err(bad_request(format!(
+                "{} must be {}{units}, got {value}",
+                describe(&path, resource),
+                range.describe()
+            )));
+        }
     }
+    Ok((content::format::TEXT, text.into_bytes()))
 }
 
 /// The values of a Write-Composite body, `{"values": {"/3/0/14": "+02:00", "/1/0/1": 300}}`
@@ -240,6 +261,15 @@ mod tests {
         assert!(body.contains("/1/0/1 (Lifetime) expects an Integer, got \\\"abc\\\""), "{body}");
         let (status, body) = refused("1/0/17", r#"{"value": -1}"#);
         assert!(status == 400 && body.contains("Unsigned Integer"), "{body}");
+        // Within the range the specification gives: a lifetime is positive.
+        for lifetime in ["0", "-5", "9223372036854775807", "4294967296"] {
+            let (status, body) = refused("1/0/1", &format!(r#"{{"value": {lifetime}}}"#));
+            assert_eq!(status, 400, "{lifetime}");
+            assert!(body.contains("/1/0/1 (Lifetime) must be 1 to 4294967295 s, got"), "{lifetime}: {body}");
+        }
+        assert!(write_payload(&Models::built_in(), "1/0/1", r#"{"value": 4294967295}"#).is_ok());
+        let (status, body) = refused("3/0/13", r#"{"value": 9223372036854775807}"#);
+        assert!(status == 400 && body.contains("(Current Time) must be 0 to 253402300799"), "{body}");
         let (status, body) = refused("3/0/0", r#"{"value": "x"}"#);
         assert!(status == 405 && body.contains("/3/0/0 (Manufacturer) is not writable (operations: R)"), "{body}");
         let (status, body) = refused("1/0/7", r#"{"value": 5}"#);

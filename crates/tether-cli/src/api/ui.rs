@@ -30,7 +30,10 @@ fn served(content_type: &'static str, body: &'static str) -> Response {
             (header::CONTENT_TYPE, content_type),
             (header::CACHE_CONTROL, "no-cache"),
             // The page loads only its own files and talks only to its own origin.
-            (header::CONTENT_SECURITY_POLICY, "default-src 'self'; style-src 'self'; script-src 'self'"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; style-src 'self'; script-src 'self'; frame-ancestors 'none'",
+            ),
             (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         ],
         body,

@@ -150,7 +150,8 @@ impl EchoServer {
     fn dtls(context: Arc<DtlsContext>) -> Result<Self> {
         let socket = UdpSocket::bind("127.0.0.1:0")?;
         let addr = socket.local_addr()?;
-        let endpoint = Endpoint::new(context, EndpointConfig::new(crate::echo::os_seed()), Instant::now())?;
+        let config = super::capacity_limits(EndpointConfig::new(crate::echo::os_seed()));
+        let endpoint = Endpoint::new(context, config, Instant::now())?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
         let thread = std::thread::spawn(move || {

@@ -267,12 +267,12 @@ pub async fn fresh_session_reads(
         let mine: Vec<(String, SocketAddr)> = peers.iter().skip(w).step_by(concurrency).cloned().collect();
         workers.push(tokio::spawn(async move {
             let (mut ok, mut failed, mut latencies) = (0, 0, Vec::new());
-            for (endpoint, peer) in mine.iter().cycle() {
+            for (endpoint, _) in mine.iter().cycle() {
                 if start.elapsed() >= duration {
                     break;
                 }
                 let began = Instant::now();
-                match read_after_new_handshake(&server, &waiters, endpoint, *peer).await {
+                match read_after_new_handshake(&server, &waiters, endpoint).await {
                     Ok(()) => {
                         ok += 1;
                         latencies.push(began.elapsed());
@@ -286,15 +286,13 @@ pub async fn fresh_session_reads(
     collect(workers, start, cpu_before).await
 }
 
-/// One read over a session opened for it.
-pub async fn read_after_new_handshake(
-    server: &Lwm2mServer,
-    waiters: &Waiters,
-    endpoint: &str,
-    peer: SocketAddr,
-) -> Result<()> {
+/// One read over a session opened for it: the endpoint's session is closed, and the read
+/// waits for the device to come back over a new one.
+pub async fn read_after_new_handshake(server: &Lwm2mServer, waiters: &Waiters, endpoint: &str) -> Result<()> {
     let updated = waiters.expect(endpoint);
-    server.dtls().close(peer).await;
+    if let Some((session, _)) = server.dtls().session_of(endpoint).await {
+        server.dtls().close(session).await;
+    }
     tokio::time::timeout(Duration::from_secs(10), updated)
         .await
         .context("the device did not come back")?

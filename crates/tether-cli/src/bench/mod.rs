@@ -143,3 +143,10 @@ pub fn percentiles_us(samples: &mut [std::time::Duration]) -> (f64, f64) {
     let at = |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e6;
     (at(0.5), at(0.99))
 }
+
+/// A server endpoint's limits for a benchmark: every client of a benchmark presents one
+/// identity from one address, and what is measured is the engine's capacity, not the
+/// admission policy against floods (which `tether serve` keeps).
+pub fn capacity_limits(config: tether_proto::dtls::EndpointConfig) -> tether_proto::dtls::EndpointConfig {
+    config.max_sessions_per_identity(1_000_000).handshakes_per_source(1_000_000, 1_000_000).reserved_handshakes(0)
+}

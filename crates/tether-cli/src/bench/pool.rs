@@ -58,7 +58,9 @@ async fn measure(options: &PoolBenchOptions) -> Result<Vec<Figure>> {
         ServerConfig::psk(StaticPskStore::new().with("bench", key.clone())).session(session.clone()),
     )?;
     let client_ctx = DtlsContext::client(ClientConfig::psk("bench", key).session(session))?;
-    let server = Arc::new(DtlsServer::bind("127.0.0.1:0".parse()?, server_ctx, DtlsServerConfig::default()).await?);
+    let config = DtlsServerConfig::default();
+    let config = DtlsServerConfig { endpoint: super::capacity_limits(config.endpoint.clone()), ..config };
+    let server = Arc::new(DtlsServer::bind("127.0.0.1:0".parse()?, server_ctx, config).await?);
     let echo = Arc::clone(&server);
     tokio::spawn(async move {
         while let Some((peer, data)) = echo.recv().await {

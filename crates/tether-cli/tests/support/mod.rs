@@ -1,6 +1,8 @@
 //! `tether serve` as a child process, and a minimal HTTP client.
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
+pub mod browser;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -28,6 +30,8 @@ pub struct Server {
     pub http: SocketAddr,
     /// The admin API token it made in its data directory.
     pub token: Option<String>,
+    /// Its log lines (stderr), when started with [`Server::start_logged`].
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Server {
@@ -47,7 +51,31 @@ impl Server {
 
     /// Starts with CoAPs on `coaps` and HTTP on `http`.
     pub fn start_on_http(coaps: &str, http: &str, data_dir: &Path, extra: &[&str]) -> Self {
+        Self::start_command(Command::new(env!("CARGO_BIN_EXE_tether")), coaps, http, data_dir, extra)
+    }
+
+    /// Starts as a process whose soft limit of open files is `soft_nofile` (as a shell's
+    /// default of 1,024 leaves it), with `extra` flags.
+    pub fn start_with_nofile(data_dir: &Path, soft_nofile: u32, extra: &[&str]) -> Self {
+        let mut command = Command::new("sh");
+        command.args(["-c", &format!("ulimit -Sn {soft_nofile} && exec \"$0\" \"$@\"")]);
+        command.arg(env!("CARGO_BIN_EXE_tether"));
+        Self::start_command(command, "127.0.0.1:0", "127.0.0.1:0", data_dir, extra)
+    }
+
+    /// Starts with `extra` flags, keeping its log lines (at `warn`) in [`Server::log`].
+    pub fn start_logged(data_dir: &Path, extra: &[&str]) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_tether"));
+        command.stderr(Stdio::piped());
+        Self::start_command(command, "127.0.0.1:0", "127.0.0.1:0", data_dir, extra)
+    }
+
+    /// Whether a line of its log (see [`Server::start_logged`]) contains `text`.
+    pub fn logged(&self, text: &str) -> bool {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|line| line.contains(text))
+    }
+
+    fn start_command(mut command: Command, coaps: &str, http: &str, data_dir: &Path, extra: &[&str]) -> Self {
         command.args(["serve", "--coaps", coaps, "--http", http, "--data-dir"]).arg(data_dir);
         command.args(extra);
         // Info lines of hundreds of devices would bury the test output; tests/logs.rs reads them.
@@ -55,7 +83,16 @@ impl Server {
         for i in 0..DEVICES {
             command.args(["--psk", &format!("device-{i}:{KEY}:urn:dev:{i}")]);
         }
-        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("tether binary");
+        let mut child = command.stdout(Stdio::piped()).spawn().expect("tether binary");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        if let Some(stderr) = child.stderr.take() {
+            let lines = std::sync::Arc::clone(&log);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+                }
+            });
+        }
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std_mpsc::channel();
         std::thread::spawn(move || {
@@ -80,7 +117,7 @@ impl Server {
             tokens.retain(|(addr, _)| *addr != http);
             tokens.push((http, token.clone()));
         }
-        Self { child, coaps, http, token }
+        Self { child, coaps, http, token, log }
     }
 
     /// The process ID.
@@ -231,6 +268,98 @@ pub async fn wait_registered(server: &Server, count: usize, within: Duration) {
             return;
         }
         assert!(std::time::Instant::now() < deadline, "{n} of {count} registered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A scripted LwM2M client over a real DTLS session (tether's own client, PSK): it sends
+/// exactly the requests a test writes, as a hostile or broken device would.
+pub struct Scripted {
+    pub session: tether::DtlsClient,
+    next_id: u16,
+}
+
+impl Scripted {
+    /// A DTLS session with `server` as PSK `identity` (the development key), from `local`.
+    pub async fn connect(server: SocketAddr, local: SocketAddr, identity: &str) -> Self {
+        use tether_proto::dtls::{ClientConfig, DtlsContext, PskKey};
+        let key = PskKey::from_hex(KEY).unwrap();
+        let context = DtlsContext::client(ClientConfig::psk(identity, key)).unwrap();
+        let socket = tether::Socket::bind_udp(local, None).await.unwrap();
+        socket.connect(server).await.unwrap();
+        let session = tether::DtlsClient::connect_on(socket, server, &context, None).await.unwrap();
+        Self { session, next_id: 1 }
+    }
+
+    /// Sends `request` as a confirmable message and returns the response to it (piggybacked
+    /// or separate), within 10 s.
+    pub async fn request(&mut self, mut request: tether_coap::coap_lite::Packet) -> tether_coap::coap_lite::Packet {
+        use tether_coap::coap_lite::{MessageType, Packet};
+        self.next_id = self.next_id.wrapping_add(1);
+        request.header.message_id = self.next_id;
+        request.header.set_type(MessageType::Confirmable);
+        let token = self.next_id.to_be_bytes().to_vec();
+        request.set_token(token.clone());
+        self.session.send(&request.to_bytes().unwrap()).await.unwrap();
+        let answer = async {
+            loop {
+                let datagram = self.session.recv().await.expect("the session stays open");
+                let Ok(packet) = Packet::from_bytes(&datagram) else { continue };
+                let response = matches!(packet.header.code, tether_coap::coap_lite::MessageClass::Response(_));
+                if response && packet.get_token() == token.as_slice() {
+                    return packet;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), answer).await.expect("an answer within 10 s")
+    }
+
+    /// `POST /rd` with `query` items and a small link-format body.
+    pub async fn register(&mut self, query: &[&str]) -> tether_coap::coap_lite::Packet {
+        use tether_coap::coap_lite::{CoapOption, RequestType};
+        let mut register = tether_coap::packet::request(RequestType::Post, "rd", Some(40), b"</1/0>,</3/0>".to_vec());
+        for item in query {
+            register.add_option(CoapOption::UriQuery, item.as_bytes().to_vec());
+        }
+        self.request(register).await
+    }
+}
+
+/// The code of a CoAP response as text (`4.00`) and its payload as text.
+pub fn coap_answer(packet: &tether_coap::coap_lite::Packet) -> (String, String) {
+    (packet.header.code.to_string(), String::from_utf8_lossy(&packet.payload).to_string())
+}
+
+/// A fresh data directory for a test, named after it and this process.
+pub fn data_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("tether-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A `tether device` as `urn:dev:{i}` (PSK identity `device-{i}`, the test key) against
+/// `server`, with `extra` flags; the caller ends it by its PID.
+pub fn device(server: &Server, i: usize, extra: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["device", "--server", &format!("coaps://{}", server.coaps)])
+        .args(["--psk-identity", &format!("device-{i}"), "--endpoint", &format!("urn:dev:{i}"), "--psk-key", KEY])
+        .args(extra)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("tether binary")
+}
+
+/// Polls `GET path` on `server` until `done` holds for its answer (up to `within`), and
+/// returns that answer.
+pub async fn wait_for(server: &Server, path: &str, within: Duration, done: impl Fn(u16, &Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let (status, body) = http(server.http, "GET", path, None).await;
+        if done(status, &body) {
+            return body;
+        }
+        assert!(std::time::Instant::now() < deadline, "GET {path}: {status} {body}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -892,7 +892,9 @@ fn is_firmware_package(request: &Packet) -> bool {
 
 fn backoff_config(retry: &RetryTimers, jitter: Jitter) -> BackoffConfig {
     BackoffConfig::default()
-        .delays(retry.retry_timer.max(Duration::from_millis(1)), Duration::MAX)
+        // Capped at 2^32 − 1 s like the timers a server may write: a delay is always
+        // something an Instant can be moved by.
+        .delays(retry.retry_timer.max(Duration::from_millis(1)), Duration::from_secs(u32::MAX.into()))
         .max_attempts(retry.retry_count.max(1))
         .jitter(jitter)
 }

@@ -14,7 +14,7 @@ use super::firmware::{self, Firmware};
 use crate::content::{self, format, Entry, Path, ResourceType, Value};
 use crate::link_format::Link;
 use crate::packet::{decode_uint, encode_uint};
-use crate::registration::{response, uri_path};
+use crate::registration::{response, uri_path, Lifetime};
 
 /// Identification of a device (the Device object's fixed resources).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -257,6 +257,13 @@ impl Objects {
         self.attributes.get(path).copied().unwrap_or_default()
     }
 
+    /// The device's clock (Unix time) at `now`, moved by `adjustment` seconds: saturating, so
+    /// no clock a server writes overflows it.
+    fn clock(&self, now: Instant, adjustment: i64) -> i64 {
+        let uptime = i64::try_from(now.saturating_duration_since(self.booted).as_secs()).unwrap_or(i64::MAX);
+        self.unix_at_boot.saturating_add(uptime).saturating_add(adjustment)
+    }
+
     /// Battery level in percent at `now`.
     pub fn battery_level(&self, now: Instant) -> i64 {
         let hours_x100 = now.saturating_duration_since(self.booted).as_secs() * BATTERY_DRAIN_PER_HOUR * 100 / 3600;
@@ -336,7 +343,7 @@ impl Objects {
             // Free memory moves as the firmware allocates and frees.
             (3, 10) => Single(Value::Integer(MEMORY_TOTAL_KIB / 2 + (uptime * 37 % 101) - 50)),
             (3, 11) => Multiple(vec![(0, Value::Integer(self.error_code(now)))]),
-            (3, 13) => Single(Value::Time(self.unix_at_boot + uptime + self.clock_adjustment)),
+            (3, 13) => Single(Value::Time(self.clock(now, self.clock_adjustment))),
             (3, 14) => Single(Value::String(self.utc_offset.clone())),
             (3, 15) => Single(Value::String(self.timezone.clone())),
             (3, 16) => Single(Value::String("U".into())),
@@ -396,12 +403,13 @@ impl Objects {
         let mut effect = None;
         for entry in entries {
             match (entry.path.object, entry.path.resource, &entry.value) {
+                // Checked against the model's range above: each fits what holds it.
                 (1, Some(1), value) => {
-                    self.lifetime = Duration::from_secs(as_u64(value).unwrap_or(0));
+                    self.lifetime = Lifetime::clamped(as_u64(value).unwrap_or(1)).duration();
                     effect = Some(Effect::UpdateRegistration);
                 }
-                (1, Some(2), value) => self.default_pmin = as_u64(value).unwrap_or(0) as i64,
-                (1, Some(3), value) => self.default_pmax = as_u64(value).unwrap_or(0) as i64,
+                (1, Some(2), value) => self.default_pmin = as_u32(value).into(),
+                (1, Some(3), value) => self.default_pmax = as_u32(value).into(),
                 (1, Some(6), Value::Boolean(b)) => self.notification_storing = *b,
                 (1, Some(7), Value::String(binding)) => {
                     self.binding = binding.clone();
@@ -410,17 +418,16 @@ impl Objects {
                 (3303, Some(5750), Value::String(kind)) => self.application_type = kind.clone(),
                 (5, Some(0), Value::Opaque(package)) => self.firmware.write_package(package),
                 (5, Some(1), Value::String(uri)) => self.firmware.write_uri(uri),
-                (1, Some(17), value) => self.retry.retry_count = as_u64(value).unwrap_or(1).max(1) as u32,
-                (1, Some(18), value) => self.retry.retry_timer = Duration::from_secs(as_u64(value).unwrap_or(0)),
-                (1, Some(19), value) => self.retry.sequence_delay = Duration::from_secs(as_u64(value).unwrap_or(0)),
-                (1, Some(20), value) => self.retry.sequence_retry_count = as_u64(value).unwrap_or(1).max(1) as u32,
+                (1, Some(17), value) => self.retry.retry_count = as_u32(value).max(1),
+                (1, Some(18), value) => self.retry.retry_timer = Duration::from_secs(as_u32(value).into()),
+                (1, Some(19), value) => self.retry.sequence_delay = Duration::from_secs(as_u32(value).into()),
+                (1, Some(20), value) => self.retry.sequence_retry_count = as_u32(value).max(1),
                 (3, Some(13), value) => {
                     let wanted = match value {
                         Value::Time(t) | Value::Integer(t) => *t,
                         _ => 0,
                     };
-                    let uptime = now.saturating_duration_since(self.booted).as_secs() as i64;
-                    self.clock_adjustment = wanted - (self.unix_at_boot + uptime);
+                    self.clock_adjustment = wanted.saturating_sub(self.clock(now, 0));
                 }
                 (3, Some(14), Value::String(v)) => self.utc_offset = v.clone(),
                 (3, Some(15), Value::String(v)) => self.timezone = v.clone(),
@@ -473,20 +480,12 @@ impl Objects {
                 Some((name, value)) => (name, Some(value)),
                 None => (item.as_str(), None),
             };
-            let number = match value.map(str::parse::<f64>) {
-                Some(Ok(v)) if v.is_finite() && v >= 0.0 || matches!(name, "gt" | "lt") => {
-                    value.and_then(|v| v.parse().ok())
-                }
-                Some(_) => return Err(ResponseType::BadRequest),
-                None => None,
-            };
-            let seconds = number.map(Duration::from_secs_f64);
-            match name {
-                "pmin" => attributes.pmin = seconds,
-                "pmax" => attributes.pmax = seconds,
-                "gt" => attributes.gt = number,
-                "lt" => attributes.lt = number,
-                "st" => attributes.st = number,
+            match (name, value) {
+                ("pmin", value) => attributes.pmin = value.map(period).transpose()?,
+                ("pmax", value) => attributes.pmax = value.map(period).transpose()?,
+                ("gt", value) => attributes.gt = value.map(threshold).transpose()?,
+                ("lt", value) => attributes.lt = value.map(threshold).transpose()?,
+                ("st", value) => attributes.st = value.map(step).transpose()?,
                 _ => return Err(ResponseType::BadRequest),
             }
         }
@@ -559,6 +558,28 @@ enum Resource {
     Multiple(Vec<(u16, Value)>),
 }
 
+/// Longest notification period accepted (`pmin`, `pmax`): 2^32 − 1 s.
+const MAX_PERIOD_SECS: f64 = u32::MAX as f64;
+
+/// A `pmin`/`pmax` value: seconds, finite, 0 to [`MAX_PERIOD_SECS`].
+fn period(text: &str) -> Result<Duration, ResponseType> {
+    let seconds = threshold(text)?;
+    if !(0.0..=MAX_PERIOD_SECS).contains(&seconds) {
+        return Err(ResponseType::BadRequest);
+    }
+    Duration::try_from_secs_f64(seconds).map_err(|_| ResponseType::BadRequest)
+}
+
+/// A `gt`/`lt` value: any finite number (NaN and infinities are refused).
+fn threshold(text: &str) -> Result<f64, ResponseType> {
+    text.trim().parse::<f64>().ok().filter(|v| v.is_finite()).ok_or(ResponseType::BadRequest)
+}
+
+/// An `st` value: a finite step, not negative.
+fn step(text: &str) -> Result<f64, ResponseType> {
+    threshold(text).and_then(|v| if v >= 0.0 { Ok(v) } else { Err(ResponseType::BadRequest) })
+}
+
 /// Resource IDs of an object, readable or executable.
 fn resources(object: u16) -> &'static [u16] {
     match object {
@@ -579,17 +600,28 @@ fn writable(path: &Path) -> bool {
     }
 }
 
+/// Whether `value` is of the type of the resource at `path` and within its range (the
+/// built-in models hold what the specification says: Lifetime is positive, timers fit 32
+/// bits, Current Time is a Unix time): a device refuses anything else with 4.00 instead of
+/// keeping a value it cannot use.
 fn value_fits(path: &Path, value: &Value) -> bool {
-    let Some(kind) = path.resource_type() else { return false };
-    match (kind, value) {
+    let Some(model) = path.resource.and_then(|r| crate::model::resource(path.object, r)) else { return false };
+    let number = match (model.kind, value) {
         (ResourceType::String, Value::String(_))
         | (ResourceType::Boolean, Value::Boolean(_))
-        | (ResourceType::Opaque, Value::Opaque(_)) => true,
-        (ResourceType::Integer | ResourceType::Unsigned | ResourceType::Time, v) => {
-            as_u64(v).is_some() || matches!(v, Value::Integer(_) | Value::Time(_))
+        | (ResourceType::Opaque, Value::Opaque(_)) => return true,
+        (ResourceType::Integer | ResourceType::Unsigned | ResourceType::Time, Value::Unsigned(v)) => *v as f64,
+        (ResourceType::Integer | ResourceType::Unsigned | ResourceType::Time, Value::Integer(v) | Value::Time(v)) => {
+            *v as f64
         }
-        _ => false,
-    }
+        _ => return false,
+    };
+    model.range.is_none_or(|range| range.contains(number))
+}
+
+/// A value checked to be within 0..=u32::MAX ([`value_fits`]); anything else reads as 0.
+fn as_u32(value: &Value) -> u32 {
+    as_u64(value).and_then(|v| u32::try_from(v).ok()).unwrap_or(0)
 }
 
 fn as_u64(value: &Value) -> Option<u64> {

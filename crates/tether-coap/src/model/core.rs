@@ -10,6 +10,13 @@ use ResourceType::{
     Time as TIME, Unsigned as UINT,
 };
 
+/// The longest registration lifetime, in seconds.
+const LIFETIME_MAX: f64 = crate::registration::Lifetime::MAX.as_secs() as f64;
+/// Seconds and counts a device keeps in 32 bits.
+const U32_MAX: f64 = u32::MAX as f64;
+/// Unix times from 1970 to the end of 9999.
+pub const TIME_MAX: f64 = 253_402_300_799.0;
+
 /// LwM2M Security, object 0 (version 1.2).
 const SECURITY_RESOURCES: &[ResourceModel] = &[
     r(0, "LwM2M Server URI", NO, false, STR, ""),
@@ -48,11 +55,12 @@ const SECURITY_RESOURCES: &[ResourceModel] = &[
 /// LwM2M Server, object 1 (version 1.2).
 const SERVER_RESOURCES: &[ResourceModel] = &[
     r(0, "Short Server ID", R, false, INT, ""),
-    r(1, "Lifetime", RW, false, INT, "s"),
-    r(2, "Default Minimum Period", RW, false, INT, "s"),
-    r(3, "Default Maximum Period", RW, false, INT, "s"),
+    // Positive (LwM2M 1.1 §6.2.1), and no longer than a registration may be.
+    r(1, "Lifetime", RW, false, INT, "s").within(1.0, LIFETIME_MAX),
+    r(2, "Default Minimum Period", RW, false, INT, "s").within(0.0, U32_MAX),
+    r(3, "Default Maximum Period", RW, false, INT, "s").within(0.0, U32_MAX),
     r(4, "Disable", E, false, EXEC, ""),
-    r(5, "Disable Timeout", RW, false, INT, "s"),
+    r(5, "Disable Timeout", RW, false, INT, "s").within(0.0, U32_MAX),
     r(6, "Notification Storing When Disabled or Offline", RW, false, BOOL, ""),
     r(7, "Binding", RW, false, STR, ""),
     r(8, "Registration Update Trigger", E, false, EXEC, ""),
@@ -64,10 +72,10 @@ const SERVER_RESOURCES: &[ResourceModel] = &[
     r(14, "Initial Registration Delay Timer", RW, false, UINT, "s"),
     r(15, "Registration Failure Block", R, false, BOOL, ""),
     r(16, "Bootstrap on Registration Failure", R, false, BOOL, ""),
-    r(17, "Communication Retry Count", RW, false, UINT, ""),
-    r(18, "Communication Retry Timer", RW, false, UINT, "s"),
-    r(19, "Communication Sequence Delay Timer", RW, false, UINT, "s"),
-    r(20, "Communication Sequence Retry Count", RW, false, UINT, ""),
+    r(17, "Communication Retry Count", RW, false, UINT, "").within(1.0, U32_MAX),
+    r(18, "Communication Retry Timer", RW, false, UINT, "s").within(0.0, U32_MAX),
+    r(19, "Communication Sequence Delay Timer", RW, false, UINT, "s").within(0.0, U32_MAX),
+    r(20, "Communication Sequence Retry Count", RW, false, UINT, "").within(1.0, U32_MAX),
     r(21, "Trigger", RW, false, BOOL, ""),
     r(22, "Preferred Transport", RW, false, STR, ""),
     r(23, "Mute Send", RW, false, BOOL, ""),
@@ -88,11 +96,11 @@ const DEVICE_RESOURCES: &[ResourceModel] = &[
     r(6, "Available Power Sources", R, true, INT, ""),
     r(7, "Power Source Voltage", R, true, INT, "mV"),
     r(8, "Power Source Current", R, true, INT, "mA"),
-    r(9, "Battery Level", R, false, INT, "%"),
+    r(9, "Battery Level", R, false, INT, "%").within(0.0, 100.0),
     r(10, "Memory Free", R, false, INT, "KiB"),
     r(11, "Error Code", R, true, INT, ""),
     r(12, "Reset Error Code", E, false, EXEC, ""),
-    r(13, "Current Time", RW, false, TIME, ""),
+    r(13, "Current Time", RW, false, TIME, "").within(0.0, TIME_MAX),
     r(14, "UTC Offset", RW, false, STR, ""),
     r(15, "Timezone", RW, false, STR, ""),
     r(16, "Supported Binding and Modes", R, false, STR, ""),

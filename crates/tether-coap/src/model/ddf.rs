@@ -85,5 +85,11 @@ fn resource(item: roxmltree::Node<'_, '_>) -> Result<ResourceModel, DdfError> {
         multiple: child(item, "MultipleInstances") == Some("Multiple"),
         kind,
         units: Cow::Owned(child(item, "Units").unwrap_or_default().to_string()),
+        range: match kind {
+            ResourceType::Integer | ResourceType::Unsigned | ResourceType::Float | ResourceType::Time => {
+                child(item, "RangeEnumeration").and_then(super::ValueRange::parse)
+            }
+            _ => None,
+        },
     })
 }

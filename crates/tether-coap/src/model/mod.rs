@@ -60,6 +60,44 @@ impl Operations {
     }
 }
 
+/// The values a numeric resource takes, both ends included: from the LwM2M specification
+/// for the built-in objects that give one (Lifetime is positive), from `<RangeEnumeration>`
+/// (`min..max`) in DDF files.
+#[derive(Debug, Clone, Copy)]
+pub struct ValueRange {
+    /// The least value.
+    pub min: f64,
+    /// The greatest value.
+    pub max: f64,
+}
+
+impl ValueRange {
+    /// Whether `value` is within.
+    pub fn contains(&self, value: f64) -> bool {
+        value >= self.min && value <= self.max
+    }
+
+    /// `"1 to 4294967295"`.
+    pub fn describe(&self) -> String {
+        format!("{} to {}", self.min, self.max)
+    }
+
+    /// `min..max` as DDF files write it; `None` for anything else (enumerations, lengths).
+    pub fn parse(text: &str) -> Option<Self> {
+        let (min, max) = text.trim().split_once("..")?;
+        let (min, max) = (min.trim().parse::<f64>().ok()?, max.trim().parse::<f64>().ok()?);
+        (min.is_finite() && max.is_finite() && min <= max).then_some(Self { min, max })
+    }
+}
+
+impl PartialEq for ValueRange {
+    fn eq(&self, other: &Self) -> bool {
+        self.min.to_bits() == other.min.to_bits() && self.max.to_bits() == other.max.to_bits()
+    }
+}
+
+impl Eq for ValueRange {}
+
 /// One resource of an object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResourceModel {
@@ -75,6 +113,16 @@ pub struct ResourceModel {
     pub kind: ResourceType,
     /// Units, if any.
     pub units: Cow<'static, str>,
+    /// The values a numeric resource takes, where the specification or the DDF gives them.
+    pub range: Option<ValueRange>,
+}
+
+impl ResourceModel {
+    /// This resource, taking only values from `min` to `max`.
+    pub const fn within(mut self, min: f64, max: f64) -> Self {
+        self.range = Some(ValueRange { min, max });
+        self
+    }
 }
 
 /// One object.
@@ -213,7 +261,15 @@ const fn r(
     kind: ResourceType,
     units: &'static str,
 ) -> ResourceModel {
-    ResourceModel { id, name: Cow::Borrowed(name), operations, multiple, kind, units: Cow::Borrowed(units) }
+    ResourceModel {
+        id,
+        name: Cow::Borrowed(name),
+        operations,
+        multiple,
+        kind,
+        units: Cow::Borrowed(units),
+        range: None,
+    }
 }
 
 /// An object of a built-in table.

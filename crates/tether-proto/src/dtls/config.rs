@@ -692,6 +692,11 @@ impl DtlsContext {
         }
     }
 
+    /// Whether a ClientHello's `session_id` names a session this server can resume.
+    pub fn knows_session(&self, session_id: &[u8]) -> bool {
+        self.resumption.as_ref().is_some_and(|cache| lock(cache).get(session_id).is_some())
+    }
+
     pub(crate) fn forget_resumption_entry(&self, session_id: &[u8]) {
         if let Some(cache) = &self.resumption {
             lock(cache).remove(session_id);

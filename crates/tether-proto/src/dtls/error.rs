@@ -119,6 +119,10 @@ pub enum CloseReason {
     /// The endpoint closed the session to stay within its limits.
     #[error("evicted")]
     Evicted,
+    /// A newer session of the same identity took its place: the identity holds as many
+    /// sessions as it may.
+    #[error("superseded by a newer session of the same identity")]
+    Superseded,
     /// A fatal error on an established session, as OpenSSL reported it.
     #[error("protocol error: {0}")]
     Protocol(String),

@@ -487,6 +487,11 @@ impl Session {
 
     /// Closes the session: sends close_notify if established. Idempotent.
     pub fn close(&mut self, now: Instant) {
+        self.close_because(now, CloseReason::Local);
+    }
+
+    /// [`close`](Self::close), with the reason the close is reported with.
+    pub(crate) fn close_because(&mut self, now: Instant, reason: CloseReason) {
         self.last_now = now;
         if self.is_closed() {
             return;
@@ -499,7 +504,7 @@ impl Session {
                 self.outgoing.push_back(record);
             }
         }
-        self.set_closed(CloseReason::Local);
+        self.set_closed(reason);
     }
 
     /// The next datagram to send.

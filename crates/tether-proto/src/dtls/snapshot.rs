@@ -85,6 +85,16 @@ impl SessionSnapshot {
         }
     }
 
+    /// This snapshot set to write its next record at the very last sequence number, which
+    /// no session ever reaches: one record may be sealed under it (a farewell) whatever
+    /// sequence numbers the session used after the snapshot was stored.
+    pub(crate) fn at_last_sequence(&self) -> Self {
+        let mut last = self.clone();
+        last.layer.write_limit = MAX_SEQUENCE;
+        last.layer.write_sequence = last.layer.write_sequence.min(MAX_SEQUENCE);
+        last
+    }
+
     /// Moves the persisted write limit and replay window forward (a checkpoint applied to
     /// a stored snapshot).
     pub fn advance(&mut self, write_limit: u64, window: (u64, u64)) {

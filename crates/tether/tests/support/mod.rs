@@ -32,8 +32,12 @@ pub fn client_context() -> Arc<DtlsContext> {
     DtlsContext::client(ClientConfig::psk(IDENTITY, key()).session(session())).unwrap()
 }
 
+/// A server whose clients all share one identity and one address (these tests are about
+/// pooling, echoing and load, not the admission policy: `limits.rs` tests that).
 pub fn server_config(pool: PoolConfig) -> DtlsServerConfig {
-    DtlsServerConfig::default().endpoint(EndpointConfig::new([5; 32])).pool(pool)
+    let endpoint =
+        EndpointConfig::new([5; 32]).max_sessions_per_identity(100_000).handshakes_per_source(100_000, 100_000);
+    DtlsServerConfig::default().endpoint(endpoint).pool(pool)
 }
 
 pub fn addr(last: u8, port: u16) -> SocketAddr {

@@ -17,10 +17,9 @@ function element(tag, attributes = {}, ...children) {
 
 async function api(method, path, body) {
   const options = { method, credentials: 'same-origin', headers: {} };
-  if (body !== undefined) {
-    options.headers['Content-Type'] = 'application/json';
-    options.body = JSON.stringify(body);
-  }
+  // Every change says it is JSON: the server refuses changes a cross-site form could send.
+  if (method !== 'GET') options.headers['Content-Type'] = 'application/json';
+  if (body !== undefined) options.body = JSON.stringify(body);
   const response = await fetch(path, options);
   const json = await response.json().catch(() => ({}));
   if (response.status === 401) {
@@ -33,6 +32,7 @@ async function api(method, path, body) {
 
 const state = {
   selected: null,
+  clients: new Map(), // endpoint -> its latest listing
   models: new Map(),
   observations: new Map(), // observation id -> path
   events: null,
@@ -75,30 +75,52 @@ function seconds(value) {
   return `${(value / 3600).toFixed(1)} h`;
 }
 
+/// The cells of a device's row, in the order of the table's columns.
+function deviceCells(client, session) {
+  const queue = client.binding === 'UQ' ? ' (queue mode)' : '';
+  return [
+    client.endpoint,
+    client.identity,
+    client.address,
+    client.binding + queue,
+    `${client.lifetime_s} s`,
+    seconds(client.last_heard_s_ago ?? client.updated_s_ago),
+    client.online ? 'yes' : 'no',
+    session ? seconds(session.age_s) : '–',
+    session ? session.handshakes : '–',
+  ];
+}
+
+/// Brings the device list up to date in place: a device keeps its row (keyed by endpoint)
+/// and only the cells that changed are written, so a row someone is about to click is never
+/// swapped for a copy.
 async function refreshDevices() {
   const [clients, pool] = await Promise.all([api('GET', '/api/clients'), api('GET', '/api/pool')]);
   const sessions = new Map(pool.per_session.map((s) => [s.peer, s]));
+  state.clients = new Map(clients.map((client) => [client.endpoint, client]));
   const body = $('#devices tbody');
-  body.replaceChildren();
+  const rows = new Map([...body.children].map((row) => [row.dataset.endpoint, row]));
+  let previous = null;
   for (const client of clients) {
-    const session = sessions.get(client.address);
-    const queue = client.binding === 'UQ' ? ' (queue mode)' : '';
-    const row = element(
-      'tr',
-      { 'data-endpoint': client.endpoint, class: client.online ? '' : 'offline', onclick: () => select(client) },
-      element('td', {}, client.endpoint),
-      element('td', {}, client.identity),
-      element('td', {}, client.address),
-      element('td', {}, client.binding + queue),
-      element('td', {}, `${client.lifetime_s} s`),
-      element('td', {}, seconds(client.last_heard_s_ago ?? client.updated_s_ago)),
-      element('td', {}, client.online ? 'yes' : 'no'),
-      element('td', {}, session ? seconds(session.age_s) : '–'),
-      element('td', {}, session ? session.handshakes : '–'),
-    );
-    if (client.endpoint === state.selected?.endpoint) row.classList.add('selected');
-    body.append(row);
+    let row = rows.get(client.endpoint);
+    rows.delete(client.endpoint);
+    if (!row) {
+      const endpoint = client.endpoint;
+      row = element('tr', { 'data-endpoint': endpoint, onclick: () => select(state.clients.get(endpoint)) });
+    }
+    const cells = deviceCells(client, sessions.get(client.address));
+    while (row.children.length < cells.length) row.append(element('td'));
+    cells.forEach((text, i) => {
+      const cell = row.children[i];
+      if (cell.textContent !== String(text)) cell.textContent = String(text);
+    });
+    row.classList.toggle('offline', !client.online);
+    row.classList.toggle('selected', client.endpoint === state.selected?.endpoint);
+    const expected = previous ? previous.nextSibling : body.firstChild;
+    if (row !== expected) body.insertBefore(row, expected);
+    previous = row;
   }
+  for (const gone of rows.values()) gone.remove();
   $('#device-count').textContent = `(${clients.length})`;
   renderStats(pool);
 }
@@ -152,6 +174,7 @@ function status(message, error = false) {
 }
 
 async function select(client) {
+  if (!client) return; // gone from the list since it was drawn
   state.selected = client;
   for (const row of document.querySelectorAll('#devices tbody tr')) {
     row.classList.toggle('selected', row.dataset.endpoint === client.endpoint);

@@ -98,15 +98,40 @@ impl Endpoint {
             established: true,
             cid,
             dirty: false,
+            started: now,
         };
+        let identity = entry.session.peer_identity().cloned();
         self.sessions.insert(handle, Box::new(entry));
+        self.last_now = now;
         if let Some(displaced) = self.peers.entry(peer).or_default().established.replace(handle) {
             self.remove(displaced, crate::dtls::CloseReason::Replaced);
+        }
+        let per_identity = self.config.max_sessions_per_identity;
+        for old in self.admission.established(handle, peer.ip(), identity.as_ref(), per_identity) {
+            if let Some(entry) = self.sessions.get_mut(&old) {
+                entry.session.close_because(now, crate::dtls::CloseReason::Superseded);
+                self.drain(old);
+            }
         }
         self.next_handle = self.next_handle.max(handle.0 + 1);
         self.stats.sessions_restored += 1;
         self.mark_dirty(handle);
         self.checkpoint_urgent = true;
+        Ok(())
+    }
+
+    /// Ends a stored session that must not be restored (its store was put back from an
+    /// older copy, so it may have used sequence numbers and seen records since): its peer at
+    /// `peer` is sent a close_notify sealed at the last sequence number, which the session
+    /// cannot have used, so the device learns at once to handshake again, and no nonce is
+    /// reused. Nothing of the session stays in the endpoint.
+    pub fn farewell(&mut self, now: Instant, peer: SocketAddr, snapshot: &SessionSnapshot) -> Result<(), RestoreError> {
+        let mut session = Session::restore(&self.context, now, &snapshot.at_last_sequence())?;
+        session.extend_write_limit(u64::MAX);
+        session.close(now);
+        while let Some(transmit) = session.poll_transmit() {
+            self.transmits.push_back(super::EndpointTransmit { destination: peer, contents: transmit.contents });
+        }
         Ok(())
     }
 

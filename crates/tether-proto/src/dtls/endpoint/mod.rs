@@ -17,8 +17,10 @@ use super::error::{CloseReason, ConfigError, SendError};
 use super::record;
 use super::session::{Event, PeerIdentity, Session};
 
+mod admission;
 mod checkpoint;
 
+use admission::Admission;
 pub use checkpoint::{Checkpoint, RestoreError};
 
 /// Names one session of an endpoint. Never reused, so a stale handle cannot reach a newer
@@ -51,6 +53,22 @@ pub struct EndpointConfig {
     /// (see [`Endpoint::checkpoint`]); `None` (the default) when nothing is persisted and
     /// sequence numbers need no reservation.
     pub sequence_reservation: Option<u64>,
+    /// Handshakes in progress from one IP address at once. Default 32. Sources that hold,
+    /// or recently held, an established session are not limited by it.
+    pub max_handshakes_per_address: usize,
+    /// Handshakes in progress from one network (/24, /64) at once. Default 128.
+    pub max_handshakes_per_network: usize,
+    /// Handshake slots only known sources may take: addresses that hold or held an
+    /// established session within the last hour, and clients resuming a session this
+    /// server knows. Default 100 (of 1,000).
+    pub reserved_handshakes: usize,
+    /// How long a handshake whose client has sent nothing since its ClientHello is kept.
+    /// Default 10 s. Once the client is heard from, the session's own handshake timeout
+    /// applies.
+    pub stalled_handshake_timeout: Duration,
+    /// Established sessions one identity holds at once; a new one beyond this closes that
+    /// identity's oldest. Default 4.
+    pub max_sessions_per_identity: usize,
 }
 
 impl EndpointConfig {
@@ -63,6 +81,11 @@ impl EndpointConfig {
             cookie_seed,
             connection_id_len: 6,
             sequence_reservation: None,
+            max_handshakes_per_address: 32,
+            max_handshakes_per_network: 128,
+            reserved_handshakes: 100,
+            stalled_handshake_timeout: Duration::from_secs(10),
+            max_sessions_per_identity: 4,
         }
     }
 
@@ -84,15 +107,41 @@ impl EndpointConfig {
         self
     }
 
-    /// Sets the handshake limit.
+    /// Sets the handshake limit, and keeps a tenth of it for known sources.
     pub fn max_handshakes(mut self, max: usize) -> Self {
         self.max_handshakes = max;
+        self.reserved_handshakes = max / 10;
         self
     }
 
     /// Sets the cookie rotation period.
     pub fn cookie_rotation(mut self, every: Duration) -> Self {
         self.cookie_rotation = every;
+        self
+    }
+
+    /// Sets the per-address and per-network handshake limits.
+    pub fn handshakes_per_source(mut self, per_address: usize, per_network: usize) -> Self {
+        self.max_handshakes_per_address = per_address;
+        self.max_handshakes_per_network = per_network;
+        self
+    }
+
+    /// Sets the handshake slots kept for known sources.
+    pub fn reserved_handshakes(mut self, reserved: usize) -> Self {
+        self.reserved_handshakes = reserved;
+        self
+    }
+
+    /// Sets the deadline of a stalled handshake.
+    pub fn stalled_handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.stalled_handshake_timeout = timeout;
+        self
+    }
+
+    /// Sets the established sessions one identity may hold.
+    pub fn max_sessions_per_identity(mut self, max: usize) -> Self {
+        self.max_sessions_per_identity = max;
         self
     }
 }
@@ -178,11 +227,14 @@ pub enum DropReason {
     StaleClientHello,
     /// A `tls12_cid` record whose Connection ID names no session.
     UnknownConnectionId,
+    /// A ClientHello with a valid cookie from an address or network that already has its
+    /// share of handshakes in progress.
+    SourceLimit,
 }
 
 impl DropReason {
     /// Every reason, for reports.
-    pub const ALL: [DropReason; 7] = [
+    pub const ALL: [DropReason; 8] = [
         Self::Malformed,
         Self::UnknownPeer,
         Self::HandshakeLimit,
@@ -190,6 +242,7 @@ impl DropReason {
         Self::SessionSetupFailed,
         Self::StaleClientHello,
         Self::UnknownConnectionId,
+        Self::SourceLimit,
     ];
 
     /// A short snake_case name for metrics.
@@ -202,6 +255,7 @@ impl DropReason {
             Self::SessionSetupFailed => "session_setup_failed",
             Self::StaleClientHello => "stale_client_hello",
             Self::UnknownConnectionId => "unknown_connection_id",
+            Self::SourceLimit => "source_limit",
         }
     }
 
@@ -233,6 +287,12 @@ pub struct EndpointStats {
     pub migrations: u64,
     /// Sessions restored from snapshots.
     pub sessions_restored: u64,
+    /// Handshakes closed to make room (stalled ones, when the table was full), or because
+    /// their client stayed silent past the stalled-handshake deadline.
+    pub stalled_handshakes_closed: u64,
+    /// Established sessions closed to make room (unused ones, when the table was full) or
+    /// because their identity opened more than its share.
+    pub sessions_evicted: u64,
     dropped: [u64; DropReason::ALL.len()],
 }
 
@@ -261,6 +321,8 @@ struct Entry {
     cid: Option<u64>,
     /// Its state changed since the last checkpoint.
     dirty: bool,
+    /// When its handshake began (the cookie-verified ClientHello), for admission.
+    started: Instant,
 }
 
 /// The sessions of one address: the established one and a handshake that may replace it.
@@ -304,6 +366,9 @@ pub struct Endpoint {
     /// sequence numbers.
     dirty: Vec<SessionHandle>,
     checkpoint_urgent: bool,
+    admission: Admission,
+    /// The latest `now` an input or command gave.
+    last_now: Instant,
 }
 
 impl fmt::Debug for Endpoint {
@@ -327,6 +392,27 @@ impl Endpoint {
         }
         if config.connection_id_len > 8 {
             return Err(ConfigError::InvalidConnectionId("an endpoint's connection ids are 0 to 8 bytes"));
+        }
+        if config.max_handshakes == 0
+            || config.max_handshakes_per_address == 0
+            || config.max_handshakes_per_network == 0
+        {
+            return Err(ConfigError::InvalidLimit {
+                name: "max_handshakes",
+                reason: "every handshake limit must be positive",
+            });
+        }
+        if config.reserved_handshakes >= config.max_handshakes {
+            return Err(ConfigError::InvalidLimit {
+                name: "reserved_handshakes",
+                reason: "must leave unknown sources at least one handshake slot",
+            });
+        }
+        if config.max_sessions_per_identity == 0 {
+            return Err(ConfigError::InvalidLimit { name: "max_sessions_per_identity", reason: "must be positive" });
+        }
+        if config.stalled_handshake_timeout.is_zero() {
+            return Err(ConfigError::InvalidDuration { name: "stalled_handshake_timeout", reason: "must be positive" });
         }
         if config.sequence_reservation.is_some_and(|n| n < 2) {
             return Err(ConfigError::InvalidLimit { name: "sequence_reservation", reason: "must be at least 2" });
@@ -352,6 +438,8 @@ impl Endpoint {
             stats: EndpointStats::default(),
             dirty: Vec::new(),
             checkpoint_urgent: false,
+            admission: Admission::default(),
+            last_now: now,
         })
     }
 
@@ -402,6 +490,7 @@ impl Endpoint {
 
     /// Feeds one datagram received from `from`.
     pub fn handle(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        self.last_now = now;
         self.stats.datagrams_received += 1;
         if datagram.first() == Some(&record::ContentType::Tls12Cid.byte()) {
             self.handle_cid_datagram(now, from, datagram);
@@ -432,6 +521,19 @@ impl Endpoint {
             }
             (Some(handle), None) | (None, Some(handle)) => self.feed(now, handle, datagram),
             (None, None) => self.drop_datagram(DropReason::UnknownPeer),
+        }
+        if let Some(handle) = slot.handshaking {
+            if let Some(entry) = self.sessions.get(&handle) {
+                self.admission.heard(handle, entry.started);
+            }
+        }
+    }
+
+    /// An application uses session `handle` (an LwM2M endpoint registered over it): when
+    /// the session table is full, sessions nobody uses are closed before it.
+    pub fn bind(&mut self, handle: SessionHandle) {
+        if self.sessions.get(&handle).is_some_and(|e| e.established) {
+            self.admission.bound(handle);
         }
     }
 
@@ -476,6 +578,7 @@ impl Endpoint {
             }
         }
         let displaced = self.peers.entry(to).or_default().established.replace(handle);
+        self.admission.moved(from.ip(), to.ip(), self.last_now);
         self.stats.migrations += 1;
         self.events.push_back(EndpointEvent::Migrated { handle, from, to });
         if let Some(other) = displaced.filter(|other| *other != handle) {
@@ -526,13 +629,7 @@ impl Endpoint {
             // The client started over (it restarted mid-handshake): drop the stale attempt.
             self.remove(handle, CloseReason::HandshakeTimeout);
         }
-        if self.handshakes >= self.config.max_handshakes {
-            self.drop_datagram(DropReason::HandshakeLimit);
-            return;
-        }
-        let replacing = usize::from(slot.established.is_some());
-        if self.sessions.len() - replacing >= self.config.max_sessions {
-            self.drop_datagram(DropReason::SessionLimit);
+        if !self.admit(now, from, hello, slot.established.is_some()) {
             return;
         }
         let cid = self.new_connection_id();
@@ -548,7 +645,17 @@ impl Endpoint {
         let handle = SessionHandle(self.next_handle);
         self.next_handle += 1;
         let client_random = RandomDigest::of(hello.random);
-        let entry = Entry { session, peer: from, client_random, timer: None, established: false, cid, dirty: false };
+        let entry = Entry {
+            session,
+            peer: from,
+            client_random,
+            timer: None,
+            established: false,
+            cid,
+            dirty: false,
+            started: now,
+        };
+        self.admission.handshake_started(handle, from.ip(), now);
         self.sessions.insert(handle, Box::new(entry));
         if let Some(cid) = cid {
             self.cids.insert(cid, handle);
@@ -559,9 +666,72 @@ impl Endpoint {
         self.drain(handle);
     }
 
+    /// Whether a verified ClientHello from `from` gets a session now, making room if the
+    /// rules allow (see the `admission` module); counts the drop if not. `replacing`: the
+    /// address has an established session the new one would replace.
+    fn admit(&mut self, now: Instant, from: SocketAddr, hello: &record::ClientHello<'_>, replacing: bool) -> bool {
+        let resuming = !hello.session_id.is_empty() && self.context.knows_session(hello.session_id);
+        let known = resuming || self.admission.is_known(from.ip(), now);
+        if !known {
+            let (address, network) = self.admission.handshakes_from(from.ip());
+            if address as usize >= self.config.max_handshakes_per_address
+                || network as usize >= self.config.max_handshakes_per_network
+            {
+                self.drop_datagram(DropReason::SourceLimit);
+                return false;
+            }
+        }
+        let slots = if known {
+            self.config.max_handshakes
+        } else {
+            self.config.max_handshakes - self.config.reserved_handshakes
+        };
+        if self.handshakes >= slots {
+            // The oldest handshake whose client went silent yields its slot.
+            match self.admission.oldest_stalled() {
+                Some(stalled) => {
+                    self.stats.stalled_handshakes_closed += 1;
+                    self.remove(stalled, CloseReason::Evicted);
+                }
+                None => {
+                    self.drop_datagram(DropReason::HandshakeLimit);
+                    return false;
+                }
+            }
+        }
+        // At the session limit, a handshake starts only if a session nobody uses (no endpoint
+        // registered over it) is left to make room when the newcomer authenticates.
+        let held = self.sessions.len() - usize::from(replacing);
+        let promised = held.saturating_sub(self.config.max_sessions);
+        if held >= self.config.max_sessions && self.admission.unbound_count() <= promised {
+            self.drop_datagram(DropReason::SessionLimit);
+            return false;
+        }
+        true
+    }
+
+    /// Over the session limit once `handle` authenticated: the oldest sessions nobody uses
+    /// make room (close_notify: their peers know to come back).
+    fn make_room_for(&mut self, handle: SessionHandle) {
+        while self.sessions.len() > self.config.max_sessions {
+            let Some(unused) = self.admission.oldest_unbound(handle) else { return };
+            let Some(entry) = self.sessions.get_mut(&unused) else { return };
+            self.stats.sessions_evicted += 1;
+            entry.session.close_because(self.last_now, CloseReason::Evicted);
+            self.drain(unused);
+        }
+    }
+
     /// Runs due timers: cookie rotation, retransmissions and handshake deadlines.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.last_now = now;
         self.cookies.handle_timeout(now);
+        if let Some(started_before) = now.checked_sub(self.config.stalled_handshake_timeout) {
+            for stalled in self.admission.stalled_since(started_before) {
+                self.stats.stalled_handshakes_closed += 1;
+                self.remove(stalled, CloseReason::HandshakeTimeout);
+            }
+        }
         while let Some(Reverse((at, handle))) = self.timers.peek().copied() {
             if at > now {
                 break;
@@ -586,6 +756,7 @@ impl Endpoint {
 
     /// Sends application data on an established session.
     pub fn send(&mut self, now: Instant, handle: SessionHandle, data: &[u8]) -> Result<(), SendError> {
+        self.last_now = now;
         let Some(entry) = self.sessions.get_mut(&handle) else {
             return Err(SendError::Closed(CloseReason::Local));
         };
@@ -605,6 +776,7 @@ impl Endpoint {
 
     /// Closes a session (close_notify if established). Its `Closed` event follows.
     pub fn close(&mut self, now: Instant, handle: SessionHandle) {
+        self.last_now = now;
         let Some(entry) = self.sessions.get_mut(&handle) else {
             return;
         };
@@ -634,7 +806,12 @@ impl Endpoint {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let rotation = self.cookies.poll_timeout();
         let session = self.timers.peek().map(|Reverse((at, _))| *at);
-        Some(session.map_or(rotation, |at| at.min(rotation)))
+        let stalled = self
+            .admission
+            .oldest_stalled()
+            .and_then(|handle| self.sessions.get(&handle))
+            .and_then(|entry| entry.started.checked_add(self.config.stalled_handshake_timeout));
+        [Some(rotation), session, stalled].into_iter().flatten().min()
     }
 
     fn feed(&mut self, now: Instant, handle: SessionHandle, datagram: &[u8]) {
@@ -655,19 +832,16 @@ impl Endpoint {
         }
     }
 
-    /// A Connection ID no session has, if Connection IDs are on.
+    /// A Connection ID no session has, if Connection IDs are on and one is found in
+    /// [`CID_ATTEMPTS`] draws: with short IDs nearly all taken, the session goes without one
+    /// (the client then works by address) rather than the endpoint searching forever.
     fn new_connection_id(&mut self) -> Option<u64> {
         let len = u32::from(self.config.connection_id_len);
         if len == 0 {
             return None;
         }
         let mask = if len == 8 { u64::MAX } else { (1u64 << (8 * len)) - 1 };
-        loop {
-            let cid = self.cid_rng.next_u64() & mask;
-            if !self.cids.contains_key(&cid) {
-                return Some(cid);
-            }
-        }
+        (0..CID_ATTEMPTS).map(|_| self.cid_rng.next_u64() & mask).find(|cid| !self.cids.contains_key(cid))
     }
 
     fn drop_datagram(&mut self, reason: DropReason) {
@@ -724,6 +898,7 @@ impl Endpoint {
         self.handshakes -= 1;
         self.stats.handshakes_completed += 1;
         if let Some(entry) = self.sessions.get_mut(&handle) {
+            self.admission.handshake_ended(handle, peer.ip(), entry.started);
             // A client that did not take the Connection ID offered: free it.
             if entry.session.connection_id().is_none() {
                 if let Some(cid) = entry.cid.take() {
@@ -750,6 +925,17 @@ impl Endpoint {
             self.stats.sessions_replaced += 1;
             self.remove(old, CloseReason::Replaced);
         }
+        // An identity past its share: its oldest sessions make way for the new one.
+        let identity = self.sessions.get(&handle).and_then(|e| e.session.peer_identity().cloned());
+        let per_identity = self.config.max_sessions_per_identity;
+        for old in self.admission.established(handle, peer.ip(), identity.as_ref(), per_identity) {
+            if let Some(entry) = self.sessions.get_mut(&old) {
+                self.stats.sessions_evicted += 1;
+                entry.session.close_because(self.last_now, CloseReason::Superseded);
+                self.drain(old);
+            }
+        }
+        self.make_room_for(handle);
     }
 
     /// Removes a session exactly once and reports it.
@@ -762,11 +948,16 @@ impl Endpoint {
         }
         let peer = entry.peer;
         let was_established = entry.established;
+        if was_established {
+            let identity = entry.session.peer_identity();
+            self.admission.session_ended(handle, peer.ip(), identity, self.last_now);
+        }
         if let Some(slot) = self.peers.get_mut(&peer) {
             if slot.handshaking == Some(handle) {
                 slot.handshaking = None;
                 self.handshakes -= 1;
                 self.stats.handshakes_failed += 1;
+                self.admission.handshake_ended(handle, peer.ip(), entry.started);
             }
             if slot.established == Some(handle) {
                 slot.established = None;
@@ -786,6 +977,10 @@ impl Endpoint {
         self.events.push_back(EndpointEvent::Closed { handle, peer, was_established, reason });
     }
 }
+
+/// Random draws for a free Connection ID before a session goes without one: with 90 % of
+/// the ID space taken, 64 draws all miss once in a thousand.
+const CID_ATTEMPTS: usize = 64;
 
 /// The ClientHello random of a session, folded to 8 bytes: enough to tell a copy of the
 /// ClientHello that started it from a new one (the random is 28 or 32 unpredictable bytes).

@@ -1,0 +1,767 @@
+//! The task behind an [`Lwm2mServer`](super::Lwm2mServer): the registry, one CoAP message
+//! layer per DTLS session (by [`SessionHandle`]), the requests waiting for devices' answers,
+//! observations, and queue mode.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tether_coap::block::{block1_request, BlockOption, DEFAULT_SZX};
+use tether_coap::coap_lite::{CoapOption, MessageClass, Packet, ResponseType};
+use tether_coap::message::{CoapConfig, CoapEvent, MessageLayer, RequestFailure, Token};
+use tether_coap::packet::{decode_uint, encode_uint};
+use tether_coap::registration::{Binding, EndpointAuthorizer, Origin, Registration, Registry, RegistryEvent};
+use tether_proto::dtls::SessionHandle;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use super::{
+    authorization_identity, ClientState, Command, DeviceResponse, Lwm2mError, Lwm2mServerConfig, Observation,
+    SessionEvent, MAX_BLOCKWISE_BODY, NOTIFICATION_QUEUE,
+};
+use crate::client::sleep_until;
+use crate::clock;
+use crate::oplog::LogBudget;
+use crate::server::{Accepted, Arrival, DepartReason, DtlsServer};
+use crate::store::RegistrationStore;
+
+/// Refused registrations logged per window at most (any authenticated device can cause them).
+const REFUSAL_LOG_BURST: u32 = 10;
+/// The window of [`REFUSAL_LOG_BURST`].
+const REFUSAL_LOG_WINDOW: Duration = Duration::from_secs(10);
+
+/// One DTLS session as the LwM2M layer sees it.
+struct Session {
+    /// Its authenticated identity (`psk:…`, `x509:…`).
+    identity: Option<String>,
+    /// Where its datagrams come from now (shown; never used to route).
+    peer: SocketAddr,
+    /// When the peer last sent anything (queue mode).
+    last_heard: Option<Instant>,
+    /// The CoAP layer's next timer, as filed in the actor's timer set.
+    timer: Option<Instant>,
+    /// Boxed: the session table stays small and dense with thousands of devices.
+    layer: Box<MessageLayer>,
+}
+
+type Reply = oneshot::Sender<Result<DeviceResponse, Lwm2mError>>;
+
+/// A request sent to a device, waiting for its answer.
+enum Waiting {
+    /// A response, possibly arriving in Block2 blocks: the request to repeat for the next
+    /// block and what has arrived so far.
+    Blocks {
+        reply: Reply,
+        request: Packet,
+        received: Vec<u8>,
+    },
+    Observe(oneshot::Sender<Result<Observation, Lwm2mError>>),
+    /// A request whose body goes in Block1 blocks (RFC 7959): the whole request, how much
+    /// of its body is out, and the block size the device accepts.
+    Upload {
+        reply: Reply,
+        request: Packet,
+        sent: usize,
+        szx: u8,
+    },
+}
+
+impl Waiting {
+    fn fail(self, error: Lwm2mError) {
+        match self {
+            Self::Blocks { reply, .. } | Self::Upload { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Self::Observe(reply) => {
+                let _ = reply.send(Err(error));
+            }
+        }
+    }
+}
+
+pub(super) struct Actor {
+    dtls: Arc<DtlsServer>,
+    authorizer: Arc<dyn EndpointAuthorizer>,
+    store: Option<Arc<RegistrationStore>>,
+    /// Registry events written to the store but not yet acted on.
+    unapplied: Vec<RegistryEvent>,
+    registry: Registry,
+    config: Arc<CoapConfig>,
+    seed: u64,
+    sessions: HashMap<SessionHandle, Session>,
+    /// Each session's next CoAP timer, ordered: the loop finds the earliest and the due ones
+    /// without looking at every session.
+    timers: BTreeSet<(Instant, SessionHandle)>,
+    pending: HashMap<(SessionHandle, Token), Waiting>,
+    observations: HashMap<(SessionHandle, Token), (u64, mpsc::Sender<DeviceResponse>)>,
+    next_observation: u64,
+    /// Requests held for sleeping queue-mode endpoints, with their deadlines.
+    queued: HashMap<String, VecDeque<(Instant, Command)>>,
+    queue_awake: Duration,
+    queue_limit: usize,
+    events: broadcast::Sender<RegistryEvent>,
+    session_events: broadcast::Sender<SessionEvent>,
+    /// The latest values devices sent (LwM2M Send).
+    sent: crate::send::SentStore,
+    refusal_log: LogBudget,
+}
+
+impl Actor {
+    pub(super) fn new(
+        dtls: Arc<DtlsServer>,
+        authorizer: Arc<dyn EndpointAuthorizer>,
+        store: Option<Arc<RegistrationStore>>,
+        registry: Registry,
+        config: &Lwm2mServerConfig,
+        events: broadcast::Sender<RegistryEvent>,
+        session_events: broadcast::Sender<SessionEvent>,
+    ) -> Self {
+        Self {
+            dtls,
+            authorizer,
+            store,
+            unapplied: Vec::new(),
+            registry,
+            config: Arc::new(config.coap.clone()),
+            seed: config.seed,
+            sessions: HashMap::new(),
+            timers: BTreeSet::new(),
+            pending: HashMap::new(),
+            observations: HashMap::new(),
+            next_observation: 1,
+            queued: HashMap::new(),
+            queue_awake: config.queue_awake,
+            queue_limit: config.queue_limit,
+            events,
+            session_events,
+            sent: crate::send::SentStore::default(),
+            refusal_log: LogBudget::new(REFUSAL_LOG_WINDOW, REFUSAL_LOG_BURST),
+        }
+    }
+
+    pub(super) async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let dtls = Arc::clone(&self.dtls);
+        // Sessions restored from the session store: their devices are registered already
+        // (each registration names its session) and go on talking over them.
+        for accepted in dtls.sessions().await {
+            self.open_session(&accepted);
+            if let Some(registration) = self.registry.by_session(accepted.handle) {
+                self.dtls.bind_name(accepted.handle, registration.endpoint.clone()).await;
+            }
+        }
+        loop {
+            let deadline = self.next_deadline();
+            tokio::select! {
+                // Sessions before their data: a session's identity is known before its
+                // first request is authorized. Data before departures: what a device sent
+                // just before closing (the 2.04 to a Reboot) is read before its session is
+                // forgotten.
+                biased;
+                accepted = dtls.accept() => {
+                    let Some(accepted) = accepted else { return };
+                    self.accepted(&accepted);
+                }
+                received = dtls.recv() => {
+                    let Some((handle, data)) = received else { return };
+                    let now = clock::now();
+                    if let Some(session) = self.sessions.get_mut(&handle) {
+                        session.last_heard = Some(now);
+                        session.layer.handle_datagram(now, &data);
+                        self.drive(handle).await;
+                    }
+                    self.flush_queue(handle).await;
+                }
+                departed = dtls.departed() => {
+                    let Some(departed) = departed else { return };
+                    if self.sessions.contains_key(&departed.handle) {
+                        self.forget_session(departed.handle);
+                        self.fail_pending(departed.handle);
+                        let reason = match &departed.reason {
+                            DepartReason::Closed(reason) => reason.to_string(),
+                            DepartReason::Expired => "idle timeout".to_string(),
+                            _ => "evicted".to_string(),
+                        };
+                        let event = SessionEvent::Closed { session: departed.handle, peer: departed.peer, reason };
+                        let _ = self.session_events.send(event);
+                    }
+                }
+                command = commands.recv() => match command {
+                    None => return,
+                    Some(command) => self.command(command).await,
+                },
+                _ = sleep_until(deadline.map(clock::deadline)), if deadline.is_some() => {
+                    let now = clock::now();
+                    self.expire_queued(now);
+                    self.registry.handle_timeout(now);
+                    while let Some(&(at, handle)) = self.timers.first() {
+                        if at > now {
+                            break;
+                        }
+                        self.timers.pop_first();
+                        let Some(session) = self.sessions.get_mut(&handle).filter(|s| s.timer == Some(at)) else {
+                            continue; // superseded
+                        };
+                        session.timer = None;
+                        session.layer.handle_timeout(now);
+                        self.drive(handle).await;
+                    }
+                }
+            }
+            self.apply_registry_events().await;
+        }
+    }
+
+    /// A session opened, was restored, or moved.
+    fn accepted(&mut self, accepted: &Accepted) {
+        let handle = accepted.handle;
+        match accepted.arrival {
+            Arrival::Moved { from } => {
+                if let Some(session) = self.sessions.get_mut(&handle) {
+                    session.peer = accepted.peer;
+                }
+                self.registry.session_moved(handle, accepted.peer);
+                let _ = self.session_events.send(SessionEvent::Moved { session: handle, from, to: accepted.peer });
+            }
+            Arrival::Handshake { replaced } => {
+                self.open_session(accepted);
+                if let Some(old) = replaced {
+                    // The old session is going: what waited on it fails, and its
+                    // registration follows only a session of its own identity.
+                    self.fail_pending(old);
+                    if let Some(identity) = self.sessions.get(&handle).and_then(|s| s.identity.clone()) {
+                        let origin = Origin { session: handle, peer: accepted.peer, identity: &identity };
+                        self.registry.session_replaced(old, origin);
+                    }
+                }
+                let _ = self.session_events.send(SessionEvent::Opened {
+                    session: handle,
+                    peer: accepted.peer,
+                    identity: accepted.identity.as_ref().map(authorization_identity),
+                    resumed: accepted.resumed,
+                    replaced: replaced.is_some(),
+                });
+            }
+            _ => self.open_session(accepted),
+        }
+    }
+
+    fn open_session(&mut self, accepted: &Accepted) {
+        let identity = accepted.identity.as_ref().map(authorization_identity);
+        self.seed = self.seed.wrapping_add(1);
+        let layer = Box::new(MessageLayer::new(Arc::clone(&self.config), self.seed));
+        let session = Session { identity, peer: accepted.peer, last_heard: None, timer: None, layer };
+        self.forget_session(accepted.handle);
+        self.sessions.insert(accepted.handle, session);
+    }
+
+    /// The session requests to `registration` go over: the one it is bound to, if it is
+    /// open and of the registration's identity. `None`: the device is offline.
+    fn route(&self, registration: &Registration) -> Option<SessionHandle> {
+        let handle = registration.session?;
+        let session = self.sessions.get(&handle)?;
+        (session.identity.as_deref() == Some(registration.identity.as_str())).then_some(handle)
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let layers = self.timers.first().map(|(at, _)| *at);
+        let queued = self.queued.values().filter_map(|q| q.front().map(|(at, _)| *at)).min();
+        [self.registry.poll_timeout(), layers, queued].into_iter().flatten().min()
+    }
+
+    /// Holds `command` if `endpoint` is a sleeping queue-mode device. Returns it back if it
+    /// can go now.
+    fn hold_if_asleep(&mut self, endpoint: &str, command: Command) -> Option<Command> {
+        let Some(registration) = self.registry.get(endpoint) else { return Some(command) };
+        if registration.binding != Binding::UdpQueue {
+            return Some(command);
+        }
+        let now = clock::now();
+        let heard = self
+            .route(registration)
+            .and_then(|handle| self.sessions.get(&handle)?.last_heard)
+            .unwrap_or(registration.last_update);
+        if now.saturating_duration_since(heard) < self.queue_awake {
+            return Some(command);
+        }
+        let queue = self.queued.entry(endpoint.to_string()).or_default();
+        if queue.len() >= self.queue_limit {
+            fail_command(command, Lwm2mError::QueueFull(endpoint.to_string()));
+            return None;
+        }
+        queue.push_back((now + self.config.request_timeout, command));
+        None
+    }
+
+    /// Sends what waits for the endpoint registered over `handle`, now that it was heard
+    /// from.
+    async fn flush_queue(&mut self, handle: SessionHandle) {
+        if self.queued.is_empty() {
+            return;
+        }
+        let Some(endpoint) = self.registry.by_session(handle).map(|r| r.endpoint.clone()) else { return };
+        let Some(queue) = self.queued.remove(&endpoint) else { return };
+        for (_, command) in queue {
+            self.command(command).await;
+        }
+    }
+
+    fn expire_queued(&mut self, now: Instant) {
+        for queue in self.queued.values_mut() {
+            while queue.front().is_some_and(|(at, _)| *at <= now) {
+                if let Some((_, command)) = queue.pop_front() {
+                    fail_command(command, Lwm2mError::NoAnswer(RequestFailure::Timeout));
+                }
+            }
+        }
+        self.queued.retain(|_, q| !q.is_empty());
+    }
+
+    async fn command(&mut self, command: Command) {
+        let endpoint = match &command {
+            Command::Request { endpoint, .. } | Command::Observe { endpoint, .. } => Some(endpoint.clone()),
+            _ => None,
+        };
+        let command = match endpoint {
+            Some(endpoint) => match self.hold_if_asleep(&endpoint, command) {
+                Some(command) => command,
+                None => return,
+            },
+            None => command,
+        };
+        match command {
+            Command::Ping(reply) => {
+                let _ = reply.send(());
+            }
+            Command::Registrations(reply) => {
+                let _ = reply.send(self.registry.registrations().cloned().collect());
+            }
+            Command::Sent(endpoint, reply) => {
+                let values = self.registry.get(&endpoint).map(|_| self.sent.values(&endpoint));
+                let _ = reply.send(values);
+            }
+            Command::Clients(reply) => {
+                let clients = self
+                    .registry
+                    .registrations()
+                    .map(|registration| {
+                        let session = self.route(registration).and_then(|handle| self.sessions.get(&handle));
+                        ClientState {
+                            registration: registration.clone(),
+                            online: session.is_some(),
+                            last_heard: session.and_then(|s| s.last_heard),
+                        }
+                    })
+                    .collect();
+                let _ = reply.send(clients);
+            }
+            Command::Request { endpoint, mut request, negotiate, reply } => {
+                let Some(registration) = self.registry.get(&endpoint) else {
+                    let _ = reply.send(Err(Lwm2mError::NotRegistered(endpoint)));
+                    return;
+                };
+                let preferred = registration.content_format.filter(|cf| {
+                    [
+                        tether_coap::content::format::TLV,
+                        tether_coap::content::format::SENML_JSON,
+                        tether_coap::content::format::SENML_CBOR,
+                    ]
+                    .contains(cf)
+                });
+                if let (true, Some(cf)) = (negotiate, preferred) {
+                    if request.get_first_option(CoapOption::Accept).is_none() {
+                        request.add_option(CoapOption::Accept, encode_uint(u32::from(cf)));
+                    }
+                }
+                let Some(handle) = self.route(registration) else {
+                    let _ = reply.send(Err(Lwm2mError::SessionClosed));
+                    return;
+                };
+                let Some(session) = self.sessions.get_mut(&handle) else { return };
+                let block_size = 16 << DEFAULT_SZX;
+                let (first, waiting) = if request.payload.len() > block_size {
+                    let first = block1_request(&request, 0, DEFAULT_SZX);
+                    (first, Waiting::Upload { reply, request, sent: block_size, szx: DEFAULT_SZX })
+                } else {
+                    (request.clone(), Waiting::Blocks { reply, request, received: Vec::new() })
+                };
+                match session.layer.request(clock::now(), first, true, false) {
+                    Ok(token) => {
+                        self.pending.insert((handle, token), waiting);
+                        self.drive(handle).await;
+                    }
+                    Err(err) => waiting.fail(Lwm2mError::InvalidRequest(err.to_string())),
+                }
+            }
+            Command::Observe { endpoint, request, reply } => {
+                let Some(registration) = self.registry.get(&endpoint) else {
+                    let _ = reply.send(Err(Lwm2mError::NotRegistered(endpoint)));
+                    return;
+                };
+                let Some(handle) = self.route(registration) else {
+                    let _ = reply.send(Err(Lwm2mError::SessionClosed));
+                    return;
+                };
+                let Some(session) = self.sessions.get_mut(&handle) else { return };
+                match session.layer.request(clock::now(), request, true, true) {
+                    Ok(token) => {
+                        self.pending.insert((handle, token), Waiting::Observe(reply));
+                        self.drive(handle).await;
+                    }
+                    Err(err) => {
+                        let _ = reply.send(Err(Lwm2mError::InvalidRequest(err.to_string())));
+                    }
+                }
+            }
+            Command::CancelObservation(id, reply) => {
+                let key = self.observations.iter().find(|(_, (i, _))| *i == id).map(|(k, _)| *k);
+                if let Some((handle, token)) = key {
+                    self.stop_observing(handle, token);
+                }
+                let _ = reply.send(key.is_some());
+            }
+        }
+    }
+
+    /// Sends a session's datagrams, acts on its CoAP events, and files its next timer.
+    async fn drive(&mut self, handle: SessionHandle) {
+        self.drive_events(handle).await;
+        let Some(session) = self.sessions.get_mut(&handle) else { return };
+        let next = session.layer.poll_timeout();
+        if next == session.timer {
+            return;
+        }
+        if let Some(old) = std::mem::replace(&mut session.timer, next) {
+            self.timers.remove(&(old, handle));
+        }
+        if let Some(at) = next {
+            self.timers.insert((at, handle));
+        }
+    }
+
+    /// Drops session `handle` and its timer.
+    fn forget_session(&mut self, handle: SessionHandle) {
+        if let Some(at) = self.sessions.remove(&handle).and_then(|s| s.timer) {
+            self.timers.remove(&(at, handle));
+        }
+    }
+
+    async fn drive_events(&mut self, handle: SessionHandle) {
+        loop {
+            let Some(session) = self.sessions.get_mut(&handle) else { return };
+            let mut outgoing = Vec::new();
+            while let Some(datagram) = session.layer.poll_transmit() {
+                outgoing.push(datagram);
+            }
+            let event = session.layer.poll_event();
+            for datagram in outgoing {
+                // A refused send is a lost datagram; CoAP retransmission covers it.
+                let _ = self.dtls.queue_to(handle, datagram).await;
+            }
+            let Some(event) = event else { return };
+            match event {
+                CoapEvent::Request { id, request } => {
+                    let response = self.device_request(handle, &request).await;
+                    let Some(session) = self.sessions.get_mut(&handle) else { return };
+                    let _ = session.layer.respond(clock::now(), &id, response);
+                }
+                CoapEvent::Response { token, response } => self.device_response(handle, token, response),
+                CoapEvent::Notification { token, response } => {
+                    let closed = match self.observations.get(&(handle, token)) {
+                        // A full queue drops this notification; a dropped receiver ends it.
+                        Some((_, tx)) => {
+                            matches!(tx.try_send(device_response(response)), Err(mpsc::error::TrySendError::Closed(_)))
+                        }
+                        None => false,
+                    };
+                    if closed {
+                        self.stop_observing(handle, token);
+                    }
+                }
+                CoapEvent::RequestFailed { token, reason } => {
+                    if let Some(waiting) = self.pending.remove(&(handle, token)) {
+                        waiting.fail(Lwm2mError::NoAnswer(reason));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The answer to a request a device sent over session `handle`: a Send (only over the
+    /// session its registration is bound to) or the registration interface.
+    async fn device_request(&mut self, handle: SessionHandle, request: &Packet) -> Packet {
+        let Some(session) = self.sessions.get(&handle) else {
+            return tether_coap::registration::response(ResponseType::Forbidden);
+        };
+        if crate::send::is_send(request) {
+            let registration = self.registry.by_session(handle);
+            return match registration.filter(|r| session.identity.as_deref() == Some(r.identity.as_str())) {
+                Some(registration) => self.sent.accept(clock::now(), &registration.endpoint.clone(), request),
+                None => tether_coap::registration::response(ResponseType::Forbidden),
+            };
+        }
+        let Some(identity) = session.identity.clone() else {
+            return tether_coap::registration::response(ResponseType::Forbidden);
+        };
+        let origin = Origin { session: handle, peer: session.peer, identity: &identity };
+        let response = self.registry.handle_request(clock::now(), origin, self.authorizer.as_ref(), request);
+        // Nothing is acknowledged before it is durable: the registry's changes are written
+        // before the answer exists. A failed write withholds the 2.01/2.04 (the device
+        // retries) and takes the change back.
+        if self.persist().await {
+            return response;
+        }
+        tether_coap::registration::response(ResponseType::ServiceUnavailable)
+    }
+
+    /// A device answered a request of ours over session `handle`.
+    fn device_response(&mut self, handle: SessionHandle, token: Token, response: Packet) {
+        match self.pending.remove(&(handle, token)) {
+            Some(Waiting::Blocks { reply, request, mut received }) => {
+                let block = response.get_first_option(CoapOption::Block2).and_then(|v| BlockOption::parse(v));
+                let Some(BlockOption { number, more, szx }) = block else {
+                    let mut answer = device_response(response);
+                    if !received.is_empty() {
+                        received.extend_from_slice(&answer.payload);
+                        answer.payload = received;
+                    }
+                    let _ = reply.send(Ok(answer));
+                    return;
+                };
+                received.extend_from_slice(&response.payload);
+                if !more {
+                    let mut answer = device_response(response);
+                    answer.payload = received;
+                    let _ = reply.send(Ok(answer));
+                    return;
+                }
+                if received.len() > MAX_BLOCKWISE_BODY {
+                    let _ = reply.send(Err(Lwm2mError::InvalidRequest("blockwise response too large".into())));
+                    return;
+                }
+                // Ask for the next block with the same request.
+                let mut next = request.clone();
+                next.clear_option(CoapOption::Block2);
+                next.add_option(CoapOption::Block2, encode_uint(((number + 1) << 4) | u32::from(szx)));
+                self.request_next(handle, next, Waiting::Blocks { reply, request, received });
+            }
+            Some(Waiting::Upload { reply, request, sent, szx }) => {
+                let proceed = response.header.code == MessageClass::Response(ResponseType::Continue);
+                if !proceed || sent >= request.payload.len() {
+                    let _ = reply.send(Ok(device_response(response)));
+                    return;
+                }
+                // The device may ask for smaller blocks (RFC 7959 §2.5); never larger.
+                let szx = response
+                    .get_first_option(CoapOption::Block1)
+                    .and_then(|v| BlockOption::parse(v))
+                    .map_or(szx, |b| b.szx.min(szx));
+                let next = block1_request(&request, sent, szx);
+                let sent = (sent + (16 << szx)).min(request.payload.len());
+                self.request_next(handle, next, Waiting::Upload { reply, request, sent, szx });
+            }
+            Some(Waiting::Observe(reply)) => {
+                let accepted = response.get_first_option(CoapOption::Observe).is_some();
+                let (tx, notifications) = mpsc::channel(NOTIFICATION_QUEUE);
+                let id = self.next_observation;
+                self.next_observation += 1;
+                if accepted {
+                    self.observations.insert((handle, token), (id, tx));
+                }
+                let observation = Observation { id, first: device_response(response), notifications };
+                if reply.send(Ok(observation)).is_err() {
+                    self.stop_observing(handle, token);
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Sends the next request of a blockwise exchange; `waiting` waits for its answer.
+    fn request_next(&mut self, handle: SessionHandle, next: Packet, waiting: Waiting) {
+        let Some(session) = self.sessions.get_mut(&handle) else {
+            waiting.fail(Lwm2mError::SessionClosed);
+            return;
+        };
+        match session.layer.request(clock::now(), next, true, false) {
+            Ok(token) => {
+                self.pending.insert((handle, token), waiting);
+            }
+            Err(err) => waiting.fail(Lwm2mError::InvalidRequest(err.to_string())),
+        }
+    }
+
+    /// Writes the registry's new events to the store. False if a write failed: the change it
+    /// concerned is taken back ([`Registry::undo`]) and must not be acknowledged.
+    async fn persist(&mut self) -> bool {
+        let mut durable = true;
+        while let Some(event) = self.registry.poll_event() {
+            let Some(store) = self.store.clone() else {
+                self.unapplied.push(event);
+                continue;
+            };
+            if matches!(event, RegistryEvent::Refused { .. }) {
+                self.unapplied.push(event);
+                continue;
+            }
+            let now = clock::now();
+            let write = event.clone();
+            let written = tokio::task::spawn_blocking(move || match &write {
+                RegistryEvent::Registered { registration, .. } | RegistryEvent::Updated { registration, .. } => {
+                    store.save(registration, now)
+                }
+                RegistryEvent::Deregistered { registration } | RegistryEvent::Expired { registration } => {
+                    store.remove(&registration.endpoint, &registration.id)
+                }
+                _ => Ok(()),
+            })
+            .await;
+            match written {
+                Ok(Ok(())) => self.unapplied.push(event),
+                failed => {
+                    tracing::error!(?failed, "registration store write failed; withholding acknowledgement");
+                    durable = false;
+                    self.registry.undo(&event);
+                }
+            }
+        }
+        durable
+    }
+
+    async fn apply_registry_events(&mut self) {
+        self.persist().await;
+        for event in std::mem::take(&mut self.unapplied) {
+            self.log_registry_event(&event);
+            match &event {
+                RegistryEvent::Registered { registration, replaced } => {
+                    if let Some(session) = registration.session {
+                        self.dtls.bind_name(session, registration.endpoint.clone()).await;
+                    }
+                    // Registered again over another session: the old one is dead weight.
+                    if let Some(old) = replaced.as_ref().and_then(|old| old.session) {
+                        if registration.session != Some(old) {
+                            self.dtls.close(old).await;
+                        }
+                    }
+                }
+                RegistryEvent::Updated { registration, previous } if registration.session != previous.session => {
+                    if let Some(session) = registration.session {
+                        self.dtls.bind_name(session, registration.endpoint.clone()).await;
+                    }
+                }
+                RegistryEvent::Deregistered { registration } | RegistryEvent::Expired { registration } => {
+                    self.sent.forget(&registration.endpoint);
+                    // Only the registration's own session: never one that merely holds an
+                    // address it once had.
+                    if let Some(session) = registration.session {
+                        self.dtls.close(session).await;
+                    }
+                }
+                _ => {}
+            }
+            let _ = self.events.send(event);
+        }
+    }
+
+    /// One line per registry change: what an operator follows a fleet by.
+    fn log_registry_event(&mut self, event: &RegistryEvent) {
+        match event {
+            RegistryEvent::Registered { registration: r, replaced } => tracing::info!(
+                endpoint = %r.endpoint,
+                identity = %r.identity,
+                peer = %r.peer,
+                lifetime_s = r.lifetime.as_secs(),
+                binding = r.binding.as_str(),
+                objects = object_count(r),
+                replaced = replaced.is_some(),
+                "registered"
+            ),
+            RegistryEvent::Updated { registration: r, .. } => tracing::info!(
+                endpoint = %r.endpoint,
+                identity = %r.identity,
+                peer = %r.peer,
+                lifetime_s = r.lifetime.as_secs(),
+                binding = r.binding.as_str(),
+                objects = object_count(r),
+                moved_from = event.moved_from().map(|a| a.to_string()),
+                "updated"
+            ),
+            RegistryEvent::Deregistered { registration: r } => {
+                tracing::info!(endpoint = %r.endpoint, identity = %r.identity, peer = %r.peer, "deregistered")
+            }
+            RegistryEvent::Expired { registration: r } => tracing::info!(
+                endpoint = %r.endpoint,
+                identity = %r.identity,
+                peer = %r.peer,
+                lifetime_s = r.lifetime.as_secs(),
+                "registration expired"
+            ),
+            RegistryEvent::Refused { endpoint, identity, peer, code, reason } => {
+                if let Some(held_back) = self.refusal_log.allow(clock::now()) {
+                    tracing::warn!(
+                        endpoint = endpoint.as_deref().unwrap_or("-"),
+                        %identity,
+                        %peer,
+                        code = %MessageClass::Response(*code),
+                        %reason,
+                        held_back,
+                        "registration refused"
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Fails what waits on session `handle` and ends its observations.
+    fn fail_pending(&mut self, handle: SessionHandle) {
+        let keys: Vec<_> = self.pending.keys().filter(|(h, _)| *h == handle).copied().collect();
+        for key in keys {
+            if let Some(waiting) = self.pending.remove(&key) {
+                waiting.fail(Lwm2mError::SessionClosed);
+            }
+        }
+        self.observations.retain(|(h, _), _| *h != handle);
+    }
+
+    fn stop_observing(&mut self, handle: SessionHandle, token: Token) {
+        self.observations.remove(&(handle, token));
+        if let Some(session) = self.sessions.get_mut(&handle) {
+            session.layer.cancel(token);
+        }
+    }
+}
+
+/// How many distinct objects a registration lists.
+fn object_count(registration: &Registration) -> usize {
+    let mut objects: Vec<u16> = registration
+        .links
+        .to_vec()
+        .iter()
+        .filter_map(|link| link.target.trim_start_matches('/').split('/').next()?.parse().ok())
+        .collect();
+    objects.sort_unstable();
+    objects.dedup();
+    objects.len()
+}
+
+fn fail_command(command: Command, error: Lwm2mError) {
+    match command {
+        Command::Request { reply, .. } => {
+            let _ = reply.send(Err(error));
+        }
+        Command::Observe { reply, .. } => {
+            let _ = reply.send(Err(error));
+        }
+        _ => {}
+    }
+}
+
+fn device_response(response: Packet) -> DeviceResponse {
+    let code = match response.header.code {
+        MessageClass::Response(code) => code,
+        _ => ResponseType::UnKnown,
+    };
+    let content_format = response.get_first_option(CoapOption::ContentFormat).and_then(|v| decode_uint(v));
+    DeviceResponse { code, content_format, payload: response.payload }
+}
