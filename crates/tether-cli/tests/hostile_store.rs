@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use proxy::{Behaviour, Captured, Impairment, Proxy};
-use support::{data_dir, device_0, http, wait_for, wait_registered, Server, KEY};
+use support::{data_dir, device_0, http, wait_for, wait_registered, Ended, Server, KEY};
 use tether_proto::dtls::record;
 
 /// Every protected record's explicit nonce (epoch, sequence number) is unique per client,
@@ -183,15 +183,17 @@ async fn keys_stay_out_of_ps_and_off_the_disk_once_their_session_ends() {
     let data = data_dir("hostile-store-secrets");
     let dir = data.join("server");
     // Credentials from the environment: nothing secret on the command line.
-    let mut server = Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["serve", "--coaps", "127.0.0.1:0", "--http", "127.0.0.1:0", "--data-dir"])
-        .arg(&dir)
-        .env("TETHER_PSK", format!("device-0:{KEY}:urn:dev:0 device-1:{KEY}:urn:dev:1"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = std::io::BufRead::lines(std::io::BufReader::new(server.stdout.take().unwrap()));
+    let mut server = Ended(
+        Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args(["serve", "--coaps", "127.0.0.1:0", "--http", "127.0.0.1:0", "--data-dir"])
+            .arg(&dir)
+            .env("TETHER_PSK", format!("device-0:{KEY}:urn:dev:0 device-1:{KEY}:urn:dev:1"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = std::io::BufRead::lines(std::io::BufReader::new(server.0.stdout.take().unwrap()));
     let mut coaps = None;
     for line in stdout.map_while(Result::ok) {
         if let Some(addr) = line.strip_prefix("tether serve: CoAPs (DTLS 1.2) on udp ") {
@@ -209,7 +211,7 @@ async fn keys_stay_out_of_ps_and_off_the_disk_once_their_session_ends() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    for pid in [server.id(), device.id()] {
+    for pid in [server.0.id(), device.id()] {
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
         assert!(!String::from_utf8_lossy(&cmdline).contains(KEY), "a key in ps");
     }
@@ -252,7 +254,6 @@ async fn keys_stay_out_of_ps_and_off_the_disk_once_their_session_ends() {
         let bytes = std::fs::read(dir.join(file)).unwrap_or_default();
         assert_eq!(found_in(&snapshot, &bytes), 0, "the ended session's snapshot is still in {file}");
     }
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     let _ = std::fs::remove_dir_all(&data);
 }

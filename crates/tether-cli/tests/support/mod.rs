@@ -363,3 +363,13 @@ pub async fn wait_for(server: &Server, path: &str, within: Duration, done: impl 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A child process this test started, ended (by its PID) however the test ends.
+pub struct Ended(pub Child);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
