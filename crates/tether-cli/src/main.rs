@@ -29,6 +29,7 @@ mod bootstrap;
 mod demo;
 mod device;
 mod echo;
+mod limits;
 mod serve;
 
 /// tether: secure, persistent device links over DTLS.

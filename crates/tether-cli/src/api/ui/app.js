@@ -318,7 +318,7 @@ async function remove(base, path) {
 // ---- live events ----
 
 const EVENTS = [
-  'registered', 'updated', 'deregistered', 'expired',
+  'registered', 'updated', 'deregistered', 'expired', 'registration_refused',
   'session_opened', 'session_replaced', 'session_moved', 'session_closed',
   'notification', 'observation_ended', 'lagged',
 ];

@@ -5,7 +5,7 @@ use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use rand::RngCore;
 use rand_chacha::rand_core::SeedableRng;
@@ -19,9 +19,13 @@ use super::session::{Event, PeerIdentity, Session};
 
 mod admission;
 mod checkpoint;
+mod config;
+mod stats;
 
 use admission::Admission;
 pub use checkpoint::{Checkpoint, RestoreError};
+pub use config::EndpointConfig;
+pub use stats::{DropReason, EndpointStats};
 
 /// Names one session of an endpoint. Never reused, so a stale handle cannot reach a newer
 /// session of the same peer.
@@ -31,118 +35,6 @@ pub struct SessionHandle(pub u64);
 impl fmt::Display for SessionHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "#{}", self.0)
-    }
-}
-
-/// Limits and cookie settings of an [`Endpoint`].
-#[derive(Debug, Clone)]
-pub struct EndpointConfig {
-    /// Sessions held at once, established or handshaking. Default 10,000.
-    pub max_sessions: usize,
-    /// Handshakes in progress at once. Default 1,000.
-    pub max_handshakes: usize,
-    /// How often the cookie secret rotates. Default 60 s.
-    pub cookie_rotation: Duration,
-    /// Seed of the cookie secrets and connection IDs: OS entropy in production, fixed in
-    /// tests.
-    pub cookie_seed: [u8; 32],
-    /// Length of the Connection IDs (RFC 9146) given to clients that offer the extension,
-    /// 1 to 8 bytes; 0 turns Connection IDs off. Default 6.
-    pub connection_id_len: u8,
-    /// Record sequence numbers reserved at a time for sessions whose state is persisted
-    /// (see [`Endpoint::checkpoint`]); `None` (the default) when nothing is persisted and
-    /// sequence numbers need no reservation.
-    pub sequence_reservation: Option<u64>,
-    /// Handshakes in progress from one IP address at once. Default 32. Sources that hold,
-    /// or recently held, an established session are not limited by it.
-    pub max_handshakes_per_address: usize,
-    /// Handshakes in progress from one network (/24, /64) at once. Default 128.
-    pub max_handshakes_per_network: usize,
-    /// Handshake slots only known sources may take: addresses that hold or held an
-    /// established session within the last hour, and clients resuming a session this
-    /// server knows. Default 100 (of 1,000).
-    pub reserved_handshakes: usize,
-    /// How long a handshake whose client has sent nothing since its ClientHello is kept.
-    /// Default 10 s. Once the client is heard from, the session's own handshake timeout
-    /// applies.
-    pub stalled_handshake_timeout: Duration,
-    /// Established sessions one identity holds at once; a new one beyond this closes that
-    /// identity's oldest. Default 4.
-    pub max_sessions_per_identity: usize,
-}
-
-impl EndpointConfig {
-    /// Default limits with cookie secrets drawn from `cookie_seed`.
-    pub fn new(cookie_seed: [u8; 32]) -> Self {
-        Self {
-            max_sessions: 10_000,
-            max_handshakes: 1_000,
-            cookie_rotation: Duration::from_secs(60),
-            cookie_seed,
-            connection_id_len: 6,
-            sequence_reservation: None,
-            max_handshakes_per_address: 32,
-            max_handshakes_per_network: 128,
-            reserved_handshakes: 100,
-            stalled_handshake_timeout: Duration::from_secs(10),
-            max_sessions_per_identity: 4,
-        }
-    }
-
-    /// Sets the Connection ID length (0: off).
-    pub fn connection_id_len(mut self, len: u8) -> Self {
-        self.connection_id_len = len;
-        self
-    }
-
-    /// Reserves record sequence numbers `count` at a time, for persisted sessions.
-    pub fn sequence_reservation(mut self, count: u64) -> Self {
-        self.sequence_reservation = Some(count);
-        self
-    }
-
-    /// Sets the session limit.
-    pub fn max_sessions(mut self, max: usize) -> Self {
-        self.max_sessions = max;
-        self
-    }
-
-    /// Sets the handshake limit, and keeps a tenth of it for known sources.
-    pub fn max_handshakes(mut self, max: usize) -> Self {
-        self.max_handshakes = max;
-        self.reserved_handshakes = max / 10;
-        self
-    }
-
-    /// Sets the cookie rotation period.
-    pub fn cookie_rotation(mut self, every: Duration) -> Self {
-        self.cookie_rotation = every;
-        self
-    }
-
-    /// Sets the per-address and per-network handshake limits.
-    pub fn handshakes_per_source(mut self, per_address: usize, per_network: usize) -> Self {
-        self.max_handshakes_per_address = per_address;
-        self.max_handshakes_per_network = per_network;
-        self
-    }
-
-    /// Sets the handshake slots kept for known sources.
-    pub fn reserved_handshakes(mut self, reserved: usize) -> Self {
-        self.reserved_handshakes = reserved;
-        self
-    }
-
-    /// Sets the deadline of a stalled handshake.
-    pub fn stalled_handshake_timeout(mut self, timeout: Duration) -> Self {
-        self.stalled_handshake_timeout = timeout;
-        self
-    }
-
-    /// Sets the established sessions one identity may hold.
-    pub fn max_sessions_per_identity(mut self, max: usize) -> Self {
-        self.max_sessions_per_identity = max;
-        self
     }
 }
 
@@ -206,106 +98,6 @@ pub enum EndpointEvent {
         /// Why.
         reason: CloseReason,
     },
-}
-
-/// Why the endpoint dropped a datagram.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum DropReason {
-    /// Not a DTLS datagram (bad framing, unknown content type or version).
-    Malformed,
-    /// Not a ClientHello, and no session exists for the sender.
-    UnknownPeer,
-    /// A ClientHello with a valid cookie while `max_handshakes` are in progress.
-    HandshakeLimit,
-    /// A ClientHello with a valid cookie while `max_sessions` exist.
-    SessionLimit,
-    /// OpenSSL refused to start a session for a ClientHello with a valid cookie.
-    SessionSetupFailed,
-    /// A late copy of the ClientHello that started a live session of the same address (same
-    /// client random): a duplicate or reordered datagram, not a new handshake.
-    StaleClientHello,
-    /// A `tls12_cid` record whose Connection ID names no session.
-    UnknownConnectionId,
-    /// A ClientHello with a valid cookie from an address or network that already has its
-    /// share of handshakes in progress.
-    SourceLimit,
-}
-
-impl DropReason {
-    /// Every reason, for reports.
-    pub const ALL: [DropReason; 8] = [
-        Self::Malformed,
-        Self::UnknownPeer,
-        Self::HandshakeLimit,
-        Self::SessionLimit,
-        Self::SessionSetupFailed,
-        Self::StaleClientHello,
-        Self::UnknownConnectionId,
-        Self::SourceLimit,
-    ];
-
-    /// A short snake_case name for metrics.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Malformed => "malformed",
-            Self::UnknownPeer => "unknown_peer",
-            Self::HandshakeLimit => "handshake_limit",
-            Self::SessionLimit => "session_limit",
-            Self::SessionSetupFailed => "session_setup_failed",
-            Self::StaleClientHello => "stale_client_hello",
-            Self::UnknownConnectionId => "unknown_connection_id",
-            Self::SourceLimit => "source_limit",
-        }
-    }
-
-    fn index(self) -> usize {
-        Self::ALL.iter().position(|r| *r == self).unwrap_or(0)
-    }
-}
-
-/// Counters of an endpoint.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct EndpointStats {
-    /// Datagrams handed to [`Endpoint::handle`].
-    pub datagrams_received: u64,
-    /// HelloVerifyRequests sent (ClientHellos without a valid cookie).
-    pub hello_verify_requests_sent: u64,
-    /// ClientHellos whose non-empty cookie did not verify.
-    pub cookies_rejected: u64,
-    /// Sessions created (ClientHellos with a valid cookie, within limits).
-    pub sessions_created: u64,
-    /// Handshakes that completed.
-    pub handshakes_completed: u64,
-    /// Of those, abbreviated handshakes that resumed a session.
-    pub handshakes_resumed: u64,
-    /// Handshakes that failed or timed out.
-    pub handshakes_failed: u64,
-    /// Sessions replaced by a new handshake from the same address.
-    pub sessions_replaced: u64,
-    /// Sessions that followed their peer to a new address by Connection ID.
-    pub migrations: u64,
-    /// Sessions restored from snapshots.
-    pub sessions_restored: u64,
-    /// Handshakes closed to make room (stalled ones, when the table was full), or because
-    /// their client stayed silent past the stalled-handshake deadline.
-    pub stalled_handshakes_closed: u64,
-    /// Established sessions closed to make room (unused ones, when the table was full) or
-    /// because their identity opened more than its share.
-    pub sessions_evicted: u64,
-    dropped: [u64; DropReason::ALL.len()],
-}
-
-impl EndpointStats {
-    /// Datagrams dropped for `reason`.
-    pub fn dropped(&self, reason: DropReason) -> u64 {
-        self.dropped[reason.index()]
-    }
-
-    /// Datagrams dropped for any reason.
-    pub fn dropped_total(&self) -> u64 {
-        self.dropped.iter().sum()
-    }
 }
 
 struct Entry {

@@ -1,0 +1,116 @@
+//! The settings of an [`Endpoint`](super::Endpoint): limits, cookies, Connection IDs,
+//! sequence reservations.
+
+use std::time::Duration;
+
+/// Limits and cookie settings of an [`Endpoint`](super::Endpoint).
+#[derive(Debug, Clone)]
+pub struct EndpointConfig {
+    /// Sessions held at once, established or handshaking. Default 10,000.
+    pub max_sessions: usize,
+    /// Handshakes in progress at once. Default 1,000.
+    pub max_handshakes: usize,
+    /// How often the cookie secret rotates. Default 60 s.
+    pub cookie_rotation: Duration,
+    /// Seed of the cookie secrets and connection IDs: OS entropy in production, fixed in
+    /// tests.
+    pub cookie_seed: [u8; 32],
+    /// Length of the Connection IDs (RFC 9146) given to clients that offer the extension,
+    /// 1 to 8 bytes; 0 turns Connection IDs off. Default 6.
+    pub connection_id_len: u8,
+    /// Record sequence numbers reserved at a time for sessions whose state is persisted
+    /// (see [`super::Endpoint::checkpoint`]); `None` (the default) when nothing is persisted and
+    /// sequence numbers need no reservation.
+    pub sequence_reservation: Option<u64>,
+    /// Handshakes in progress from one IP address at once. Default 32. Sources that hold,
+    /// or recently held, an established session are not limited by it.
+    pub max_handshakes_per_address: usize,
+    /// Handshakes in progress from one network (/24, /64) at once. Default 128.
+    pub max_handshakes_per_network: usize,
+    /// Handshake slots only known sources may take: addresses that hold or held an
+    /// established session within the last hour, and clients resuming a session this
+    /// server knows. Default 100 (of 1,000).
+    pub reserved_handshakes: usize,
+    /// How long a handshake whose client has sent nothing since its ClientHello is kept.
+    /// Default 10 s. Once the client is heard from, the session's own handshake timeout
+    /// applies.
+    pub stalled_handshake_timeout: Duration,
+    /// Established sessions one identity holds at once; a new one beyond this closes that
+    /// identity's oldest. Default 4.
+    pub max_sessions_per_identity: usize,
+}
+
+impl EndpointConfig {
+    /// Default limits with cookie secrets drawn from `cookie_seed`.
+    pub fn new(cookie_seed: [u8; 32]) -> Self {
+        Self {
+            max_sessions: 10_000,
+            max_handshakes: 1_000,
+            cookie_rotation: Duration::from_secs(60),
+            cookie_seed,
+            connection_id_len: 6,
+            sequence_reservation: None,
+            max_handshakes_per_address: 32,
+            max_handshakes_per_network: 128,
+            reserved_handshakes: 100,
+            stalled_handshake_timeout: Duration::from_secs(10),
+            max_sessions_per_identity: 4,
+        }
+    }
+
+    /// Sets the Connection ID length (0: off).
+    pub fn connection_id_len(mut self, len: u8) -> Self {
+        self.connection_id_len = len;
+        self
+    }
+
+    /// Reserves record sequence numbers `count` at a time, for persisted sessions.
+    pub fn sequence_reservation(mut self, count: u64) -> Self {
+        self.sequence_reservation = Some(count);
+        self
+    }
+
+    /// Sets the session limit.
+    pub fn max_sessions(mut self, max: usize) -> Self {
+        self.max_sessions = max;
+        self
+    }
+
+    /// Sets the handshake limit, and keeps a tenth of it for known sources.
+    pub fn max_handshakes(mut self, max: usize) -> Self {
+        self.max_handshakes = max;
+        self.reserved_handshakes = max / 10;
+        self
+    }
+
+    /// Sets the cookie rotation period.
+    pub fn cookie_rotation(mut self, every: Duration) -> Self {
+        self.cookie_rotation = every;
+        self
+    }
+
+    /// Sets the per-address and per-network handshake limits.
+    pub fn handshakes_per_source(mut self, per_address: usize, per_network: usize) -> Self {
+        self.max_handshakes_per_address = per_address;
+        self.max_handshakes_per_network = per_network;
+        self
+    }
+
+    /// Sets the handshake slots kept for known sources.
+    pub fn reserved_handshakes(mut self, reserved: usize) -> Self {
+        self.reserved_handshakes = reserved;
+        self
+    }
+
+    /// Sets the deadline of a stalled handshake.
+    pub fn stalled_handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.stalled_handshake_timeout = timeout;
+        self
+    }
+
+    /// Sets the established sessions one identity may hold.
+    pub fn max_sessions_per_identity(mut self, max: usize) -> Self {
+        self.max_sessions_per_identity = max;
+        self
+    }
+}
