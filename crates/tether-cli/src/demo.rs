@@ -41,7 +41,8 @@ async fn demo(rounds: usize, samples: usize) -> Result<()> {
     }
     let context = DtlsContext::server(ServerConfig::psk(store))?;
     let dtls = Arc::new(DtlsServer::bind("127.0.0.1:0".parse()?, context, DtlsServerConfig::default()).await?);
-    let server = Lwm2mServer::start(Arc::clone(&dtls), Arc::new(authorizer), None, Lwm2mServerConfig::default())?;
+    let server =
+        Lwm2mServer::start(Arc::clone(&dtls), Arc::new(authorizer), None, Lwm2mServerConfig::default()).await?;
     let addr = dtls.local_addr();
     say!("tether demo: LwM2M server on coaps://{addr} (DTLS 1.2, PSK), {DEVICES} devices on loopback\n");
 

@@ -10,8 +10,7 @@ pub use crate::limits::Limits;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use tether::lwm2m::{EndpointBindings, Lwm2mServer, Lwm2mServerConfig};
-use tether::session_store::SessionStore;
-use tether::store::RegistrationStore;
+use tether::store::{RegistrationStore, SessionStore, SqliteRegistrations, SqliteSessions};
 use tether::{DtlsServer, DtlsServerConfig};
 use tether_coap::model::Models;
 use tether_proto::dtls::{CipherSuite, ClientAuth, DtlsContext, PskKey, ServerConfig, SessionConfig, StaticPskStore};
@@ -458,7 +457,7 @@ fn report_opened(
     registrations: &Path,
     opened: &tether::store::OpenReport,
     sessions: &Path,
-    sessions_opened: &tether::session_store::SessionsOpened,
+    sessions_opened: &tether::store::SessionsOpened,
 ) {
     for (file, unclean) in [(registrations, opened.unclean), (sessions, sessions_opened.store.unclean)] {
         if unclean {
@@ -512,17 +511,19 @@ pub async fn run(settings: Settings) -> Result<()> {
         tracing::warn!(%err, "could not raise the open-file limit");
     }
     let db = settings.data_dir.join("registrations.db");
-    let store = Arc::new(RegistrationStore::open(&db).with_context(|| format!("cannot open {}", db.display()))?);
+    let store: Arc<dyn RegistrationStore> =
+        Arc::new(SqliteRegistrations::open(&db).with_context(|| format!("cannot open {}", db.display()))?);
     let sessions_db = settings.data_dir.join("sessions.db");
-    let sessions =
-        Arc::new(SessionStore::open(&sessions_db).with_context(|| format!("cannot open {}", sessions_db.display()))?);
-    let stored_sessions = sessions.len()?;
+    let sessions: Arc<dyn SessionStore> =
+        Arc::new(SqliteSessions::open(&sessions_db).with_context(|| format!("cannot open {}", sessions_db.display()))?);
+    let stored_sessions = sessions.count().await?;
     report_opened(&db, store.opened(), &sessions_db, sessions.opened());
     let mut dtls_config = DtlsServerConfig::default().session_store(sessions);
     dtls_config.endpoint = settings.limits.endpoint(dtls_config.endpoint);
     dtls_config.pool.capacity = settings.limits.max_sessions;
     let dtls = Arc::new(DtlsServer::bind(settings.coaps, context, dtls_config).await?);
-    let lwm2m = Lwm2mServer::start(Arc::clone(&dtls), Arc::new(authorizer), Some(store), Lwm2mServerConfig::default())?;
+    let lwm2m =
+        Lwm2mServer::start(Arc::clone(&dtls), Arc::new(authorizer), Some(store), Lwm2mServerConfig::default()).await?;
     let listener = tokio::net::TcpListener::bind(settings.http)
         .await
         .with_context(|| format!("cannot listen for HTTP on {}", settings.http))?;

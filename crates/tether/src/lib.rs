@@ -33,7 +33,6 @@ mod pool;
 mod resilient;
 mod send;
 mod server;
-pub mod session_store;
 mod socket;
 pub mod store;
 

@@ -17,8 +17,8 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 use crate::client::sleep_until;
 use crate::clock;
 use crate::oplog::{DropSummary, LogBudget};
-use crate::session_store::{SessionStore, SessionWrite};
 use crate::socket::{Socket, SERVER_RECV_BUFFER};
+use crate::store::{SessionStore, SessionWrite, StoreError};
 
 /// Settings of a [`DtlsServer`].
 #[derive(Debug, Clone)]
@@ -34,7 +34,7 @@ pub struct DtlsServerConfig {
     pub queue: usize,
     /// Where established sessions are kept across restarts; `None` (the default): they end
     /// with the process.
-    pub session_store: Option<Arc<SessionStore>>,
+    pub session_store: Option<Arc<dyn SessionStore>>,
     /// How often sessions whose state changed are checkpointed to the store. Default 1 s:
     /// a crash forgets at most this much replay-window movement.
     pub checkpoint_interval: Duration,
@@ -73,7 +73,7 @@ impl DtlsServerConfig {
 
     /// Keeps established sessions in `store`: they are restored (no handshake) when a
     /// server starts on the same store.
-    pub fn session_store(mut self, store: Arc<SessionStore>) -> Self {
+    pub fn session_store(mut self, store: Arc<dyn SessionStore>) -> Self {
         self.session_store = Some(store);
         self
     }
@@ -276,6 +276,10 @@ impl DtlsServer {
             departed: departed_tx,
             events_dropped: 0,
             store: config.session_store.clone(),
+            pending: Vec::new(),
+            pending_inserts: Vec::new(),
+            writing: None,
+            held: HashMap::new(),
             checkpoint_interval: config.checkpoint_interval,
             next_checkpoint: now + config.checkpoint_interval,
             store_failures: 0,
@@ -396,13 +400,40 @@ struct Actor {
     received: mpsc::Sender<(SessionHandle, Vec<u8>)>,
     departed: mpsc::Sender<Departed>,
     events_dropped: u64,
-    store: Option<Arc<SessionStore>>,
+    store: Option<Arc<dyn SessionStore>>,
+    /// Writes gathered for the next batch, and the new sessions among them.
+    pending: Vec<SessionWrite>,
+    pending_inserts: Vec<SessionHandle>,
+    /// The batch being written.
+    writing: Option<Writing>,
+    /// Events of new sessions whose first write is not durable yet, in order: nothing of a
+    /// session reaches the application (so nothing it says is acknowledged) before the
+    /// session could be restored after a crash.
+    held: HashMap<SessionHandle, Vec<EndpointEvent>>,
     checkpoint_interval: Duration,
     next_checkpoint: std::time::Instant,
     store_failures: u64,
     /// Failed handshakes are logged within a budget: anyone can cause them.
     handshake_log: LogBudget,
     drop_log: DropSummary,
+}
+
+/// A batch of session writes handed to the store: what it checkpoints, the new sessions in
+/// it, and where its outcome arrives.
+struct Writing {
+    checkpoints: Vec<tether_proto::dtls::Checkpoint>,
+    inserted: Vec<SessionHandle>,
+    outcome: oneshot::Receiver<Result<(), StoreError>>,
+}
+
+impl Writing {
+    /// The outcome of the batch in `writing` (which must hold one).
+    async fn outcome(writing: &mut Option<Writing>) -> Result<(), StoreError> {
+        match writing.as_mut() {
+            Some(writing) => (&mut writing.outcome).await.unwrap_or(Err(StoreError::Interrupted)),
+            None => std::future::pending().await,
+        }
+    }
 }
 
 /// Failed handshakes logged per window at most; the rest are counted in the next line.
@@ -419,19 +450,12 @@ impl Actor {
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         self.restore().await;
         let mut buf = vec![0u8; 65_536];
-        let mut shutdown: Option<oneshot::Sender<()>> = None;
         loop {
-            self.process_events().await;
+            self.process_events();
+            self.start_write();
             self.flush().await;
-            if let Some(done) = shutdown.take() {
-                // Release the socket before answering, so the address can be bound again
-                // as soon as `shutdown` returns.
-                drop(self);
-                let _ = done.send(());
-                return;
-            }
-            let checkpoint =
-                (self.store.is_some() && self.endpoint.dirty_sessions() > 0).then_some(self.next_checkpoint);
+            let checkpoint = (self.store.is_some() && self.writing.is_none() && self.endpoint.dirty_sessions() > 0)
+                .then_some(self.next_checkpoint);
             let drop_summary = self.drop_log.deadline(self.endpoint.stats());
             let deadline = [self.endpoint.poll_timeout(), self.pool.poll_timeout(), checkpoint, drop_summary]
                 .into_iter()
@@ -446,6 +470,7 @@ impl Actor {
                         self.endpoint.handle(clock::now(), from, &buf[..n]);
                     }
                 }
+                outcome = Writing::outcome(&mut self.writing), if self.writing.is_some() => self.written(outcome),
                 _ = sleep_until(deadline.map(clock::deadline)), if deadline.is_some() => {
                     let now = clock::now();
                     self.endpoint.handle_timeout(now);
@@ -453,14 +478,16 @@ impl Actor {
                 }
                 command = commands.recv() => match command {
                     Some(Command::Shutdown(done)) => {
-                        self.endpoint.close_all(clock::now());
-                        shutdown = Some(done);
+                        self.stop().await;
+                        // Release the socket before answering, so the address can be bound
+                        // again as soon as `shutdown` returns.
+                        drop(self);
+                        let _ = done.send(());
+                        return;
                     }
                     Some(command) => self.command(command),
                     None => {
-                        self.endpoint.close_all(clock::now());
-                        self.process_events().await;
-                        self.flush().await;
+                        self.stop().await;
                         return;
                     }
                 },
@@ -468,20 +495,35 @@ impl Actor {
         }
     }
 
+    /// Closes every session (close_notify), and waits until what that changed is stored.
+    async fn stop(&mut self) {
+        self.endpoint.close_all(clock::now());
+        loop {
+            self.process_events();
+            self.start_write();
+            self.flush().await;
+            if self.writing.is_none() {
+                return;
+            }
+            let outcome = Writing::outcome(&mut self.writing).await;
+            self.written(outcome);
+        }
+    }
+
     /// Brings back the sessions of the store, then reserves sequence numbers for all of
     /// them in one write, before serving anything.
     async fn restore(&mut self) {
         let Some(store) = self.store.clone() else { return };
-        let loaded = match tokio::task::spawn_blocking(move || store.load()).await {
-            Ok(Ok(loaded)) => loaded,
-            failed => {
-                tracing::error!(?failed, "session store could not be read; starting without stored sessions");
+        let loaded = match store.load().await {
+            Ok(loaded) => loaded,
+            Err(err) => {
+                tracing::error!(%err, "session store could not be read; starting without stored sessions");
                 return;
             }
         };
         let now = clock::now();
         let mut unusable = Vec::new();
-        let rolled_back = store_rolled_back(self.store.as_deref());
+        let rolled_back = store.opened().rolled_back.is_some();
         for stored in loaded {
             if rolled_back {
                 // Put back from an older copy: the session may have gone on after the copy.
@@ -508,34 +550,64 @@ impl Actor {
             }
         }
         let restored = self.generations.len();
-        self.write_store(unusable, true).await;
+        // Reservations for every restored session, in one write, before serving anything.
+        self.pending.extend(unusable);
+        self.next_checkpoint = now;
+        self.start_write();
+        if self.writing.is_some() {
+            let outcome = Writing::outcome(&mut self.writing).await;
+            self.written(outcome);
+        }
         if restored > 0 {
             tracing::info!(restored, "sessions restored from the session store");
         }
     }
 
-    /// Stores what changed (new sessions, ended ones, and, when due, checkpoints) in one
-    /// transaction, then lets checkpointed sessions use their new reservations.
-    async fn write_store(&mut self, mut writes: Vec<SessionWrite>, checkpoint_now: bool) {
+    /// Hands the writes gathered so far (new sessions, ended ones, and, when due,
+    /// checkpoints) to the store as one batch, unless a batch is being written. The outcome
+    /// comes back as an input ([`written`](Self::written)): the loop never waits for the
+    /// store, so a slow disk or database does not stall every datagram.
+    fn start_write(&mut self) {
         let Some(store) = self.store.clone() else { return };
+        if self.writing.is_some() {
+            return;
+        }
         let now = clock::now();
-        let due = checkpoint_now || self.endpoint.checkpoint_due() || now >= self.next_checkpoint;
+        let due = self.endpoint.checkpoint_due() || now >= self.next_checkpoint;
         let checkpoints = if due && self.endpoint.dirty_sessions() > 0 {
             self.next_checkpoint = now + self.checkpoint_interval;
             self.endpoint.checkpoint()
         } else {
             Vec::new()
         };
-        if writes.is_empty() && checkpoints.is_empty() {
+        if self.pending.is_empty() && checkpoints.is_empty() {
             return;
         }
+        let mut writes = std::mem::take(&mut self.pending);
         writes.extend(checkpoints.iter().copied().map(SessionWrite::Checkpoint));
-        match tokio::task::spawn_blocking(move || store.apply(&writes)).await {
-            Ok(Ok(())) => self.endpoint.checkpoint_written(&checkpoints),
-            failed => {
+        let (done, outcome) = oneshot::channel();
+        tokio::spawn(async move {
+            let _ = done.send(store.apply(writes).await);
+        });
+        let inserted = std::mem::take(&mut self.pending_inserts);
+        self.writing = Some(Writing { checkpoints, inserted, outcome });
+    }
+
+    /// The batch being written is stored, or failed: checkpointed sessions may use their new
+    /// reservations, and the new sessions in it reach the application.
+    fn written(&mut self, outcome: Result<(), StoreError>) {
+        let Some(writing) = self.writing.take() else { return };
+        match outcome {
+            Ok(()) => self.endpoint.checkpoint_written(&writing.checkpoints),
+            Err(err) => {
                 // Sessions keep their current reservations; once used up they wait.
                 self.store_failures += 1;
-                tracing::error!(?failed, "session store write failed");
+                tracing::error!(%err, "session store write failed");
+            }
+        }
+        for handle in writing.inserted {
+            for event in self.held.remove(&handle).unwrap_or_default() {
+                self.deliver(event);
             }
         }
     }
@@ -618,103 +690,15 @@ impl Actor {
         }
     }
 
-    /// Acts on the endpoint's and the pool's events. New sessions are stored first: nothing
-    /// of a session reaches the application (so nothing it says is acknowledged) before the
-    /// session could be restored after a crash.
-    async fn process_events(&mut self) {
-        let events: Vec<EndpointEvent> = std::iter::from_fn(|| self.endpoint.poll_event()).collect();
-        if self.store.is_some() {
-            let mut writes = Vec::new();
-            for event in &events {
-                match event {
-                    EndpointEvent::Connected { handle, peer, .. } => {
-                        if let Some(snapshot) = self.endpoint.snapshot(*handle) {
-                            writes.push(SessionWrite::Insert {
-                                handle: *handle,
-                                peer: *peer,
-                                snapshot: Box::new(snapshot),
-                            });
-                        }
-                    }
-                    EndpointEvent::Closed { handle, was_established: true, .. } => {
-                        writes.push(SessionWrite::Delete(*handle));
-                    }
-                    _ => {}
-                }
+    /// Acts on the endpoint's and the pool's events. With a store, new sessions are stored
+    /// first: their events wait in `held` until the write is durable.
+    fn process_events(&mut self) {
+        while let Some(event) = self.endpoint.poll_event() {
+            if let Some(event) = self.hold(event) {
+                self.deliver(event);
             }
-            self.write_store(writes, false).await;
         }
         let now = clock::now();
-        for event in events {
-            match event {
-                EndpointEvent::Connected { handle, peer, identity, resumed, replaced } => {
-                    let name = identity.as_ref().map(identity_name);
-                    match self.pool.insert_accepted(now, peer, name) {
-                        Ok((generation, displaced)) => {
-                            if let Some(old) = displaced {
-                                self.depart_generation(old, peer, DepartReason::Closed(CloseReason::Replaced));
-                            }
-                            self.generations.insert(handle, generation);
-                            self.handles.insert(generation, handle);
-                            let arrival = Arrival::Handshake { replaced };
-                            let accepted = Accepted { handle, peer, identity, resumed, arrival, bound_name: None };
-                            if self.accepted.try_send(accepted).is_err() {
-                                self.events_dropped += 1;
-                            }
-                        }
-                        Err(_full) => self.endpoint.close(now, handle),
-                    }
-                }
-                EndpointEvent::Migrated { handle, from, to } => {
-                    let Some(generation) = self.generations.get(&handle).copied() else { continue };
-                    if let Some(displaced) = self.pool.move_peer(from, to, generation) {
-                        self.depart_generation(displaced, to, DepartReason::Closed(CloseReason::Replaced));
-                    }
-                    let session = self.endpoint.session(handle);
-                    let accepted = Accepted {
-                        handle,
-                        peer: to,
-                        identity: session.and_then(|s| s.peer_identity().cloned()),
-                        resumed: session.is_some_and(|s| s.is_resumed()),
-                        arrival: Arrival::Moved { from },
-                        bound_name: self.pool.get(to).and_then(|e| e.identity.clone()),
-                    };
-                    if self.accepted.try_send(accepted).is_err() {
-                        self.events_dropped += 1;
-                    }
-                }
-                EndpointEvent::Data { handle, peer, data } => {
-                    if let Some(generation) = self.generations.get(&handle) {
-                        let traffic = Traffic { bytes_in: data.len() as u64, ..Traffic::default() };
-                        self.pool.record(now, peer, *generation, traffic);
-                    }
-                    if self.received.try_send((handle, data)).is_err() {
-                        self.events_dropped += 1;
-                    }
-                }
-                EndpointEvent::Closed { handle, peer, reason, was_established } => {
-                    if !was_established {
-                        if let Some(held_back) = self.handshake_log.allow(now) {
-                            tracing::warn!(%peer, %reason, held_back, "handshake failed");
-                        }
-                    }
-                    let Some(generation) = self.generations.remove(&handle) else {
-                        continue;
-                    };
-                    self.handles.remove(&generation);
-                    let identity = self.pool.get(peer).and_then(|e| e.identity.clone());
-                    if self.pool.remove(peer, generation).is_some() {
-                        let identity = identity.as_deref().unwrap_or("-");
-                        match reason {
-                            CloseReason::Local => tracing::debug!(%peer, identity, "session closed by the server"),
-                            _ => tracing::info!(%peer, identity, %reason, "session closed"),
-                        }
-                        self.depart(handle, peer, DepartReason::Closed(reason));
-                    }
-                }
-                _ => {}
-            }
-        }
         while let Some(event) = self.pool.poll_event() {
             let (peer, generation, reason) = match event {
                 PoolEvent::Expired { peer, generation } => (peer, generation, DepartReason::Expired),
@@ -730,11 +714,113 @@ impl Actor {
             }
             self.depart_generation(generation, peer, reason);
         }
-        if self.endpoint.checkpoint_due() {
-            self.write_store(Vec::new(), true).await;
-        }
         if let Some((summary, over)) = self.drop_log.poll(now, self.endpoint.stats()) {
             tracing::info!(over_s = over.as_secs(), "datagrams dropped: {summary}");
+        }
+    }
+
+    /// Acts on one event of the endpoint: the pool and the application hear of it.
+    fn deliver(&mut self, event: EndpointEvent) {
+        let now = clock::now();
+        match event {
+            EndpointEvent::Connected { handle, peer, identity, resumed, replaced } => {
+                let name = identity.as_ref().map(identity_name);
+                match self.pool.insert_accepted(now, peer, name) {
+                    Ok((generation, displaced)) => {
+                        if let Some(old) = displaced {
+                            self.depart_generation(old, peer, DepartReason::Closed(CloseReason::Replaced));
+                        }
+                        self.generations.insert(handle, generation);
+                        self.handles.insert(generation, handle);
+                        let arrival = Arrival::Handshake { replaced };
+                        let accepted = Accepted { handle, peer, identity, resumed, arrival, bound_name: None };
+                        if self.accepted.try_send(accepted).is_err() {
+                            self.events_dropped += 1;
+                        }
+                    }
+                    Err(_full) => self.endpoint.close(now, handle),
+                }
+            }
+            EndpointEvent::Migrated { handle, from, to } => {
+                let Some(generation) = self.generations.get(&handle).copied() else { return };
+                if let Some(displaced) = self.pool.move_peer(from, to, generation) {
+                    self.depart_generation(displaced, to, DepartReason::Closed(CloseReason::Replaced));
+                }
+                let session = self.endpoint.session(handle);
+                let accepted = Accepted {
+                    handle,
+                    peer: to,
+                    identity: session.and_then(|s| s.peer_identity().cloned()),
+                    resumed: session.is_some_and(|s| s.is_resumed()),
+                    arrival: Arrival::Moved { from },
+                    bound_name: self.pool.get(to).and_then(|e| e.identity.clone()),
+                };
+                if self.accepted.try_send(accepted).is_err() {
+                    self.events_dropped += 1;
+                }
+            }
+            EndpointEvent::Data { handle, peer, data } => {
+                if let Some(generation) = self.generations.get(&handle) {
+                    let traffic = Traffic { bytes_in: data.len() as u64, ..Traffic::default() };
+                    self.pool.record(now, peer, *generation, traffic);
+                }
+                if self.received.try_send((handle, data)).is_err() {
+                    self.events_dropped += 1;
+                }
+            }
+            EndpointEvent::Closed { handle, peer, reason, was_established } => {
+                if !was_established {
+                    if let Some(held_back) = self.handshake_log.allow(now) {
+                        tracing::warn!(%peer, %reason, held_back, "handshake failed");
+                    }
+                }
+                let Some(generation) = self.generations.remove(&handle) else {
+                    return;
+                };
+                self.handles.remove(&generation);
+                let identity = self.pool.get(peer).and_then(|e| e.identity.clone());
+                if self.pool.remove(peer, generation).is_some() {
+                    let identity = identity.as_deref().unwrap_or("-");
+                    match reason {
+                        CloseReason::Local => tracing::debug!(%peer, identity, "session closed by the server"),
+                        _ => tracing::info!(%peer, identity, %reason, "session closed"),
+                    }
+                    self.depart(handle, peer, DepartReason::Closed(reason));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// With a store: notes the writes `event` calls for (a new session's first snapshot, an
+    /// ended session's deletion), and holds it back while its session's first write is not
+    /// durable. Returns it if it can be delivered now.
+    fn hold(&mut self, event: EndpointEvent) -> Option<EndpointEvent> {
+        if self.store.is_none() {
+            return Some(event);
+        }
+        let handle = match &event {
+            EndpointEvent::Connected { handle, peer, .. } => {
+                let snapshot = self.endpoint.snapshot(*handle)?;
+                self.pending.push(SessionWrite::Insert { handle: *handle, peer: *peer, snapshot: Box::new(snapshot) });
+                self.pending_inserts.push(*handle);
+                self.held.insert(*handle, vec![event]);
+                return None;
+            }
+            EndpointEvent::Closed { handle, was_established: true, .. } => {
+                self.pending.push(SessionWrite::Delete(*handle));
+                *handle
+            }
+            EndpointEvent::Data { handle, .. } | EndpointEvent::Migrated { handle, .. } => *handle,
+            EndpointEvent::Closed { handle, .. } => *handle,
+            _ => return Some(event),
+        };
+        match self.held.get_mut(&handle) {
+            Some(held) => {
+                held.push(event);
+                None
+            }
+            None => Some(event),
         }
     }
 
@@ -763,11 +849,6 @@ impl Actor {
             let _ = self.socket.send_to(&t.contents, t.destination).await;
         }
     }
-}
-
-/// Whether `store` was put back from an older copy (its sessions must not be restored).
-fn store_rolled_back(store: Option<&SessionStore>) -> bool {
-    store.is_some_and(|store| store.opened().rolled_back.is_some())
 }
 
 /// The name a pool indexes a peer identity by.

@@ -30,12 +30,12 @@ fn fleet_credentials(n: usize) -> (StaticPskStore, HashMap<String, String>) {
     (store, authorizer)
 }
 
-fn start_server(socket: Socket, n: usize) -> Lwm2mServer {
+async fn start_server(socket: Socket, n: usize) -> Lwm2mServer {
     let (store, authorizer) = fleet_credentials(n);
     let context = DtlsContext::server(ServerConfig::psk(store).session(session())).unwrap();
     let dtls = DtlsServer::serve(socket, context, server_config(PoolConfig::default())).unwrap();
     let config = Lwm2mServerConfig { coap: CoapConfig::default(), seed: 1, ..Lwm2mServerConfig::default() };
-    Lwm2mServer::start(Arc::new(dtls), Arc::new(authorizer), None, config).unwrap()
+    Lwm2mServer::start(Arc::new(dtls), Arc::new(authorizer), None, config).await.unwrap()
 }
 
 fn device_config(i: usize, server: SocketAddr) -> Lwm2mDeviceConfig {
@@ -52,7 +52,7 @@ async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> 
 
 #[tokio::test]
 async fn the_device_answers_every_format_and_the_servers_decoders_agree() {
-    let server = start_server(Socket::bind_udp("127.0.0.1:0".parse().unwrap(), None).await.unwrap(), 1);
+    let server = start_server(Socket::bind_udp("127.0.0.1:0".parse().unwrap(), None).await.unwrap(), 1).await;
     let device = Lwm2mDevice::start(device_config(0, server.dtls().local_addr())).unwrap();
     let location = within("registration", device.registered()).await.expect("registered");
     assert!(location.starts_with("/rd/"));
@@ -101,7 +101,7 @@ async fn the_device_answers_every_format_and_the_servers_decoders_agree() {
 
 #[tokio::test]
 async fn reboot_re_handshakes_from_the_same_port_and_registers_anew() {
-    let server = start_server(Socket::bind_udp("127.0.0.1:0".parse().unwrap(), None).await.unwrap(), 1);
+    let server = start_server(Socket::bind_udp("127.0.0.1:0".parse().unwrap(), None).await.unwrap(), 1).await;
     let device = Lwm2mDevice::start(device_config(0, server.dtls().local_addr())).unwrap();
     let first = within("registration", device.registered()).await.unwrap();
     let mut events = device.events();
@@ -128,7 +128,7 @@ async fn reboot_re_handshakes_from_the_same_port_and_registers_anew() {
 async fn after_nat_silence_the_device_re_handshakes_before_updating() {
     let net = MemoryNetwork::new();
     let at = addr(1, 5684);
-    let server = start_server(net.bind(at).unwrap(), 1);
+    let server = start_server(net.bind(at).unwrap(), 1).await;
     let mut config = device_config(0, at);
     config.memory = Some(net.clone());
     config.client.lifetime = Duration::from_secs(120);
@@ -170,7 +170,7 @@ async fn fleet_outage(jitter: Jitter, killed: bool) -> Outage {
     const DEVICES: usize = 1000;
     let net = MemoryNetwork::new();
     let at = addr(1, 5684);
-    let server = start_server(net.bind(at).unwrap(), DEVICES);
+    let server = start_server(net.bind(at).unwrap(), DEVICES).await;
     let mut devices = Vec::new();
     for i in 0..DEVICES {
         let mut config = device_config(i, at);
@@ -210,7 +210,7 @@ async fn fleet_outage(jitter: Jitter, killed: bool) -> Outage {
     let restarted = tokio::time::Instant::now();
     let server = loop {
         match net.bind(at) {
-            Ok(socket) => break start_server(socket, DEVICES),
+            Ok(socket) => break start_server(socket, DEVICES).await,
             Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
         }
     };
@@ -292,7 +292,7 @@ async fn an_unreachable_server_is_retried_per_the_server_object_then_given_up() 
 
 #[tokio::test]
 async fn a_wrong_key_is_an_attempt_failure_not_a_hang() {
-    let server = start_server(Socket::bind_udp("127.0.0.1:0".parse().unwrap(), None).await.unwrap(), 1);
+    let server = start_server(Socket::bind_udp("127.0.0.1:0".parse().unwrap(), None).await.unwrap(), 1).await;
     let mut config = device_config(0, server.dtls().local_addr());
     config.context =
         DtlsContext::client(ClientConfig::psk("dev-0", PskKey::new(vec![9; 16]).unwrap()).session(session())).unwrap();

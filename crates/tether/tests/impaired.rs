@@ -46,7 +46,7 @@ async fn server(n: usize) -> Lwm2mServer {
     let socket = Socket::bind_udp("127.0.0.1:0".parse().unwrap(), Some(tether::SERVER_RECV_BUFFER)).await.unwrap();
     let dtls = DtlsServer::serve(socket, context, server_config(PoolConfig::default())).unwrap();
     let config = Lwm2mServerConfig { coap: coap(), seed: 3, ..Lwm2mServerConfig::default() };
-    Lwm2mServer::start(Arc::new(dtls), Arc::new(authorizer), None, config).unwrap()
+    Lwm2mServer::start(Arc::new(dtls), Arc::new(authorizer), None, config).await.unwrap()
 }
 
 fn device(i: usize, at: SocketAddr) -> Lwm2mDevice {

@@ -37,6 +37,7 @@ async fn lwm2m_server() -> Lwm2mServer {
         None,
         Lwm2mServerConfig { coap: CoapConfig::default(), seed: 1, ..Lwm2mServerConfig::default() },
     )
+    .await
     .unwrap()
 }
 
@@ -157,6 +158,7 @@ async fn memory_lwm2m_server(net: &tether::MemoryNetwork, at: std::net::SocketAd
         None,
         Lwm2mServerConfig { coap: CoapConfig::default(), seed: 2, ..Lwm2mServerConfig::default() },
     )
+    .await
     .unwrap()
 }
 

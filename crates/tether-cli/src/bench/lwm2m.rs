@@ -99,7 +99,8 @@ async fn measure(options: &Lwm2mBenchOptions) -> Result<Vec<Figure>> {
     }
     let context = DtlsContext::server(ServerConfig::psk(store))?;
     let dtls = Arc::new(DtlsServer::bind("127.0.0.1:0".parse()?, context, DtlsServerConfig::default()).await?);
-    let server = Lwm2mServer::start(Arc::clone(&dtls), Arc::new(authorizer), None, Lwm2mServerConfig::default())?;
+    let server =
+        Lwm2mServer::start(Arc::clone(&dtls), Arc::new(authorizer), None, Lwm2mServerConfig::default()).await?;
     let mut events = server.events();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let rss_before = live_rss_bytes()?;

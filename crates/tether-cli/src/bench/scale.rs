@@ -74,7 +74,8 @@ async fn measure(options: &ScaleBenchOptions) -> Result<Vec<Figure>> {
         .endpoint(EndpointConfig::new(tether::os_seed()).max_sessions(n + 1000))
         .pool(PoolConfig::default().capacity(n + 1000).idle_timeout(Duration::from_secs(3600)));
     let dtls = Arc::new(DtlsServer::bind("127.0.0.1:0".parse()?, context, config).await?);
-    let server = Lwm2mServer::start(Arc::clone(&dtls), Arc::new(authorizer), None, Lwm2mServerConfig::default())?;
+    let server =
+        Lwm2mServer::start(Arc::clone(&dtls), Arc::new(authorizer), None, Lwm2mServerConfig::default()).await?;
     let mut events = server.events();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let rss_before = live_rss_bytes()?;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tether_coap::block::{block1_request, BlockOption, DEFAULT_SZX};
 use tether_coap::coap_lite::{CoapOption, MessageClass, Packet, ResponseType};
-use tether_coap::message::{CoapConfig, CoapEvent, MessageLayer, RequestFailure, Token};
+use tether_coap::message::{CoapConfig, CoapEvent, IncomingRequest, MessageLayer, RequestFailure, Token};
 use tether_coap::packet::{decode_uint, encode_uint};
 use tether_coap::registration::{Binding, EndpointAuthorizer, Origin, Registration, Registry, RegistryEvent};
 use tether_proto::dtls::SessionHandle;
@@ -23,7 +23,7 @@ use crate::client::sleep_until;
 use crate::clock;
 use crate::oplog::LogBudget;
 use crate::server::{Accepted, Arrival, DepartReason, DtlsServer};
-use crate::store::RegistrationStore;
+use crate::store::{RegistrationStore, RegistrationWrite, StoreError};
 
 /// Refused registrations logged per window at most (any authenticated device can cause them).
 const REFUSAL_LOG_BURST: u32 = 10;
@@ -82,9 +82,18 @@ impl Waiting {
 pub(super) struct Actor {
     dtls: Arc<DtlsServer>,
     authorizer: Arc<dyn EndpointAuthorizer>,
-    store: Option<Arc<RegistrationStore>>,
-    /// Registry events written to the store but not yet acted on.
-    unapplied: Vec<RegistryEvent>,
+    store: Option<Arc<dyn RegistrationStore>>,
+    /// Registry changes gathered for the next write, with the answers they hold back.
+    gathering: Batch,
+    /// The batch being written, and where its outcome arrives.
+    writing: Option<(Batch, oneshot::Receiver<Result<(), StoreError>>)>,
+    /// Registry changes to act on (durable, or needing no store).
+    pending_effects: Vec<RegistryEvent>,
+    /// For each endpoint whose registration or de-registration is not yet durable, what was
+    /// last acknowledged of it (`None`: not registered): what the API shows, so a listing
+    /// never holds a registration a crash could still take back. (Updates and moves show at
+    /// once: an address or a lifetime is not an acknowledgement.)
+    acknowledged: HashMap<String, Option<Registration>>,
     registry: Registry,
     config: Arc<CoapConfig>,
     seed: u64,
@@ -110,7 +119,7 @@ impl Actor {
     pub(super) fn new(
         dtls: Arc<DtlsServer>,
         authorizer: Arc<dyn EndpointAuthorizer>,
-        store: Option<Arc<RegistrationStore>>,
+        store: Option<Arc<dyn RegistrationStore>>,
         registry: Registry,
         config: &Lwm2mServerConfig,
         events: broadcast::Sender<RegistryEvent>,
@@ -120,7 +129,10 @@ impl Actor {
             dtls,
             authorizer,
             store,
-            unapplied: Vec::new(),
+            gathering: Batch::default(),
+            writing: None,
+            pending_effects: Vec::new(),
+            acknowledged: HashMap::new(),
             registry,
             config: Arc::new(config.coap.clone()),
             seed: config.seed,
@@ -189,6 +201,7 @@ impl Actor {
                     None => return,
                     Some(command) => self.command(command).await,
                 },
+                outcome = written(&mut self.writing), if self.writing.is_some() => self.written(outcome).await,
                 _ = sleep_until(deadline.map(clock::deadline)), if deadline.is_some() => {
                     let now = clock::now();
                     self.expire_queued(now);
@@ -207,7 +220,9 @@ impl Actor {
                     }
                 }
             }
-            self.apply_registry_events().await;
+            self.gather();
+            self.take_effect().await;
+            self.start_write();
         }
     }
 
@@ -252,6 +267,13 @@ impl Actor {
         let session = Session { identity, peer: accepted.peer, last_heard: None, timer: None, layer };
         self.forget_session(accepted.handle);
         self.sessions.insert(accepted.handle, session);
+    }
+
+    /// Every registration as last acknowledged: the registry, but for changes not yet
+    /// durable, which show as they were before.
+    fn acknowledged_registrations(&self) -> Vec<Registration> {
+        let current = self.registry.registrations().filter(|r| !self.acknowledged.contains_key(&r.endpoint));
+        current.chain(self.acknowledged.values().flatten()).cloned().collect()
     }
 
     /// The session requests to `registration` go over: the one it is bound to, if it is
@@ -333,7 +355,7 @@ impl Actor {
                 let _ = reply.send(());
             }
             Command::Registrations(reply) => {
-                let _ = reply.send(self.registry.registrations().cloned().collect());
+                let _ = reply.send(self.acknowledged_registrations());
             }
             Command::Sent(endpoint, reply) => {
                 let values = self.registry.get(&endpoint).map(|_| self.sent.values(&endpoint));
@@ -341,15 +363,12 @@ impl Actor {
             }
             Command::Clients(reply) => {
                 let clients = self
-                    .registry
-                    .registrations()
+                    .acknowledged_registrations()
+                    .into_iter()
                     .map(|registration| {
-                        let session = self.route(registration).and_then(|handle| self.sessions.get(&handle));
-                        ClientState {
-                            registration: registration.clone(),
-                            online: session.is_some(),
-                            last_heard: session.and_then(|s| s.last_heard),
-                        }
+                        let session = self.route(&registration).and_then(|handle| self.sessions.get(&handle));
+                        let (online, last_heard) = (session.is_some(), session.and_then(|s| s.last_heard));
+                        ClientState { registration, online, last_heard }
                     })
                     .collect();
                 let _ = reply.send(clients);
@@ -460,7 +479,7 @@ impl Actor {
             let Some(event) = event else { return };
             match event {
                 CoapEvent::Request { id, request } => {
-                    let response = self.device_request(handle, &request).await;
+                    let Some(response) = self.device_request(handle, &id, &request) else { continue };
                     let Some(session) = self.sessions.get_mut(&handle) else { return };
                     let _ = session.layer.respond(clock::now(), &id, response);
                 }
@@ -488,30 +507,31 @@ impl Actor {
     }
 
     /// The answer to a request a device sent over session `handle`: a Send (only over the
-    /// session its registration is bound to) or the registration interface.
-    async fn device_request(&mut self, handle: SessionHandle, request: &Packet) -> Packet {
+    /// session its registration is bound to) or the registration interface. `None`: the
+    /// answer waits until the change it acknowledges is durable ([`written`](Self::written)).
+    fn device_request(&mut self, handle: SessionHandle, id: &IncomingRequest, request: &Packet) -> Option<Packet> {
         let Some(session) = self.sessions.get(&handle) else {
-            return tether_coap::registration::response(ResponseType::Forbidden);
+            return Some(tether_coap::registration::response(ResponseType::Forbidden));
         };
         if crate::send::is_send(request) {
             let registration = self.registry.by_session(handle);
-            return match registration.filter(|r| session.identity.as_deref() == Some(r.identity.as_str())) {
+            return Some(match registration.filter(|r| session.identity.as_deref() == Some(r.identity.as_str())) {
                 Some(registration) => self.sent.accept(clock::now(), &registration.endpoint.clone(), request),
                 None => tether_coap::registration::response(ResponseType::Forbidden),
-            };
+            });
         }
         let Some(identity) = session.identity.clone() else {
-            return tether_coap::registration::response(ResponseType::Forbidden);
+            return Some(tether_coap::registration::response(ResponseType::Forbidden));
         };
         let origin = Origin { session: handle, peer: session.peer, identity: &identity };
         let response = self.registry.handle_request(clock::now(), origin, self.authorizer.as_ref(), request);
-        // Nothing is acknowledged before it is durable: the registry's changes are written
-        // before the answer exists. A failed write withholds the 2.01/2.04 (the device
-        // retries) and takes the change back.
-        if self.persist().await {
-            return response;
+        // Nothing is acknowledged before it is durable: a change waits in the batch being
+        // gathered, its answer with it.
+        if !self.gather() {
+            return Some(response);
         }
-        tether_coap::registration::response(ResponseType::ServiceUnavailable)
+        self.gathering.answers.push(HeldAnswer { session: handle, request: id.clone(), response });
+        None
     }
 
     /// A device answered a request of ours over session `handle`.
@@ -591,46 +611,107 @@ impl Actor {
         }
     }
 
-    /// Writes the registry's new events to the store. False if a write failed: the change it
-    /// concerned is taken back ([`Registry::undo`]) and must not be acknowledged.
-    async fn persist(&mut self) -> bool {
-        let mut durable = true;
+    /// Takes the registry's new events: refusals (nothing to store) are acted on at once;
+    /// changes join the batch being gathered, or, with no store, are acted on at once. True
+    /// if a change joined the batch.
+    fn gather(&mut self) -> bool {
+        let mut gathered = false;
         while let Some(event) = self.registry.poll_event() {
-            let Some(store) = self.store.clone() else {
-                self.unapplied.push(event);
+            if self.store.is_none() || matches!(event, RegistryEvent::Refused { .. }) {
+                self.pending_effects.push(event);
                 continue;
+            }
+            let before = match &event {
+                RegistryEvent::Registered { registration, replaced } => {
+                    Some((&registration.endpoint, replaced.as_deref().cloned()))
+                }
+                RegistryEvent::Deregistered { registration } => {
+                    Some((&registration.endpoint, Some(registration.clone())))
+                }
+                _ => None,
             };
-            if matches!(event, RegistryEvent::Refused { .. }) {
-                self.unapplied.push(event);
-                continue;
+            if let Some((endpoint, before)) = before {
+                self.acknowledged.entry(endpoint.clone()).or_insert(before);
             }
-            let now = clock::now();
-            let write = event.clone();
-            let written = tokio::task::spawn_blocking(move || match &write {
-                RegistryEvent::Registered { registration, .. } | RegistryEvent::Updated { registration, .. } => {
-                    store.save(registration, now)
-                }
-                RegistryEvent::Deregistered { registration } | RegistryEvent::Expired { registration } => {
-                    store.remove(&registration.endpoint, &registration.id)
-                }
-                _ => Ok(()),
-            })
-            .await;
-            match written {
-                Ok(Ok(())) => self.unapplied.push(event),
-                failed => {
-                    tracing::error!(?failed, "registration store write failed; withholding acknowledgement");
-                    durable = false;
-                    self.registry.undo(&event);
-                }
-            }
+            self.gathering.events.push(event);
+            gathered = true;
         }
-        durable
+        gathered
     }
 
-    async fn apply_registry_events(&mut self) {
-        self.persist().await;
-        for event in std::mem::take(&mut self.unapplied) {
+    /// Hands the gathered batch to the store, unless one is being written: one transaction
+    /// for every change gathered meanwhile (a burst of registrations costs a few commits, not
+    /// one each), and the loop goes on serving while it is written.
+    fn start_write(&mut self) {
+        let Some(store) = self.store.clone() else { return };
+        if self.writing.is_some() || self.gathering.events.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.gathering);
+        let writes = batch.events.iter().filter_map(write_for).collect();
+        let (done, outcome) = oneshot::channel();
+        tokio::spawn(async move {
+            let _ = done.send(store.apply(writes, clock::now()).await);
+        });
+        self.writing = Some((batch, outcome));
+    }
+
+    /// The batch being written is durable, or failed. Durable: its changes take effect
+    /// (sessions bound and closed, events published) and its answers go out. Failed: it and
+    /// the batch gathered since (which may build on it) are taken back, newest first, so the
+    /// registry is again what was last acknowledged, and their answers are 5.03 (the devices
+    /// try again).
+    async fn written(&mut self, outcome: Result<(), StoreError>) {
+        let Some((batch, _)) = self.writing.take() else { return };
+        match outcome {
+            Ok(()) => {
+                // What is durable now, per endpoint: the last change of this batch, unless
+                // a newer one is already gathered.
+                for event in &batch.events {
+                    let (endpoint, after) = match event {
+                        RegistryEvent::Registered { registration, .. } => {
+                            (&registration.endpoint, Some(registration.clone()))
+                        }
+                        RegistryEvent::Deregistered { registration } => (&registration.endpoint, None),
+                        _ => continue,
+                    };
+                    if self.gathering.touches(endpoint) {
+                        self.acknowledged.insert(endpoint.clone(), after);
+                    } else {
+                        self.acknowledged.remove(endpoint);
+                    }
+                }
+                self.pending_effects.extend(batch.events);
+                self.take_effect().await;
+                self.answer(batch.answers, None).await;
+            }
+            Err(err) => {
+                tracing::error!(%err, "registration store write failed; withholding acknowledgement");
+                let gathered = std::mem::take(&mut self.gathering);
+                for event in gathered.events.iter().rev().chain(batch.events.iter().rev()) {
+                    self.registry.undo(event);
+                }
+                self.acknowledged.clear();
+                let unavailable = Some(tether_coap::registration::response(ResponseType::ServiceUnavailable));
+                self.answer(batch.answers, unavailable.clone()).await;
+                self.answer(gathered.answers, unavailable).await;
+            }
+        }
+    }
+
+    /// Sends held answers (or `instead` of each).
+    async fn answer(&mut self, answers: Vec<HeldAnswer>, instead: Option<Packet>) {
+        let now = clock::now();
+        for HeldAnswer { session, request, response } in answers {
+            let Some(open) = self.sessions.get_mut(&session) else { continue };
+            let _ = open.layer.respond(now, &request, instead.clone().unwrap_or(response));
+            self.drive(session).await;
+        }
+    }
+
+    /// Acts on registry changes that are durable (or need no store).
+    async fn take_effect(&mut self) {
+        for event in std::mem::take(&mut self.pending_effects) {
             self.log_registry_event(&event);
             match &event {
                 RegistryEvent::Registered { registration, replaced } => {
@@ -729,6 +810,53 @@ impl Actor {
         if let Some(session) = self.sessions.get_mut(&handle) {
             session.layer.cancel(token);
         }
+    }
+}
+
+/// Registry changes written together, and the answers that wait for them.
+#[derive(Default)]
+struct Batch {
+    events: Vec<RegistryEvent>,
+    answers: Vec<HeldAnswer>,
+}
+
+impl Batch {
+    /// Whether a registration or de-registration of `endpoint` is in the batch.
+    fn touches(&self, endpoint: &str) -> bool {
+        self.events.iter().any(|event| match event {
+            RegistryEvent::Registered { registration, .. } | RegistryEvent::Deregistered { registration } => {
+                registration.endpoint == endpoint
+            }
+            _ => false,
+        })
+    }
+}
+
+/// An answer to a device that acknowledges a change, sent once the change is durable.
+struct HeldAnswer {
+    session: SessionHandle,
+    request: IncomingRequest,
+    response: Packet,
+}
+
+/// The outcome of the batch being written (there must be one).
+async fn written(writing: &mut Option<(Batch, oneshot::Receiver<Result<(), StoreError>>)>) -> Result<(), StoreError> {
+    match writing.as_mut() {
+        Some((_, outcome)) => outcome.await.unwrap_or(Err(StoreError::Interrupted)),
+        None => std::future::pending().await,
+    }
+}
+
+/// What storing `event` takes.
+fn write_for(event: &RegistryEvent) -> Option<RegistrationWrite> {
+    match event {
+        RegistryEvent::Registered { registration, .. } | RegistryEvent::Updated { registration, .. } => {
+            Some(RegistrationWrite::Save(Box::new(registration.clone())))
+        }
+        RegistryEvent::Deregistered { registration } | RegistryEvent::Expired { registration } => {
+            Some(RegistrationWrite::Remove { endpoint: registration.endpoint.clone(), id: registration.id.clone() })
+        }
+        _ => None,
     }
 }
 

@@ -196,10 +196,10 @@ impl Lwm2mServer {
     /// `authorizer`. The server's `accept`, `recv` and `departed` queues belong to it from now.
     /// With a `store`, registrations are loaded from it now and written to it before they
     /// are acknowledged.
-    pub fn start(
+    pub async fn start(
         dtls: Arc<DtlsServer>,
         authorizer: Arc<dyn EndpointAuthorizer>,
-        store: Option<Arc<RegistrationStore>>,
+        store: Option<Arc<dyn RegistrationStore>>,
         config: Lwm2mServerConfig,
     ) -> Result<Self, crate::store::StoreError> {
         let (commands, command_rx) = mpsc::channel(1024);
@@ -209,7 +209,7 @@ impl Lwm2mServer {
         let (session_events, _) = broadcast::channel(SESSION_EVENT_BACKLOG);
         let mut registry = Registry::new(config.seed);
         if let Some(store) = &store {
-            for registration in store.load(clock::now())? {
+            for registration in store.load(clock::now()).await? {
                 registry.restore(registration);
             }
         }
