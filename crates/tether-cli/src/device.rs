@@ -316,7 +316,8 @@ async fn bootstrap_fleet(
             Ok(account) => {
                 if args.count == 1 {
                     say!(
-                        "tether device: {endpoint} bootstrapped from {uri} (bootstrap identity {identity:?}):                          registering with {} as PSK identity {:?}, lifetime {} s",
+                        "tether device: {endpoint} bootstrapped from {uri} (bootstrap identity {identity:?}): \
+                         registering with {} as PSK identity {:?}, lifetime {} s",
                         account.uri,
                         String::from_utf8_lossy(&account.psk_identity),
                         account.lifetime.as_secs()

@@ -31,6 +31,7 @@ mod device;
 mod echo;
 mod limits;
 mod serve;
+mod stores;
 
 /// tether: secure, persistent device links over DTLS.
 #[derive(Parser)]

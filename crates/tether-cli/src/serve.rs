@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use crate::api::auth::{Access, Role};
 pub use crate::limits::Limits;
+use crate::stores::StoreSetting;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use tether::lwm2m::{EndpointBindings, Lwm2mServer, Lwm2mServerConfig};
-use tether::store::{RegistrationStore, SessionStore, SqliteRegistrations, SqliteSessions};
 use tether::{DtlsServer, DtlsServerConfig};
 use tether_coap::model::Models;
 use tether_proto::dtls::{CipherSuite, ClientAuth, DtlsContext, PskKey, ServerConfig, SessionConfig, StaticPskStore};
@@ -31,9 +31,16 @@ pub struct ServeArgs {
     /// HTTP (REST API, /metrics) address. Default 127.0.0.1:8080.
     #[arg(long, value_name = "ADDR:PORT")]
     pub http: Option<SocketAddr>,
-    /// Directory of the registration database. Default ./tether-data.
+    /// Directory of the server's own files: the SQLite databases (by default), its lock,
+    /// its API token. Default ./tether-data.
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Where registrations and DTLS sessions are kept: "sqlite" (files in the data
+    /// directory, the default) or postgres://user:password@host:port/database
+    /// (`sslmode=require` for TLS). A password here shows in `ps`: give the URL in
+    /// `TETHER_STORE` or tether.toml (`store = "…"`) instead.
+    #[arg(long, value_name = "URL")]
+    pub store: Option<String>,
     /// Configuration file. Default ./tether.toml if it exists.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -91,6 +98,8 @@ struct FileConfig {
     coaps: Option<SocketAddr>,
     http: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
+    /// Where registrations and sessions are kept (see `--store`).
+    store: Option<String>,
     security: Option<PathBuf>,
     models: Option<PathBuf>,
     /// DTLS cipher suites offered, by OpenSSL name, in order of preference.
@@ -161,6 +170,8 @@ pub struct Settings {
     pub http: SocketAddr,
     /// Data directory.
     pub data_dir: PathBuf,
+    /// Where registrations and sessions are kept.
+    pub store: StoreSetting,
     /// PSK entries.
     pub psk: Vec<PskEntry>,
     /// Whether the development entry is in use.
@@ -244,7 +255,9 @@ impl Settings {
         let api = if args.no_api_auth || file.api_auth == Some(false) {
             if !http.ip().is_loopback() {
                 bail!(
-                    "refusing to serve the REST API on {http} without authentication: drop --no-api-auth /                      api_auth = false (an admin token is then made in the data directory), or bind --http to                      127.0.0.1"
+                    "refusing to serve the REST API on {http} without authentication: drop --no-api-auth / \
+                     api_auth = false (an admin token is then made in the data directory), or bind --http to \
+                     127.0.0.1"
                 );
             }
             ApiAuth::Off
@@ -262,6 +275,7 @@ impl Settings {
             coaps: args.coaps.or(file.coaps).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 5684))),
             http,
             data_dir: args.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from("tether-data")),
+            store: store_setting(args.store.as_deref(), file.store.as_deref())?,
             psk: entries,
             development_psk,
             x509,
@@ -278,6 +292,17 @@ impl Settings {
             },
         })
     }
+}
+
+/// `--store`, else `TETHER_STORE`, else `store =` of tether.toml, else SQLite.
+fn store_setting(flag: Option<&str>, file: Option<&str>) -> Result<StoreSetting> {
+    if let Some(flag) = flag {
+        return StoreSetting::parse(flag, "--store");
+    }
+    if let Ok(env) = std::env::var("TETHER_STORE") {
+        return StoreSetting::parse(&env, "TETHER_STORE");
+    }
+    file.map_or(Ok(StoreSetting::Sqlite), |file| StoreSetting::parse(file, "tether.toml: store"))
 }
 
 /// `ciphers = [...]` of tether.toml: names (OpenSSL's, or the LwM2M lists') of suites tether
@@ -451,39 +476,6 @@ impl DataDirLock {
     }
 }
 
-/// Says what opening the stores found: a server that was not shut down (a crash, `kill -9`),
-/// and a session store put back from an older copy (whose sessions were dropped).
-fn report_opened(
-    registrations: &Path,
-    opened: &tether::store::OpenReport,
-    sessions: &Path,
-    sessions_opened: &tether::store::SessionsOpened,
-) {
-    for (file, unclean) in [(registrations, opened.unclean), (sessions, sessions_opened.store.unclean)] {
-        if unclean {
-            tracing::warn!(
-                file = %file.display(),
-                "not closed cleanly: the server stopped without shutting down (a crash, kill -9, power loss); \
-                 SQLite recovered every committed write from its write-ahead log"
-            );
-        }
-    }
-    if let Some(rolled_back) = sessions_opened.rolled_back {
-        tracing::warn!(
-            file = %sessions.display(),
-            database_generation = rolled_back.database,
-            marker_generation = rolled_back.marker,
-            "the session store is older than its generation marker: it was put back from a copy; its sessions are \
-             ended rather than reuse their sequence numbers (each device is told and handshakes once)"
-        );
-        say!(
-            "tether serve: {} was put back from an older copy: its sessions are ended, not restored (each device \
-             handshakes once); see README.md, \"Backup and restore\"",
-            sessions.display()
-        );
-    }
-}
-
 /// Runs the server until SIGINT or SIGTERM; then closes every session (close_notify) and
 /// returns.
 pub async fn run(settings: Settings) -> Result<()> {
@@ -510,20 +502,20 @@ pub async fn run(settings: Settings) -> Result<()> {
     if let Err(err) = rlimit::increase_nofile_limit(u64::MAX) {
         tracing::warn!(%err, "could not raise the open-file limit");
     }
-    let db = settings.data_dir.join("registrations.db");
-    let store: Arc<dyn RegistrationStore> =
-        Arc::new(SqliteRegistrations::open(&db).with_context(|| format!("cannot open {}", db.display()))?);
-    let sessions_db = settings.data_dir.join("sessions.db");
-    let sessions: Arc<dyn SessionStore> =
-        Arc::new(SqliteSessions::open(&sessions_db).with_context(|| format!("cannot open {}", sessions_db.display()))?);
+    let stores = crate::stores::open(&settings.store, &settings.data_dir).await?;
+    let sessions = Arc::clone(&stores.sessions);
     let stored_sessions = sessions.count().await?;
-    report_opened(&db, store.opened(), &sessions_db, sessions.opened());
     let mut dtls_config = DtlsServerConfig::default().session_store(sessions);
     dtls_config.endpoint = settings.limits.endpoint(dtls_config.endpoint);
     dtls_config.pool.capacity = settings.limits.max_sessions;
     let dtls = Arc::new(DtlsServer::bind(settings.coaps, context, dtls_config).await?);
-    let lwm2m =
-        Lwm2mServer::start(Arc::clone(&dtls), Arc::new(authorizer), Some(store), Lwm2mServerConfig::default()).await?;
+    let lwm2m = Lwm2mServer::start(
+        Arc::clone(&dtls),
+        Arc::new(authorizer),
+        Some(stores.registrations),
+        Lwm2mServerConfig::default(),
+    )
+    .await?;
     let listener = tokio::net::TcpListener::bind(settings.http)
         .await
         .with_context(|| format!("cannot listen for HTTP on {}", settings.http))?;
@@ -532,6 +524,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         coaps = %dtls.local_addr(),
         http = %listener.local_addr()?,
         data_dir = %settings.data_dir.display(),
+        store = %stores.sessions_at,
         psk_identities = settings.psk.len(),
         x509 = x509_configured,
         development_psk = settings.development_psk,
@@ -564,11 +557,8 @@ pub async fn run(settings: Settings) -> Result<()> {
         }
     };
     say!("tether serve: web UI on http://{http}/ ; REST API on http://{http}/api/clients, metrics on /metrics");
-    say!("tether serve: registrations in {} ({restored} restored)", db.display());
-    say!(
-        "tether serve: DTLS sessions in {} (mode 0600; {stored_sessions} restored, no handshake needed)",
-        sessions_db.display()
-    );
+    say!("tether serve: registrations in {} ({restored} restored)", stores.registrations_at);
+    say!("tether serve: DTLS sessions in {} ({stored_sessions} restored, no handshake needed)", stores.sessions_at);
     if settings.development_psk {
         say!(
             "tether serve: development PSK entry: identity {DEV_IDENTITY:?} may register endpoint {DEV_ENDPOINT:?}; \
@@ -665,6 +655,7 @@ mod tests {
             coaps: None,
             http: None,
             data_dir: None,
+            store: None,
             // A file that exists and is empty: no tether.toml of the working directory.
             config: Some(PathBuf::from("/dev/null")),
             security,
@@ -685,6 +676,19 @@ mod tests {
         let err = format!("{:#}", Settings::resolve(&open).unwrap_err());
         assert!(err.contains("refusing to serve the REST API on 0.0.0.0:8080 without authentication"), "{err}");
         assert!(matches!(Settings::resolve(&args(None, &[])).unwrap().api, ApiAuth::DataDirToken));
+    }
+
+    #[test]
+    fn the_store_is_sqlite_unless_a_postgres_url_is_given_and_anything_else_is_named() {
+        assert_eq!(store_setting(None, None).unwrap(), StoreSetting::Sqlite);
+        assert_eq!(store_setting(Some("sqlite"), None).unwrap(), StoreSetting::Sqlite);
+        let url = "postgres://tether:secret@db:5432/tether";
+        assert_eq!(store_setting(None, Some(url)).unwrap(), StoreSetting::Postgres(url.into()));
+        assert_eq!(store_setting(Some("sqlite"), Some(url)).unwrap(), StoreSetting::Sqlite, "the flag wins");
+        let err = format!("{:#}", store_setting(None, Some("mysql://root:secret@db/tether")).unwrap_err());
+        assert!(err.contains("tether.toml: store") && err.contains("\"mysql\""), "{err}");
+        assert!(!err.contains("secret"), "the URL's password is never repeated: {err}");
+        assert!(!format!("{:?}", StoreSetting::Postgres(url.into())).contains("secret"));
     }
 
     #[test]

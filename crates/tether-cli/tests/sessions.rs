@@ -5,8 +5,11 @@
 //!   registration follows it; a forged or replayed record from a new address moves nothing;
 //! - `tether serve` killed with SIGKILL under 200 devices and started again serves every
 //!   device over its old session: each device's next Update and a REST read succeed with no
-//!   new handshake, and no record sequence number (AEAD nonce) is used twice.
+//!   new handshake, and no record sequence number (AEAD nonce) is used twice; on the SQLite
+//!   default and on PostgreSQL (`--store`, the server `TETHER_TEST_POSTGRES` names).
 
+#[path = "../../tether/tests/support/postgres.rs"]
+mod postgres;
 #[path = "../../tether/tests/support/proxy.rs"]
 mod proxy;
 mod support;
@@ -100,11 +103,27 @@ async fn a_device_with_a_connection_id_keeps_one_session_while_its_port_changes_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_and_restart_under_200_devices_costs_no_handshake_and_reuses_no_sequence_number() {
+    sigkill_and_restart(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_and_restart_on_postgres_costs_no_handshake_and_reuses_no_sequence_number() {
+    let Some(db) = postgres::TestDatabase::create("serve_kill").await else { return };
+    sigkill_and_restart(Some(&db.url)).await;
+    db.drop_database().await;
+}
+
+/// The scenario on SQLite (`store` `None`) or on the PostgreSQL database at `store`.
+async fn sigkill_and_restart(store: Option<&str>) {
     const DEVICES: usize = 200;
-    let data = data_dir("kill");
+    let data = data_dir(if store.is_some() { "kill-postgres" } else { "kill" });
     let security = Fleet::security_file(&data, "s", DEVICES);
-    let security_flag = ["--security", security.to_str().unwrap()];
-    let server = Server::start_with(&data, &security_flag);
+    let mut flags = vec!["--security", security.to_str().unwrap()];
+    if let Some(url) = store {
+        flags.extend(["--store", url]);
+    }
+    let security_flag = &flags[..];
+    let server = Server::start_with(&data, security_flag);
     let coaps = server.coaps.to_string();
     let behaviour = Behaviour { capture: true };
     let proxy = Proxy::start_with(server.coaps, Impairment::none(), behaviour).await;
@@ -119,7 +138,8 @@ async fn sigkill_and_restart_under_200_devices_costs_no_handshake_and_reuses_no_
     assert_eq!(pool["handshakes_total"].as_u64(), Some(DEVICES as u64), "{pool}");
     let before = proxy.captured().len();
     // The session store holds keys: readable by the server's user only, WAL files included.
-    for file in ["sessions.db", "sessions.db-wal", "sessions.db-shm"] {
+    let files = if store.is_some() { &[][..] } else { &["sessions.db", "sessions.db-wal", "sessions.db-shm"][..] };
+    for file in files {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(data.join(file)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{file} has mode {mode:o}");
@@ -127,7 +147,7 @@ async fn sigkill_and_restart_under_200_devices_costs_no_handshake_and_reuses_no_
 
     server.sigkill();
     let killed = Instant::now();
-    let server = Server::start_on(&coaps, &data, &security_flag);
+    let server = Server::start_on(&coaps, &data, security_flag);
     let (_, pool) = http(server.http, "GET", "/api/pool", None).await;
     assert_eq!(pool["sessions"].as_u64(), Some(DEVICES as u64), "every session restored: {pool}");
     assert_eq!(pool["dtls"]["sessions_restored"].as_u64(), Some(DEVICES as u64), "{pool}");
@@ -160,16 +180,18 @@ async fn sigkill_and_restart_under_200_devices_costs_no_handshake_and_reuses_no_
     assert!(captured.len() > before, "traffic after the restart");
     let records = assert_unique_nonces(&captured);
     let report = format!(
-        "SIGKILL + restart under {DEVICES} tether devices: {} sessions restored, every device updated {:.1} s \
+        "SIGKILL + restart under {DEVICES} tether devices ({}): {} sessions restored, every device updated {:.1} s \
          after the kill, {DEVICES}/{DEVICES} REST reads answered, 0 handshakes; {records} protected records \
          ({} datagrams, {} after the restart) checked: no sequence number used twice\n",
+        if store.is_some() { "PostgreSQL" } else { "SQLite" },
         pool["sessions"],
         updated_after.as_secs_f64(),
         captured.len(),
         captured.len() - before
     );
     let _ = std::fs::create_dir_all("../../target/reports");
-    let _ = std::fs::write("../../target/reports/sessions_restart.txt", &report);
+    let name = if store.is_some() { "sessions_restart_postgres.txt" } else { "sessions_restart.txt" };
+    let _ = std::fs::write(format!("../../target/reports/{name}"), &report);
     print!("{report}");
     drop(server);
     let _ = std::fs::remove_dir_all(&data);

@@ -1,6 +1,9 @@
 //! The stores behind their interfaces: one suite, run against every backend there is.
-//! SQLite (files in a temporary directory) always.
+//! SQLite (files in a temporary directory) always; PostgreSQL on the server that
+//! `TETHER_TEST_POSTGRES` names (a database of its own per test; required in CI).
 
+#[path = "support/postgres.rs"]
+mod postgres;
 mod support;
 
 use std::net::SocketAddr;
@@ -8,9 +11,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use postgres::TestDatabase;
 use support::{client_context, server_context};
 use tether::store::{
-    RegistrationStore, RegistrationWrite, SessionStore, SessionWrite, SqliteRegistrations, SqliteSessions,
+    PostgresStore, RegistrationStore, RegistrationWrite, SessionStore, SessionWrite, SqliteRegistrations,
+    SqliteSessions,
 };
 use tether_coap::registration::{Binding, Lifetime, Links, Registration};
 use tether_proto::dtls::{Endpoint, EndpointConfig, EndpointEvent, Session, SessionHandle, SessionSnapshot};
@@ -176,4 +181,135 @@ async fn a_damaged_sqlite_file_is_refused_and_a_killed_one_is_named() {
     let err = SqliteRegistrations::open(&registrations).unwrap_err().to_string();
     assert!(err.contains("is damaged") && err.contains("restore it from a backup"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn postgres_registrations() {
+    let Some(db) = TestDatabase::create("registrations").await else { return };
+    let store = PostgresStore::connect(&db.url, 0, None).await.unwrap();
+    registrations_round_trip_and_removal_keeps_newer_ones(&store).await;
+    // A registration ID moves with its endpoint: a stale row holding it gives way.
+    let now = Instant::now();
+    let store: &dyn RegistrationStore = &store;
+    store.apply(vec![RegistrationWrite::Save(Box::new(registration("urn:dev:1", "same", now)))], now).await.unwrap();
+    store.apply(vec![RegistrationWrite::Save(Box::new(registration("urn:dev:2", "same", now)))], now).await.unwrap();
+    let loaded = store.load(now).await.unwrap();
+    assert_eq!(loaded.iter().map(|r| r.endpoint.as_str()).collect::<Vec<_>>(), ["urn:dev:2"]);
+    db.drop_database().await;
+}
+
+#[tokio::test]
+async fn postgres_sessions() {
+    let Some(db) = TestDatabase::create("sessions").await else { return };
+    let store = PostgresStore::connect(&db.url, 0, None).await.unwrap();
+    sessions_are_stored_checkpointed_and_deleted(&store).await;
+    drop(store);
+    db.drop_database().await;
+}
+
+/// Nodes share the database, never each other's sessions: a node loads, checkpoints and
+/// deletes its own only, an insert never takes another node's row, and one node id is held
+/// by one server at a time.
+#[tokio::test]
+async fn postgres_nodes_keep_to_their_own_sessions() {
+    let Some(db) = TestDatabase::create("nodes").await else { return };
+    let (one, two) = tokio::join!(PostgresStore::connect(&db.url, 1, None), PostgresStore::connect(&db.url, 2, None));
+    let (one, two) = (one.unwrap(), two.unwrap());
+    let snapshot = snapshot();
+    let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+    let insert = |handle| SessionWrite::Insert { handle, peer, snapshot: Box::new(snapshot.clone()) };
+    SessionStore::apply(&one, vec![insert(SessionHandle(1))]).await.unwrap();
+    SessionStore::apply(&two, vec![insert(SessionHandle(2))]).await.unwrap();
+    assert_eq!(
+        SessionStore::load(&one).await.unwrap().iter().map(|s| s.handle).collect::<Vec<_>>(),
+        [SessionHandle(1)]
+    );
+    assert_eq!(
+        SessionStore::load(&two).await.unwrap().iter().map(|s| s.handle).collect::<Vec<_>>(),
+        [SessionHandle(2)]
+    );
+
+    let err = SessionStore::apply(&two, vec![insert(SessionHandle(1))]).await.unwrap_err().to_string();
+    assert!(err.contains("session #1 belongs to another node"), "{err}");
+    let checkpoint = tether_proto::dtls::Checkpoint {
+        handle: SessionHandle(1),
+        peer: "127.0.0.1:7000".parse().unwrap(),
+        write_limit: u64::MAX >> 20,
+        replay_window: (99, 1),
+    };
+    let foreign = vec![SessionWrite::Checkpoint(checkpoint), SessionWrite::Delete(SessionHandle(1))];
+    SessionStore::apply(&two, foreign).await.unwrap();
+    let kept = SessionStore::load(&one).await.unwrap();
+    assert_eq!((kept.len(), kept[0].peer), (1, peer), "node 2 changed nothing of node 1's session");
+    assert_eq!(kept[0].snapshot.write_limit(), snapshot.write_limit());
+
+    let err = PostgresStore::connect(&db.url, 1, None).await.unwrap_err().to_string();
+    assert!(err.contains("node 1 is in use by another tether serve"), "{err}");
+    drop(one);
+    // The lock goes with its connection; the server notices the close at once or nearly.
+    let again = postgres::retry(Duration::from_secs(10), || PostgresStore::connect(&db.url, 1, None)).await;
+    assert_eq!(SessionStore::count(&again).await.unwrap(), 1, "node 1's session is there for it");
+    drop((again, two));
+    db.drop_database().await;
+}
+
+/// A database put back from an older copy (a restore, here a real copy of the database
+/// made with `CREATE DATABASE … TEMPLATE`) is older than the node's generation marker: its
+/// sessions are not restored.
+#[tokio::test]
+async fn a_postgres_database_put_back_from_an_older_copy_is_detected() {
+    let Some(db) = TestDatabase::create("rollback").await else { return };
+    let data = dir("postgres-rollback");
+    let store = PostgresStore::connect(&db.url, 3, Some(&data)).await.unwrap();
+    assert_eq!(SessionStore::opened(&store).rolled_back, None);
+    SessionStore::apply(&store, vec![SessionWrite::Delete(SessionHandle(1))]).await.unwrap();
+    drop(store);
+    let admin = db.admin().await;
+    let copy = format!("{}_copy", db.name);
+    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {copy}")).await.unwrap();
+    let copy_sql = format!("CREATE DATABASE {copy} TEMPLATE {}", db.name);
+    // The template may not have connections: the store's close reaches the server soon.
+    postgres::retry(Duration::from_secs(10), || admin.batch_execute(&copy_sql)).await;
+
+    let store = PostgresStore::connect(&db.url, 3, Some(&data)).await.unwrap();
+    assert_eq!(SessionStore::opened(&store).rolled_back, None, "reopened as it was left");
+    SessionStore::apply(&store, vec![SessionWrite::Delete(SessionHandle(2))]).await.unwrap();
+    drop(store);
+    let restored = PostgresStore::connect(&db.url_of(&copy), 3, Some(&data)).await.unwrap();
+    let rolled_back = SessionStore::opened(&restored).rolled_back.expect("the copy is older than the marker");
+    assert!(rolled_back.database < rolled_back.marker, "{rolled_back:?}");
+    drop(restored);
+    let again = PostgresStore::connect(&db.url_of(&copy), 3, Some(&data)).await.unwrap();
+    assert_eq!(SessionStore::opened(&again).rolled_back, None, "the store goes on from there");
+    drop(again);
+    admin.batch_execute(&format!("DROP DATABASE {copy} WITH (FORCE)")).await.unwrap();
+    db.drop_database().await;
+    let _ = std::fs::remove_dir_all(&data);
+}
+
+/// Nodes that start together migrate the schema once; a schema newer than the node knows,
+/// a URL that does not parse and a server that is not there are refused with what is wrong.
+#[tokio::test]
+async fn postgres_schema_and_connection_errors_say_what_is_wrong() {
+    let Some(db) = TestDatabase::create("schema").await else { return };
+    let starts = futures::future::join_all((10..14).map(|node| PostgresStore::connect(&db.url, node, None))).await;
+    assert!(starts.iter().all(Result::is_ok), "{starts:?}");
+    drop(starts);
+    let client = db.client().await;
+    client.batch_execute("UPDATE tether_schema SET version = version + 1").await.unwrap();
+    let err = PostgresStore::connect(&db.url, 0, None).await.unwrap_err().to_string();
+    assert!(err.contains("written by a newer tether"), "{err}");
+    drop(client);
+
+    let err = PostgresStore::connect("postgres://tether@127.0.0.1:5432/x?sslmode=sometimes", 0, None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("the store URL is not valid"), "{err}");
+    // Nothing listens on port 1 of loopback.
+    let started = Instant::now();
+    let err = PostgresStore::connect("postgres://tether@127.0.0.1:1/tether", 0, None).await.unwrap_err().to_string();
+    assert!(err.starts_with("postgresql: ") && err.to_lowercase().contains("connect"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(30), "refused, not hung");
+    db.drop_database().await;
 }

@@ -1,15 +1,19 @@
 //! Where a server keeps what must survive it: registrations, and its established DTLS
 //! sessions (snapshots, checkpoints, sequence reservations).
 //!
-//! Two interfaces, [`RegistrationStore`] and [`SessionStore`], each with an embedded SQLite
-//! backend (the default: files in the data directory). Both take writes in batches, one
+//! Two interfaces, [`RegistrationStore`] and [`SessionStore`], each with two backends:
+//! embedded SQLite (the default: files in the data directory) and PostgreSQL
+//! ([`PostgresStore`], the store a cluster's nodes share). Both take writes in batches, one
 //! durable transaction a batch, and answer with futures: the LwM2M and DTLS tasks hand a
 //! batch over and go on serving; the write's outcome comes back to them as an input, and
 //! nothing a batch holds is acknowledged to a device before it is durable.
 //!
 //! No backend's own types appear here: errors name the backend and keep its message.
 
+mod generation;
+mod postgres;
 mod sqlite;
+mod wall_clock;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -19,6 +23,7 @@ use std::time::Instant;
 use tether_coap::registration::Registration;
 use tether_proto::dtls::{Checkpoint, SessionHandle, SessionSnapshot};
 
+pub use postgres::PostgresStore;
 pub use sqlite::{SqliteRegistrations, SqliteSessions};
 
 /// A store's answer, to await.

@@ -8,7 +8,6 @@ mod sessions;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rusqlite::Connection;
 
@@ -95,19 +94,4 @@ fn migrate(db: &Connection, steps: &[&str]) -> Result<(), StoreError> {
         db.execute_batch(&format!("BEGIN; {step} PRAGMA user_version = {}; COMMIT;", i + 1))?;
     }
     Ok(())
-}
-
-fn now_unix_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
-/// The wall-clock time of `at`, given that `now` is the present.
-fn unix_ms(at: Instant, now: Instant) -> i64 {
-    now_unix_ms() - i64::try_from(now.saturating_duration_since(at).as_millis()).unwrap_or(i64::MAX / 2)
-}
-
-/// The instant of wall-clock time `unix_ms`, given that `now` is the present.
-fn instant(unix_ms: i64, now: Instant) -> Instant {
-    let ago = Duration::from_millis(u64::try_from(now_unix_ms() - unix_ms).unwrap_or(0));
-    now.checked_sub(ago).unwrap_or(now)
 }

@@ -9,7 +9,8 @@ use rusqlite::{params, Connection};
 use tether_coap::registration::{Binding, Lifetime, Links, Registration};
 use tether_proto::dtls::SessionHandle;
 
-use super::{blocking, instant, unix_ms, Shared};
+use super::{blocking, Shared};
+use crate::store::wall_clock::{instant, unix_ms};
 use crate::store::{OpenReport, RegistrationStore, RegistrationWrite, StoreError, StoreFuture};
 
 /// The schema, one step per version.

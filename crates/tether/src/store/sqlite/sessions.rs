@@ -28,7 +28,8 @@ use rusqlite::{params, Connection};
 use tether_proto::dtls::{SessionHandle, SessionSnapshot};
 
 use super::{blocking, Shared};
-use crate::store::{RolledBack, SessionStore, SessionWrite, SessionsOpened, StoreError, StoreFuture, StoredSession};
+use crate::store::generation::Marker;
+use crate::store::{SessionStore, SessionWrite, SessionsOpened, StoreError, StoreFuture, StoredSession};
 
 /// The schema, one step per version.
 const SCHEMA: &[&str] = &[
@@ -49,7 +50,7 @@ const SCHEMA: &[&str] = &[
 pub struct SqliteSessions {
     db: Shared,
     /// The generation marker beside the database (`None` in memory).
-    marker: Option<Arc<PathBuf>>,
+    marker: Option<Arc<Marker>>,
     opened: SessionsOpened,
 }
 
@@ -63,15 +64,10 @@ impl SqliteSessions {
         db.pragma_update(None, "secure_delete", "ON")?;
         let mut marker = path.as_os_str().to_owned();
         marker.push(".generation");
-        let marker = PathBuf::from(marker);
-        let written = read_marker(&marker).map_err(|e| StoreError::Io(marker.display().to_string(), e))?;
-        let database = generation(&mut db)?;
-        let rolled_back =
-            written.filter(|written| database < *written).map(|written| RolledBack { database, marker: written });
-        // Move both past anything written before, so the next comparison is fair.
-        let next = database.max(written.unwrap_or(0)) + 1;
+        let marker = Marker::at(PathBuf::from(marker));
+        let (rolled_back, next) = marker.compare(generation(&mut db)?)?;
         db.execute("UPDATE meta SET value = ?1 WHERE key = 'generation'", params![next as i64])?;
-        write_marker(&marker, next)?;
+        marker.write(next)?;
         Ok(Self {
             db: Arc::new(Mutex::new(db)),
             marker: Some(Arc::new(marker)),
@@ -114,7 +110,7 @@ fn generation(db: &mut Connection) -> Result<u64, StoreError> {
     Ok(u64::try_from(value).unwrap_or(0))
 }
 
-fn apply(db: &mut Connection, writes: &[SessionWrite], marker: Option<&PathBuf>) -> Result<(), StoreError> {
+fn apply(db: &mut Connection, writes: &[SessionWrite], marker: Option<&Marker>) -> Result<(), StoreError> {
     if writes.is_empty() {
         return Ok(());
     }
@@ -169,7 +165,7 @@ fn apply(db: &mut Connection, writes: &[SessionWrite], marker: Option<&PathBuf>)
     // After the commit: a crash in between leaves the database ahead of the marker, which
     // is no rollback.
     match marker {
-        Some(marker) => write_marker(marker, u64::try_from(generation).unwrap_or(0)),
+        Some(marker) => marker.write(u64::try_from(generation).unwrap_or(0)),
         None => Ok(()),
     }
 }
@@ -206,27 +202,4 @@ fn load(db: &mut Connection) -> Result<Vec<StoredSession>, StoreError> {
         db.execute("DELETE FROM sessions WHERE handle = ?1", params![handle])?;
     }
     Ok(sessions)
-}
-
-/// The generation in the marker file, if there is one.
-fn read_marker(marker: &Path) -> std::io::Result<Option<u64>> {
-    match std::fs::read_to_string(marker) {
-        Ok(text) => Ok(text.trim().parse().ok()),
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(err) => Err(err),
-    }
-}
-
-/// Writes the generation marker in place (one short fixed-width line, synced): it is never
-/// behind the database by more than a crash between the two writes, which reads as no
-/// rollback.
-fn write_marker(marker: &Path, generation: u64) -> Result<(), StoreError> {
-    use std::io::{Seek, Write};
-    use std::os::unix::fs::OpenOptionsExt;
-    let io = |e| StoreError::Io(marker.display().to_string(), e);
-    let mut file =
-        std::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(marker).map_err(io)?;
-    file.rewind().map_err(io)?;
-    writeln!(file, "{generation:020}").map_err(io)?;
-    file.sync_data().map_err(io)
 }
