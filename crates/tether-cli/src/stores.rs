@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use tether::store::{
     OpenReport, PostgresStore, RegistrationStore, SessionStore, SessionsOpened, SqliteRegistrations, SqliteSessions,
 };
+use tether_proto::dtls::NodeId;
 
 /// Which backend holds registrations and sessions.
 #[derive(Clone, PartialEq, Eq)]
@@ -77,7 +78,8 @@ pub async fn open(setting: &StoreSetting, data_dir: &Path) -> Result<Opened> {
             }
         }
         StoreSetting::Postgres(url) => {
-            let store = PostgresStore::connect(url, 0, Some(data_dir)).await.context("cannot open the store")?;
+            let store =
+                PostgresStore::connect(url, NodeId(0), Some(data_dir)).await.context("cannot open the store")?;
             let at = store.location().to_string();
             let store = Arc::new(store);
             Opened {

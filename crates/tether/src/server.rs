@@ -256,8 +256,12 @@ impl DtlsServer {
             .map_err(|source| ServerError::Bind { addr: std::net::SocketAddr::from(([0, 0, 0, 0], 0)), source })?;
         let now = clock::now();
         let mut endpoint_config = config.endpoint.clone();
-        if config.session_store.is_some() && endpoint_config.sequence_reservation.is_none() {
-            endpoint_config.sequence_reservation = Some(SEQUENCE_RESERVATION);
+        if let Some(store) = &config.session_store {
+            if endpoint_config.sequence_reservation.is_none() {
+                endpoint_config.sequence_reservation = Some(SEQUENCE_RESERVATION);
+            }
+            // Handles of this start never equal one stored before it.
+            endpoint_config.handles = store.opened().handles;
         }
         let endpoint = Endpoint::new(context, endpoint_config, now)?;
         let pool = PoolState::new(config.pool.clone(), now)?;

@@ -18,7 +18,7 @@ use tether::store::{
     SqliteSessions,
 };
 use tether_coap::registration::{Binding, Lifetime, Links, Registration};
-use tether_proto::dtls::{Endpoint, EndpointConfig, EndpointEvent, Session, SessionHandle, SessionSnapshot};
+use tether_proto::dtls::{Endpoint, EndpointConfig, EndpointEvent, NodeId, Session, SessionHandle, SessionSnapshot};
 
 fn dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("tether-store-{name}-{}", std::process::id()));
@@ -162,6 +162,26 @@ async fn an_sqlite_session_store_put_back_from_an_older_copy_is_detected() {
 }
 
 #[tokio::test]
+async fn every_open_of_a_session_store_is_a_new_start_of_its_node() {
+    let dir = dir("boots");
+    let path = dir.join("sessions.db");
+    let boots: Vec<_> = (0..3).map(|_| SqliteSessions::open(&path).unwrap().opened().handles).collect();
+    assert!(boots.iter().all(|h| h.node == NodeId(0)));
+    assert!(boots[0].boot < boots[1].boot && boots[1].boot < boots[2].boot, "{boots:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let Some(db) = TestDatabase::create("boots").await else { return };
+    let mut seen = Vec::new();
+    for node in [5, 5, 6] {
+        let store = PostgresStore::connect(&db.url, NodeId(node), None).await.unwrap();
+        seen.push(SessionStore::opened(&store).handles);
+    }
+    assert_eq!(seen.iter().map(|h| h.node).collect::<Vec<_>>(), [NodeId(5), NodeId(5), NodeId(6)]);
+    assert!(seen[0].boot < seen[1].boot, "{seen:?}");
+    db.drop_database().await;
+}
+
+#[tokio::test]
 async fn a_damaged_sqlite_file_is_refused_and_a_killed_one_is_named() {
     let dir = dir("damaged");
     let path = dir.join("sessions.db");
@@ -186,7 +206,7 @@ async fn a_damaged_sqlite_file_is_refused_and_a_killed_one_is_named() {
 #[tokio::test]
 async fn postgres_registrations() {
     let Some(db) = TestDatabase::create("registrations").await else { return };
-    let store = PostgresStore::connect(&db.url, 0, None).await.unwrap();
+    let store = PostgresStore::connect(&db.url, NodeId(0), None).await.unwrap();
     registrations_round_trip_and_removal_keeps_newer_ones(&store).await;
     // A registration ID moves with its endpoint: a stale row holding it gives way.
     let now = Instant::now();
@@ -201,7 +221,7 @@ async fn postgres_registrations() {
 #[tokio::test]
 async fn postgres_sessions() {
     let Some(db) = TestDatabase::create("sessions").await else { return };
-    let store = PostgresStore::connect(&db.url, 0, None).await.unwrap();
+    let store = PostgresStore::connect(&db.url, NodeId(0), None).await.unwrap();
     sessions_are_stored_checkpointed_and_deleted(&store).await;
     drop(store);
     db.drop_database().await;
@@ -213,7 +233,10 @@ async fn postgres_sessions() {
 #[tokio::test]
 async fn postgres_nodes_keep_to_their_own_sessions() {
     let Some(db) = TestDatabase::create("nodes").await else { return };
-    let (one, two) = tokio::join!(PostgresStore::connect(&db.url, 1, None), PostgresStore::connect(&db.url, 2, None));
+    let (one, two) = tokio::join!(
+        PostgresStore::connect(&db.url, NodeId(1), None),
+        PostgresStore::connect(&db.url, NodeId(2), None)
+    );
     let (one, two) = (one.unwrap(), two.unwrap());
     let snapshot = snapshot();
     let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
@@ -243,11 +266,11 @@ async fn postgres_nodes_keep_to_their_own_sessions() {
     assert_eq!((kept.len(), kept[0].peer), (1, peer), "node 2 changed nothing of node 1's session");
     assert_eq!(kept[0].snapshot.write_limit(), snapshot.write_limit());
 
-    let err = PostgresStore::connect(&db.url, 1, None).await.unwrap_err().to_string();
+    let err = PostgresStore::connect(&db.url, NodeId(1), None).await.unwrap_err().to_string();
     assert!(err.contains("node 1 is in use by another tether serve"), "{err}");
     drop(one);
     // The lock goes with its connection; the server notices the close at once or nearly.
-    let again = postgres::retry(Duration::from_secs(10), || PostgresStore::connect(&db.url, 1, None)).await;
+    let again = postgres::retry(Duration::from_secs(10), || PostgresStore::connect(&db.url, NodeId(1), None)).await;
     assert_eq!(SessionStore::count(&again).await.unwrap(), 1, "node 1's session is there for it");
     drop((again, two));
     db.drop_database().await;
@@ -260,7 +283,7 @@ async fn postgres_nodes_keep_to_their_own_sessions() {
 async fn a_postgres_database_put_back_from_an_older_copy_is_detected() {
     let Some(db) = TestDatabase::create("rollback").await else { return };
     let data = dir("postgres-rollback");
-    let store = PostgresStore::connect(&db.url, 3, Some(&data)).await.unwrap();
+    let store = PostgresStore::connect(&db.url, NodeId(3), Some(&data)).await.unwrap();
     assert_eq!(SessionStore::opened(&store).rolled_back, None);
     SessionStore::apply(&store, vec![SessionWrite::Delete(SessionHandle(1))]).await.unwrap();
     drop(store);
@@ -271,15 +294,15 @@ async fn a_postgres_database_put_back_from_an_older_copy_is_detected() {
     // The template may not have connections: the store's close reaches the server soon.
     postgres::retry(Duration::from_secs(10), || admin.batch_execute(&copy_sql)).await;
 
-    let store = PostgresStore::connect(&db.url, 3, Some(&data)).await.unwrap();
+    let store = PostgresStore::connect(&db.url, NodeId(3), Some(&data)).await.unwrap();
     assert_eq!(SessionStore::opened(&store).rolled_back, None, "reopened as it was left");
     SessionStore::apply(&store, vec![SessionWrite::Delete(SessionHandle(2))]).await.unwrap();
     drop(store);
-    let restored = PostgresStore::connect(&db.url_of(&copy), 3, Some(&data)).await.unwrap();
+    let restored = PostgresStore::connect(&db.url_of(&copy), NodeId(3), Some(&data)).await.unwrap();
     let rolled_back = SessionStore::opened(&restored).rolled_back.expect("the copy is older than the marker");
     assert!(rolled_back.database < rolled_back.marker, "{rolled_back:?}");
     drop(restored);
-    let again = PostgresStore::connect(&db.url_of(&copy), 3, Some(&data)).await.unwrap();
+    let again = PostgresStore::connect(&db.url_of(&copy), NodeId(3), Some(&data)).await.unwrap();
     assert_eq!(SessionStore::opened(&again).rolled_back, None, "the store goes on from there");
     drop(again);
     admin.batch_execute(&format!("DROP DATABASE {copy} WITH (FORCE)")).await.unwrap();
@@ -292,23 +315,31 @@ async fn a_postgres_database_put_back_from_an_older_copy_is_detected() {
 #[tokio::test]
 async fn postgres_schema_and_connection_errors_say_what_is_wrong() {
     let Some(db) = TestDatabase::create("schema").await else { return };
-    let starts = futures::future::join_all((10..14).map(|node| PostgresStore::connect(&db.url, node, None))).await;
+    let starts =
+        futures::future::join_all((10..14).map(|node| PostgresStore::connect(&db.url, NodeId(node), None))).await;
     assert!(starts.iter().all(Result::is_ok), "{starts:?}");
     drop(starts);
     let client = db.client().await;
+    // A database of an older tether (schema version 1, before start counts) is brought up to
+    // date, its rows kept.
+    client.batch_execute("ALTER TABLE nodes DROP COLUMN boots; UPDATE tether_schema SET version = 1").await.unwrap();
+    let store = PostgresStore::connect(&db.url, NodeId(20), None).await.unwrap();
+    assert_eq!(SessionStore::opened(&store).handles.boot, 1);
+    drop(store);
     client.batch_execute("UPDATE tether_schema SET version = version + 1").await.unwrap();
-    let err = PostgresStore::connect(&db.url, 0, None).await.unwrap_err().to_string();
+    let err = PostgresStore::connect(&db.url, NodeId(0), None).await.unwrap_err().to_string();
     assert!(err.contains("written by a newer tether"), "{err}");
     drop(client);
 
-    let err = PostgresStore::connect("postgres://tether@127.0.0.1:5432/x?sslmode=sometimes", 0, None)
+    let err = PostgresStore::connect("postgres://tether@127.0.0.1:5432/x?sslmode=sometimes", NodeId(0), None)
         .await
         .unwrap_err()
         .to_string();
     assert!(err.contains("the store URL is not valid"), "{err}");
     // Nothing listens on port 1 of loopback.
     let started = Instant::now();
-    let err = PostgresStore::connect("postgres://tether@127.0.0.1:1/tether", 0, None).await.unwrap_err().to_string();
+    let err =
+        PostgresStore::connect("postgres://tether@127.0.0.1:1/tether", NodeId(0), None).await.unwrap_err().to_string();
     assert!(err.starts_with("postgresql: ") && err.to_lowercase().contains("connect"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(30), "refused, not hung");
     db.drop_database().await;

@@ -8,6 +8,7 @@
 //! - [`DtlsContext`]: a compiled [`ClientConfig`] or [`ServerConfig`], shared by sessions.
 
 mod cbc;
+pub mod cid;
 mod config;
 mod cookie;
 mod endpoint;
@@ -24,14 +25,15 @@ mod resumption;
 mod session;
 mod snapshot;
 
+pub use cid::{CidGenerator, CidOwner, NodeCids, NodeId, RandomCids};
 pub use config::{
     CertifiedKey, CipherSuite, ClientAuth, ClientConfig, DtlsContext, PskKey, PskStore, RetransmitPolicy, Role,
     ServerConfig, SessionConfig, StaticPskStore,
 };
 pub use cookie::CookieKeys;
 pub use endpoint::{
-    Checkpoint, DropReason, Endpoint, EndpointConfig, EndpointEvent, EndpointStats, EndpointTransmit, RestoreError,
-    SessionHandle,
+    Checkpoint, DropReason, Endpoint, EndpointConfig, EndpointEvent, EndpointStats, EndpointTransmit, ForeignDatagram,
+    HandleSpace, RestoreError, SessionHandle,
 };
 pub use error::{AlertDescription, CloseReason, ConfigError, SendError};
 pub use session::{Event, PeerIdentity, SavedSession, Session, SessionStats, Transmit};

@@ -21,7 +21,7 @@ use std::pin::Pin;
 use std::time::Instant;
 
 use tether_coap::registration::Registration;
-use tether_proto::dtls::{Checkpoint, SessionHandle, SessionSnapshot};
+use tether_proto::dtls::{Checkpoint, HandleSpace, SessionHandle, SessionSnapshot};
 
 pub use postgres::PostgresStore;
 pub use sqlite::{SqliteRegistrations, SqliteSessions};
@@ -131,6 +131,9 @@ pub struct SessionsOpened {
     pub store: OpenReport,
     /// The store was put back from an older copy: its sessions must be ended, not restored.
     pub rolled_back: Option<RolledBack>,
+    /// Where this start's session handles come from: the store's node, and its start count
+    /// (counted up at every open), so no handle made now equals one stored before.
+    pub handles: HandleSpace,
 }
 
 /// A session store put back from an older copy: none of its sessions may be restored (they

@@ -22,7 +22,7 @@ use deadpool_postgres::{Manager, Pool, Runtime};
 use openssl::ssl::{SslConnector, SslMethod};
 use postgres_openssl::MakeTlsConnector;
 use tether_coap::registration::{Binding, Lifetime, Links, Registration};
-use tether_proto::dtls::{SessionHandle, SessionSnapshot};
+use tether_proto::dtls::{HandleSpace, NodeId, SessionHandle, SessionSnapshot};
 use tokio_postgres::config::SslMode;
 use tokio_postgres::NoTls;
 
@@ -43,7 +43,8 @@ const NODE_LOCK: i32 = 0x7e7e_0001;
 const POOL_WAIT: Duration = Duration::from_secs(30);
 
 /// The schema, one step per version.
-const SCHEMA: &[&str] = &["CREATE TABLE registrations (
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE registrations (
         endpoint TEXT PRIMARY KEY,
         id TEXT NOT NULL UNIQUE,
         identity TEXT NOT NULL,
@@ -70,7 +71,10 @@ const SCHEMA: &[&str] = &["CREATE TABLE registrations (
     CREATE TABLE nodes (
         node INTEGER PRIMARY KEY,
         generation BIGINT NOT NULL
-    );"];
+    );",
+    // How many times each node opened the store: the start count in its session handles.
+    "ALTER TABLE nodes ADD COLUMN boots BIGINT NOT NULL DEFAULT 0;",
+];
 
 impl From<tokio_postgres::Error> for StoreError {
     fn from(err: tokio_postgres::Error) -> Self {
@@ -120,7 +124,7 @@ fn describe(err: &tokio_postgres::Error) -> String {
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,
-    node: u16,
+    node: NodeId,
     /// Where the database is, without its password (for logs).
     location: Arc<str>,
     /// The connection that holds the node's advisory lock while the store is open.
@@ -140,10 +144,10 @@ impl PostgresStore {
     /// Connects to the database at `url` (`postgres://user:password@host:port/database`, or
     /// key=value pairs) as node `node`, brings its schema up to date, and compares the node's
     /// generation with the marker in `data_dir` (none with `None`).
-    pub async fn connect(url: &str, node: u16, data_dir: Option<&Path>) -> Result<Self, StoreError> {
+    pub async fn connect(url: &str, node: NodeId, data_dir: Option<&Path>) -> Result<Self, StoreError> {
         let (pool, location) = pool(url)?;
         migrate(&pool).await?;
-        let marker = data_dir.map(|dir| Arc::new(Marker::at(dir.join(format!("postgres-node-{node}.generation")))));
+        let marker = data_dir.map(|dir| Arc::new(Marker::at(dir.join(format!("postgres-node-{}.generation", node.0)))));
         let mut store =
             Self { pool, node, location: location.into(), node_lock: Arc::default(), marker, opened: Arc::default() };
         store.hold_node_lock().await?;
@@ -160,14 +164,16 @@ impl PostgresStore {
             return Ok(());
         }
         let client = self.pool.get().await?;
-        let taken: bool =
-            client.query_one("SELECT pg_try_advisory_lock($1, $2)", &[&NODE_LOCK, &i32::from(self.node)]).await?.get(0);
+        let taken: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1, $2)", &[&NODE_LOCK, &i32::from(self.node.0)])
+            .await?
+            .get(0);
         if !taken {
             return Err(StoreError::Backend {
                 backend: "postgresql",
                 message: format!(
                     "node {} is in use by another tether serve on this database (each server needs its own node)",
-                    self.node
+                    self.node.0
                 ),
             });
         }
@@ -182,7 +188,7 @@ impl PostgresStore {
     }
 
     /// The node whose sessions this store loads and writes.
-    pub fn node(&self) -> u16 {
+    pub fn node(&self) -> NodeId {
         self.node
     }
 
@@ -190,7 +196,7 @@ impl PostgresStore {
     /// anything written before.
     async fn open_generation(&self) -> Result<SessionsOpened, StoreError> {
         let client = self.pool.get().await?;
-        let node = i32::from(self.node);
+        let node = i32::from(self.node.0);
         client
             .execute("INSERT INTO nodes (node, generation) VALUES ($1, 0) ON CONFLICT (node) DO NOTHING", &[&node])
             .await?;
@@ -201,11 +207,18 @@ impl PostgresStore {
             None => (None, database + 1),
         };
         let stored = i64::try_from(next).unwrap_or(i64::MAX);
-        client.execute("UPDATE nodes SET generation = $2 WHERE node = $1", &[&node, &stored]).await?;
+        let boot: i64 = client
+            .query_one(
+                "UPDATE nodes SET generation = $2, boots = boots + 1 WHERE node = $1 RETURNING boots",
+                &[&node, &stored],
+            )
+            .await?
+            .get(0);
         if let Some(marker) = &self.marker {
             marker.write(next)?;
         }
-        Ok(SessionsOpened { store: OpenReport::default(), rolled_back })
+        let handles = HandleSpace { node: self.node, boot: u64::try_from(boot).unwrap_or(0) };
+        Ok(SessionsOpened { store: OpenReport::default(), rolled_back, handles })
     }
 }
 
@@ -398,7 +411,7 @@ impl SessionStore for PostgresStore {
                 return Ok(());
             }
             self.hold_node_lock().await?;
-            let node = i32::from(self.node);
+            let node = i32::from(self.node.0);
             let mut client = self.pool.get().await?;
             let tx = client.transaction().await?;
             let generation: i64 = tx
@@ -473,7 +486,7 @@ impl SessionStore for PostgresStore {
 
     fn load(&self) -> StoreFuture<'_, Vec<StoredSession>> {
         Box::pin(async move {
-            let node = i32::from(self.node);
+            let node = i32::from(self.node.0);
             let client = self.pool.get().await?;
             let rows = client
                 .query(
@@ -506,7 +519,7 @@ impl SessionStore for PostgresStore {
 
     fn count(&self) -> StoreFuture<'_, usize> {
         Box::pin(async move {
-            let node = i32::from(self.node);
+            let node = i32::from(self.node.0);
             let client = self.pool.get().await?;
             let count: i64 = client.query_one("SELECT COUNT(*) FROM sessions WHERE node = $1", &[&node]).await?.get(0);
             Ok(usize::try_from(count).unwrap_or(0))

@@ -74,8 +74,8 @@ impl Endpoint {
         }
         let cid = match snapshot.connection_id() {
             None => None,
-            Some(cid) if cid.len() == usize::from(self.config.connection_id_len) => {
-                let key = super::cid_key(cid);
+            Some(cid) if cid.len() == usize::from(self.config.cid_len()) => {
+                let key = crate::dtls::cid::cid_number(cid);
                 if self.cids.contains_key(&key) {
                     return Err(RestoreError::ConnectionId);
                 }
@@ -113,7 +113,9 @@ impl Endpoint {
                 self.drain(old);
             }
         }
-        self.next_handle = self.next_handle.max(handle.0 + 1);
+        if self.config.handles.holds(handle) {
+            self.next_handle = self.next_handle.max(handle.0 + 1);
+        }
         self.stats.sessions_restored += 1;
         self.mark_dirty(handle);
         self.checkpoint_urgent = true;

@@ -1,7 +1,10 @@
 //! The settings of an [`Endpoint`](super::Endpoint): limits, cookies, Connection IDs,
 //! sequence reservations.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::dtls::cid::{CidGenerator, RandomCids};
 
 /// Limits and cookie settings of an [`Endpoint`](super::Endpoint).
 #[derive(Debug, Clone)]
@@ -15,9 +18,9 @@ pub struct EndpointConfig {
     /// Seed of the cookie secrets and connection IDs: OS entropy in production, fixed in
     /// tests.
     pub cookie_seed: [u8; 32],
-    /// Length of the Connection IDs (RFC 9146) given to clients that offer the extension,
-    /// 1 to 8 bytes; 0 turns Connection IDs off. Default 6.
-    pub connection_id_len: u8,
+    /// Where the Connection IDs (RFC 9146) given to clients that offer the extension come
+    /// from; `None` turns Connection IDs off. Default: random, 6 bytes.
+    pub connection_ids: Option<Arc<dyn CidGenerator>>,
     /// Record sequence numbers reserved at a time for sessions whose state is persisted
     /// (see [`super::Endpoint::checkpoint`]); `None` (the default) when nothing is persisted and
     /// sequence numbers need no reservation.
@@ -38,6 +41,8 @@ pub struct EndpointConfig {
     /// Established sessions one identity holds at once; a new one beyond this closes that
     /// identity's oldest. Default 4.
     pub max_sessions_per_identity: usize,
+    /// Where session handles come from (see [`HandleSpace`](super::HandleSpace)).
+    pub handles: super::HandleSpace,
 }
 
 impl EndpointConfig {
@@ -48,20 +53,40 @@ impl EndpointConfig {
             max_handshakes: 1_000,
             cookie_rotation: Duration::from_secs(60),
             cookie_seed,
-            connection_id_len: 6,
+            connection_ids: Some(Arc::new(RandomCids::unchecked(6))),
             sequence_reservation: None,
             max_handshakes_per_address: 32,
             max_handshakes_per_network: 128,
             reserved_handshakes: 100,
             stalled_handshake_timeout: Duration::from_secs(10),
             max_sessions_per_identity: 4,
+            handles: super::HandleSpace::default(),
         }
     }
 
-    /// Sets the Connection ID length (0: off).
+    /// Random Connection IDs of `len` bytes, 1 to 8 (0: off). A length out of range is
+    /// refused by [`Endpoint::new`](super::Endpoint::new).
     pub fn connection_id_len(mut self, len: u8) -> Self {
-        self.connection_id_len = len;
+        self.connection_ids = (len > 0).then(|| Arc::new(RandomCids::unchecked(len)) as Arc<dyn CidGenerator>);
         self
+    }
+
+    /// Connection IDs from `generator` (in a cluster: [`NodeCids`](crate::dtls::NodeCids), which
+    /// name the node).
+    pub fn connection_ids(mut self, generator: Arc<dyn CidGenerator>) -> Self {
+        self.connection_ids = Some(generator);
+        self
+    }
+
+    /// Makes session handles in `space`.
+    pub fn handles(mut self, space: super::HandleSpace) -> Self {
+        self.handles = space;
+        self
+    }
+
+    /// The length of the Connection IDs issued (0: none).
+    pub fn cid_len(&self) -> u8 {
+        self.connection_ids.as_ref().map_or(0, |g| g.cid_len())
     }
 
     /// Reserves record sequence numbers `count` at a time, for persisted sessions.

@@ -11,6 +11,7 @@ use rand::RngCore;
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
+use super::cid::{cid_bytes, cid_number, CidOwner, NodeId, MAX_CID_LEN};
 use super::config::DtlsContext;
 use super::cookie::CookieKeys;
 use super::error::{CloseReason, ConfigError, SendError};
@@ -28,9 +29,49 @@ pub use config::EndpointConfig;
 pub use stats::{DropReason, EndpointStats};
 
 /// Names one session of an endpoint. Never reused, so a stale handle cannot reach a newer
-/// session of the same peer.
+/// session of the same peer; in a cluster, never made by two nodes.
+///
+/// Its bits: the node that made it (8), that node's start count (20, see [`HandleSpace`]),
+/// a counter (36: 68 billion sessions a start).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SessionHandle(pub u64);
+
+/// Bits of a [`SessionHandle`] that count within one start of one node.
+const HANDLE_COUNTER_BITS: u32 = 36;
+/// Bits of a [`SessionHandle`] that count the node's starts.
+const HANDLE_BOOT_BITS: u32 = 20;
+
+impl SessionHandle {
+    /// The node that made this handle (whoever holds the session now).
+    pub fn node(self) -> NodeId {
+        NodeId((self.0 >> (HANDLE_COUNTER_BITS + HANDLE_BOOT_BITS)) as u8)
+    }
+}
+
+/// Where an endpoint's session handles come from: the node that makes them and which of its
+/// starts this is. A store counts a node's starts, so handles made after a restart, or by
+/// another node, never equal one made before (a registration naming an old session never
+/// reaches a new one). Default: node 0, start 0 (nothing stored).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HandleSpace {
+    /// The node.
+    pub node: NodeId,
+    /// Its start count (the low 20 bits are used: a million starts before they repeat).
+    pub boot: u64,
+}
+
+impl HandleSpace {
+    /// The first handle of the space.
+    fn first(self) -> u64 {
+        let boot = self.boot & ((1 << HANDLE_BOOT_BITS) - 1);
+        (u64::from(self.node.0) << (HANDLE_COUNTER_BITS + HANDLE_BOOT_BITS)) | (boot << HANDLE_COUNTER_BITS) | 1
+    }
+
+    /// Whether `handle` was made in this space.
+    fn holds(self, handle: SessionHandle) -> bool {
+        handle.0 >> HANDLE_COUNTER_BITS == self.first() >> HANDLE_COUNTER_BITS
+    }
+}
 
 impl fmt::Display for SessionHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -46,6 +87,21 @@ pub struct EndpointTransmit {
     /// One whole datagram.
     pub contents: Vec<u8>,
 }
+
+/// A datagram for a session another node holds: its first record's Connection ID names
+/// `node`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForeignDatagram {
+    /// The node the Connection ID names.
+    pub node: NodeId,
+    /// Where the datagram came from (the peer's address, as this node saw it).
+    pub from: SocketAddr,
+    /// The whole datagram.
+    pub contents: Vec<u8>,
+}
+
+/// Datagrams for other nodes held until polled; beyond it they are dropped and counted.
+const MAX_FOREIGN_QUEUED: usize = 4096;
 
 /// Something that happened on the endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,6 +208,7 @@ pub struct Endpoint {
     next_handle: u64,
     handshakes: usize,
     transmits: VecDeque<EndpointTransmit>,
+    foreign: VecDeque<ForeignDatagram>,
     events: VecDeque<EndpointEvent>,
     stats: EndpointStats,
     /// Sessions to checkpoint, and whether one of them is about to run out of reserved
@@ -182,8 +239,8 @@ impl Endpoint {
         if config.cookie_rotation.is_zero() {
             return Err(ConfigError::InvalidDuration { name: "cookie_rotation", reason: "must be positive" });
         }
-        if config.connection_id_len > 8 {
-            return Err(ConfigError::InvalidConnectionId("an endpoint's connection ids are 0 to 8 bytes"));
+        if config.connection_ids.as_ref().is_some_and(|g| !(1..=MAX_CID_LEN).contains(&g.cid_len())) {
+            return Err(ConfigError::InvalidConnectionId("an endpoint's connection ids are 1 to 8 bytes (or off)"));
         }
         if config.max_handshakes == 0
             || config.max_handshakes_per_address == 0
@@ -214,6 +271,7 @@ impl Endpoint {
         let mut cid_seed = config.cookie_seed;
         cid_seed[0] ^= 0x5a;
         let cid_rng = ChaCha20Rng::from_seed(cid_seed);
+        let first_handle = config.handles.first();
         Ok(Self {
             context,
             config,
@@ -223,9 +281,10 @@ impl Endpoint {
             timers: BinaryHeap::new(),
             cids: HashMap::new(),
             cid_rng,
-            next_handle: 1,
+            next_handle: first_handle,
             handshakes: 0,
             transmits: VecDeque::new(),
+            foreign: VecDeque::new(),
             events: VecDeque::new(),
             stats: EndpointStats::default(),
             dirty: Vec::new(),
@@ -288,7 +347,7 @@ impl Endpoint {
             self.handle_cid_datagram(now, from, datagram);
             return;
         }
-        let cid_len = Some(usize::from(self.config.connection_id_len)).filter(|n| *n > 0);
+        let cid_len = Some(usize::from(self.config.cid_len())).filter(|n| *n > 0);
         let Some(epoch) = record::first_record_epoch_with_cid(datagram, cid_len) else {
             self.drop_datagram(DropReason::Malformed);
             return;
@@ -331,15 +390,26 @@ impl Endpoint {
 
     /// A datagram whose first record carries a Connection ID: routed by the CID, whatever
     /// its source address; if it authenticates as the session's newest record from a new
-    /// address, the session follows its peer there.
+    /// address, the session follows its peer there. A CID another node issued is handed out
+    /// ([`poll_foreign`](Self::poll_foreign)) for the cluster to forward.
     fn handle_cid_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
-        let cid_len = usize::from(self.config.connection_id_len);
-        let Some(cid) = record::leading_cid(datagram, cid_len).filter(|_| cid_len > 0) else {
+        let Some(generator) = self.config.connection_ids.as_ref() else {
             self.drop_datagram(DropReason::Malformed);
             return;
         };
-        let Some(handle) = self.cids.get(&cid_key(cid)).copied() else {
-            self.drop_datagram(DropReason::UnknownConnectionId);
+        let Some(cid) = record::leading_cid(datagram, usize::from(generator.cid_len())) else {
+            self.drop_datagram(DropReason::Malformed);
+            return;
+        };
+        let Some(handle) = self.cids.get(&cid_number(cid)).copied() else {
+            match generator.owner(cid) {
+                CidOwner::Node(node) if self.foreign.len() < MAX_FOREIGN_QUEUED => {
+                    self.stats.foreign_records += 1;
+                    self.foreign.push_back(ForeignDatagram { node, from, contents: datagram.to_vec() });
+                }
+                CidOwner::Node(_) => self.drop_datagram(DropReason::ForeignBacklog),
+                CidOwner::Local | CidOwner::Unknown => self.drop_datagram(DropReason::UnknownConnectionId),
+            }
             return;
         };
         let Some(entry) = self.sessions.get_mut(&handle) else {
@@ -425,7 +495,7 @@ impl Endpoint {
             return;
         }
         let cid = self.new_connection_id();
-        let cid_bytes = cid.map(|c| c.to_be_bytes()[8 - usize::from(self.config.connection_id_len)..].to_vec());
+        let cid_bytes = cid.map(|c| cid_bytes(c, self.config.cid_len()));
         let session =
             match Session::server_after_cookie(&self.context, now, datagram, hello.cookie, cid_bytes.as_deref()) {
                 Ok(session) => session,
@@ -434,6 +504,11 @@ impl Endpoint {
                     return;
                 }
             };
+        if !self.config.handles.holds(SessionHandle(self.next_handle)) {
+            // 2^36 sessions since this start: the space is spent until the node restarts.
+            self.drop_datagram(DropReason::SessionSetupFailed);
+            return;
+        }
         let handle = SessionHandle(self.next_handle);
         self.next_handle += 1;
         let client_random = RandomDigest::of(hello.random);
@@ -589,6 +664,12 @@ impl Endpoint {
         self.transmits.pop_front()
     }
 
+    /// The next datagram that arrived for a session of another node (its Connection ID
+    /// names that node), to forward there with the address it came from.
+    pub fn poll_foreign(&mut self) -> Option<ForeignDatagram> {
+        self.foreign.pop_front()
+    }
+
     /// The next event.
     pub fn poll_event(&mut self) -> Option<EndpointEvent> {
         self.events.pop_front()
@@ -628,12 +709,8 @@ impl Endpoint {
     /// [`CID_ATTEMPTS`] draws: with short IDs nearly all taken, the session goes without one
     /// (the client then works by address) rather than the endpoint searching forever.
     fn new_connection_id(&mut self) -> Option<u64> {
-        let len = u32::from(self.config.connection_id_len);
-        if len == 0 {
-            return None;
-        }
-        let mask = if len == 8 { u64::MAX } else { (1u64 << (8 * len)) - 1 };
-        (0..CID_ATTEMPTS).map(|_| self.cid_rng.next_u64() & mask).find(|cid| !self.cids.contains_key(cid))
+        let generator = self.config.connection_ids.as_ref()?;
+        (0..CID_ATTEMPTS).map(|_| generator.generate(self.cid_rng.next_u64())).find(|cid| !self.cids.contains_key(cid))
     }
 
     fn drop_datagram(&mut self, reason: DropReason) {
@@ -787,9 +864,4 @@ impl RandomDigest {
             acc.rotate_left(17) ^ u64::from_be_bytes(word)
         }))
     }
-}
-
-/// A Connection ID as a map key: its bytes as a big-endian number (at most 8 bytes).
-fn cid_key(cid: &[u8]) -> u64 {
-    cid.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
 }

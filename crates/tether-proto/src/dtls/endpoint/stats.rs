@@ -23,11 +23,13 @@ pub enum DropReason {
     /// A ClientHello with a valid cookie from an address or network that already has its
     /// share of handshakes in progress.
     SourceLimit,
+    /// A record for another node's session while too many wait to be forwarded.
+    ForeignBacklog,
 }
 
 impl DropReason {
     /// Every reason, for reports.
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 9] = [
         Self::Malformed,
         Self::UnknownPeer,
         Self::HandshakeLimit,
@@ -36,6 +38,7 @@ impl DropReason {
         Self::StaleClientHello,
         Self::UnknownConnectionId,
         Self::SourceLimit,
+        Self::ForeignBacklog,
     ];
 
     /// A short snake_case name for metrics.
@@ -49,6 +52,7 @@ impl DropReason {
             Self::StaleClientHello => "stale_client_hello",
             Self::UnknownConnectionId => "unknown_connection_id",
             Self::SourceLimit => "source_limit",
+            Self::ForeignBacklog => "foreign_backlog",
         }
     }
 
@@ -86,6 +90,8 @@ pub struct EndpointStats {
     /// Established sessions closed to make room (unused ones, when the table was full) or
     /// because their identity opened more than its share.
     pub sessions_evicted: u64,
+    /// Datagrams whose Connection ID names another node, handed out to be forwarded.
+    pub foreign_records: u64,
     pub(super) dropped: [u64; DropReason::ALL.len()],
 }
 

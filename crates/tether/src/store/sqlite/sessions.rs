@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{params, Connection};
-use tether_proto::dtls::{SessionHandle, SessionSnapshot};
+use tether_proto::dtls::{HandleSpace, NodeId, SessionHandle, SessionSnapshot};
 
 use super::{blocking, Shared};
 use crate::store::generation::Marker;
@@ -43,6 +43,8 @@ const SCHEMA: &[&str] = &[
     );",
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
      INSERT INTO meta (key, value) VALUES ('generation', 0);",
+    // How many times the store was opened: the start count in session handles.
+    "INSERT INTO meta (key, value) VALUES ('boots', 0);",
 ];
 
 /// Established sessions in an SQLite file. See the module docs.
@@ -67,11 +69,19 @@ impl SqliteSessions {
         let marker = Marker::at(PathBuf::from(marker));
         let (rolled_back, next) = marker.compare(generation(&mut db)?)?;
         db.execute("UPDATE meta SET value = ?1 WHERE key = 'generation'", params![next as i64])?;
+        let boot: i64 =
+            db.query_row("UPDATE meta SET value = value + 1 WHERE key = 'boots' RETURNING value", [], |row| {
+                row.get(0)
+            })?;
         marker.write(next)?;
         Ok(Self {
             db: Arc::new(Mutex::new(db)),
             marker: Some(Arc::new(marker)),
-            opened: SessionsOpened { store: crate::store::OpenReport { unclean }, rolled_back },
+            opened: SessionsOpened {
+                store: crate::store::OpenReport { unclean },
+                rolled_back,
+                handles: HandleSpace { node: NodeId(0), boot: u64::try_from(boot).unwrap_or(0) },
+            },
         })
     }
 
