@@ -339,6 +339,13 @@ impl Registry {
         self.insert(registration);
     }
 
+    /// Lets go of the registration bound to `session` without an event: another server (a
+    /// node of the same cluster) serves it now, and the stored registration is its own.
+    pub fn hand_over(&mut self, session: SessionHandle) -> Option<Registration> {
+        let endpoint = self.by_session.get(&session)?.clone();
+        self.remove(&endpoint)
+    }
+
     /// Handles a request on the registration interface from `origin`, and returns the
     /// response to send. Requests outside `/rd` get 4.04; a refused one is answered with its
     /// reason (4.00 and 4.03 carry it as text) and reported as [`RegistryEvent::Refused`].

@@ -18,7 +18,7 @@ use crate::client::sleep_until;
 use crate::clock;
 use crate::oplog::{DropSummary, LogBudget};
 use crate::socket::{Socket, SERVER_RECV_BUFFER};
-use crate::store::{SessionStore, SessionWrite, StoreError};
+use crate::store::{Applied, SessionStore, SessionWrite, StoreError};
 
 /// Settings of a [`DtlsServer`].
 #[derive(Debug, Clone)]
@@ -427,12 +427,12 @@ struct Actor {
 struct Writing {
     checkpoints: Vec<tether_proto::dtls::Checkpoint>,
     inserted: Vec<SessionHandle>,
-    outcome: oneshot::Receiver<Result<(), StoreError>>,
+    outcome: oneshot::Receiver<Result<Applied, StoreError>>,
 }
 
 impl Writing {
     /// The outcome of the batch in `writing` (which must hold one).
-    async fn outcome(writing: &mut Option<Writing>) -> Result<(), StoreError> {
+    async fn outcome(writing: &mut Option<Writing>) -> Result<Applied, StoreError> {
         match writing.as_mut() {
             Some(writing) => (&mut writing.outcome).await.unwrap_or(Err(StoreError::Interrupted)),
             None => std::future::pending().await,
@@ -599,10 +599,21 @@ impl Actor {
 
     /// The batch being written is stored, or failed: checkpointed sessions may use their new
     /// reservations, and the new sessions in it reach the application.
-    fn written(&mut self, outcome: Result<(), StoreError>) {
-        let Some(writing) = self.writing.take() else { return };
+    fn written(&mut self, outcome: Result<Applied, StoreError>) {
+        let Some(mut writing) = self.writing.take() else { return };
         match outcome {
-            Ok(()) => self.endpoint.checkpoint_written(&writing.checkpoints),
+            Ok(applied) if applied.fenced.is_empty() => self.endpoint.checkpoint_written(&writing.checkpoints),
+            Ok(applied) => {
+                // Another node adopted these sessions (this one was thought dead): they are
+                // its now, and nothing more is sent on them from here.
+                writing.checkpoints.retain(|c| !applied.fenced.contains(&c.handle));
+                self.endpoint.checkpoint_written(&writing.checkpoints);
+                tracing::warn!(sessions = applied.fenced.len(), "sessions adopted by another node: handed over");
+                let now = clock::now();
+                for handle in applied.fenced {
+                    self.endpoint.hand_over(now, handle);
+                }
+            }
             Err(err) => {
                 // Sessions keep their current reservations; once used up they wait.
                 self.store_failures += 1;

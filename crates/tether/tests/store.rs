@@ -14,11 +14,13 @@ use std::time::{Duration, Instant};
 use postgres::TestDatabase;
 use support::{client_context, server_context};
 use tether::store::{
-    PostgresStore, RegistrationStore, RegistrationWrite, SessionStore, SessionWrite, SqliteRegistrations,
-    SqliteSessions,
+    Membership, NodeAddresses, PostgresStore, RegistrationStore, RegistrationWrite, SessionStore, SessionWrite, Share,
+    SqliteRegistrations, SqliteSessions,
 };
 use tether_coap::registration::{Binding, Lifetime, Links, Registration};
-use tether_proto::dtls::{Endpoint, EndpointConfig, EndpointEvent, NodeId, Session, SessionHandle, SessionSnapshot};
+use tether_proto::dtls::{
+    ClientConfig, DtlsContext, Endpoint, EndpointConfig, EndpointEvent, NodeId, Session, SessionHandle, SessionSnapshot,
+};
 
 fn dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("tether-store-{name}-{}", std::process::id()));
@@ -46,10 +48,20 @@ fn registration(endpoint: &str, id: &str, now: Instant) -> Registration {
 
 /// An established server session's snapshot (a real handshake, in memory).
 fn snapshot() -> SessionSnapshot {
+    snapshot_of(&client_context())
+}
+
+/// The snapshot of a session of a client that asks for a Connection ID.
+fn snapshot_with_cid() -> SessionSnapshot {
+    let config = ClientConfig::psk(support::IDENTITY, support::key()).session(support::session());
+    snapshot_of(&DtlsContext::client(config.connection_id(Vec::new())).unwrap())
+}
+
+fn snapshot_of(client: &Arc<DtlsContext>) -> SessionSnapshot {
     let now = Instant::now();
     let config = EndpointConfig::new([3; 32]).sequence_reservation(1000);
     let mut endpoint = Endpoint::new(server_context(), config, now).unwrap();
-    let mut client = Session::client(&client_context(), now).unwrap();
+    let mut client = Session::client(client, now).unwrap();
     let at: SocketAddr = "127.0.0.1:5000".parse().unwrap();
     for _ in 0..20 {
         while let Some(datagram) = client.poll_transmit() {
@@ -322,7 +334,11 @@ async fn postgres_schema_and_connection_errors_say_what_is_wrong() {
     let client = db.client().await;
     // A database of an older tether (schema version 1, before start counts) is brought up to
     // date, its rows kept.
-    client.batch_execute("ALTER TABLE nodes DROP COLUMN boots; UPDATE tether_schema SET version = 1").await.unwrap();
+    let version_1 = "ALTER TABLE nodes DROP COLUMN boots, DROP COLUMN channel, DROP COLUMN http, DROP COLUMN lease_until;
+         ALTER TABLE sessions DROP COLUMN epoch, DROP COLUMN cid;
+         ALTER TABLE registrations DROP COLUMN node;
+         UPDATE tether_schema SET version = 1";
+    client.batch_execute(version_1).await.unwrap();
     let store = PostgresStore::connect(&db.url, NodeId(20), None).await.unwrap();
     assert_eq!(SessionStore::opened(&store).handles.boot, 1);
     drop(store);
@@ -342,5 +358,89 @@ async fn postgres_schema_and_connection_errors_say_what_is_wrong() {
         PostgresStore::connect("postgres://tether@127.0.0.1:1/tether", NodeId(0), None).await.unwrap_err().to_string();
     assert!(err.starts_with("postgresql: ") && err.to_lowercase().contains("connect"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(30), "refused, not hung");
+    db.drop_database().await;
+}
+
+/// A node that stops renewing loses its lease; the others adopt its sessions (each once,
+/// however many try at the same moment) with the registrations bound to them, from its
+/// last durable reservation on; its own checkpoints are refused from then on, and a restart
+/// of it owns nothing it lost.
+#[tokio::test]
+async fn postgres_leases_adoption_and_fencing() {
+    let Some(db) = TestDatabase::create("adoption").await else { return };
+    let lease = Duration::from_secs(2);
+    let addresses = |port| NodeAddresses {
+        channel: SocketAddr::from(([127, 0, 0, 1], port)),
+        http: SocketAddr::from(([127, 0, 0, 1], port + 1)),
+    };
+    let one = PostgresStore::connect(&db.url, NodeId(1), None).await.unwrap();
+    let two = PostgresStore::connect(&db.url, NodeId(2), None).await.unwrap();
+    let three = PostgresStore::connect(&db.url, NodeId(3), None).await.unwrap();
+    for (store, port) in [(&one, 7000), (&two, 7010), (&three, 7020)] {
+        store.join(addresses(port), Duration::from_secs(60)).await.unwrap();
+    }
+    let now = Instant::now();
+    let with_cid = snapshot_with_cid();
+    let cid = with_cid.connection_id().unwrap().to_vec();
+    let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+    let handles: Vec<_> = (1..=40).map(|i| SessionHandle((1 << 56) | i)).collect();
+    let mut writes: Vec<_> =
+        handles.iter().map(|&handle| SessionWrite::Insert { handle, peer, snapshot: Box::new(snapshot()) }).collect();
+    writes[0] = SessionWrite::Insert { handle: handles[0], peer, snapshot: Box::new(with_cid) };
+    SessionStore::apply(&one, writes).await.unwrap();
+    let mut registrations = Vec::new();
+    for (i, handle) in handles.iter().enumerate().take(10) {
+        let mut r = registration(&format!("urn:dev:{i}"), &format!("id{i}"), now);
+        r.session = Some(*handle);
+        registrations.push(RegistrationWrite::Save(Box::new(r)));
+    }
+    RegistrationStore::apply(&one, registrations, now).await.unwrap();
+    assert_eq!(one.holder_of(&cid).await.unwrap(), Some(NodeId(1)));
+
+    // While node 1's lease is current, nobody adopts anything of it.
+    one.join(addresses(7000), lease).await.unwrap();
+    let adopted = two.adopt(NodeId(1), Share { rank: 0, of: 1 }, now).await.unwrap();
+    assert!(adopted.sessions.is_empty() && adopted.registrations.is_empty());
+    assert!(one.renew(lease).await.unwrap());
+    tokio::time::sleep(lease + Duration::from_millis(500)).await;
+    let nodes = two.nodes().await.unwrap();
+    let alive: Vec<_> = nodes.iter().map(|n| (n.node, n.alive)).collect();
+    assert_eq!(alive, [(NodeId(1), false), (NodeId(2), true), (NodeId(3), true)]);
+    assert_eq!(nodes[0].addresses, Some(addresses(7000)));
+    assert_eq!((nodes[0].sessions, nodes[0].registrations), (40, 10));
+
+    // Two survivors adopt at once, each trying for all of it: every session goes to one.
+    let everything = Share { rank: 0, of: 1 };
+    let (a, b) = tokio::join!(two.adopt(NodeId(1), everything, now), three.adopt(NodeId(1), everything, now));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let mut adopted: Vec<_> = a.sessions.iter().chain(&b.sessions).map(|s| s.handle).collect();
+    adopted.sort();
+    assert_eq!(adopted, handles, "each session adopted exactly once");
+    assert_eq!(a.registrations.len() + b.registrations.len(), 10);
+    let from = a.sessions.iter().chain(&b.sessions).map(|s| s.snapshot.write_limit()).min().unwrap();
+    assert!(from >= snapshot().write_limit(), "the adopter starts at the last durable reservation");
+    assert_eq!(two.holder_of(&cid).await.unwrap().map(|n| n == NodeId(2) || n == NodeId(3)), Some(true));
+
+    // Node 1, paused through all of it, comes back: its lease is gone, its checkpoints and
+    // deletes change nothing.
+    assert!(!one.renew(lease).await.unwrap(), "a lease that ran out is not renewed");
+    let checkpoint =
+        tether_proto::dtls::Checkpoint { handle: handles[3], peer, write_limit: u64::MAX >> 20, replay_window: (1, 1) };
+    let applied =
+        SessionStore::apply(&one, vec![SessionWrite::Checkpoint(checkpoint), SessionWrite::Delete(handles[4])])
+            .await
+            .unwrap();
+    assert_eq!(applied.fenced, [handles[3]]);
+    let stays = RegistrationWrite::Remove { endpoint: "urn:dev:5".into(), id: "id5".into() };
+    RegistrationStore::apply(&one, vec![stays], now).await.unwrap();
+    let nodes = two.nodes().await.unwrap();
+    assert_eq!((nodes[0].sessions, nodes[0].registrations), (0, 0), "node 1 holds nothing");
+    assert_eq!(nodes[1].sessions + nodes[2].sessions, 40, "node 1's delete changed nothing");
+    assert_eq!(nodes[1].registrations + nodes[2].registrations, 10);
+    drop(one);
+    let restarted = postgres::retry(Duration::from_secs(10), || PostgresStore::connect(&db.url, NodeId(1), None)).await;
+    assert!(SessionStore::load(&restarted).await.unwrap().is_empty(), "a restart owns nothing it lost");
+    assert!(RegistrationStore::load(&restarted, now).await.unwrap().is_empty());
+    drop((two, three, restarted));
     db.drop_database().await;
 }

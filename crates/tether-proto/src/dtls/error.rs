@@ -123,6 +123,10 @@ pub enum CloseReason {
     /// sessions as it may.
     #[error("superseded by a newer session of the same identity")]
     Superseded,
+    /// Another node of the cluster holds the session now (it adopted it): this one forgot
+    /// it and sent nothing more on it.
+    #[error("handed over to another node")]
+    HandedOver,
     /// A fatal error on an established session, as OpenSSL reported it.
     #[error("protocol error: {0}")]
     Protocol(String),

@@ -12,7 +12,7 @@ use tether_coap::coap_lite::{CoapOption, MessageClass, Packet, ResponseType};
 use tether_coap::message::{CoapConfig, CoapEvent, IncomingRequest, MessageLayer, RequestFailure, Token};
 use tether_coap::packet::{decode_uint, encode_uint};
 use tether_coap::registration::{Binding, EndpointAuthorizer, Origin, Registration, Registry, RegistryEvent};
-use tether_proto::dtls::SessionHandle;
+use tether_proto::dtls::{CloseReason, SessionHandle};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::{
@@ -188,6 +188,13 @@ impl Actor {
                     if self.sessions.contains_key(&departed.handle) {
                         self.forget_session(departed.handle);
                         self.fail_pending(departed.handle);
+                        if departed.reason == DepartReason::Closed(CloseReason::HandedOver) {
+                            // Another node adopted the session, and its registration with it.
+                            if let Some(registration) = self.registry.hand_over(departed.handle) {
+                                self.acknowledged.remove(&registration.endpoint);
+                                tracing::info!(endpoint = %registration.endpoint, "registration handed over");
+                            }
+                        }
                         let reason = match &departed.reason {
                             DepartReason::Closed(reason) => reason.to_string(),
                             DepartReason::Expired => "idle timeout".to_string(),

@@ -11,6 +11,7 @@
 //! No backend's own types appear here: errors name the backend and keep its message.
 
 mod generation;
+mod membership;
 mod postgres;
 mod sqlite;
 mod wall_clock;
@@ -23,6 +24,7 @@ use std::time::Instant;
 use tether_coap::registration::Registration;
 use tether_proto::dtls::{Checkpoint, HandleSpace, SessionHandle, SessionSnapshot};
 
+pub use membership::{Adopted, Membership, NodeAddresses, NodeRecord, Share};
 pub use postgres::PostgresStore;
 pub use sqlite::{SqliteRegistrations, SqliteSessions};
 
@@ -113,6 +115,14 @@ pub enum SessionWrite {
     Delete(SessionHandle),
 }
 
+/// What a batch of session writes did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Sessions another node holds now: nothing of theirs was written, and this node must
+    /// not send on them again.
+    pub fenced: Vec<SessionHandle>,
+}
+
 /// A session loaded from the store.
 #[derive(Debug, Clone)]
 pub struct StoredSession {
@@ -151,8 +161,10 @@ pub struct RolledBack {
 /// checkpointed while it lives. A session only writes sequence numbers below a limit
 /// already stored (see `tether_proto::dtls::Checkpoint`).
 pub trait SessionStore: Send + Sync + std::fmt::Debug {
-    /// Applies `writes` in one durable transaction.
-    fn apply(&self, writes: Vec<SessionWrite>) -> StoreFuture<'_, ()>;
+    /// Applies `writes` in one durable transaction. Checkpoints of sessions this node no
+    /// longer holds (another node adopted them) change nothing and come back as
+    /// [`Applied::fenced`].
+    fn apply(&self, writes: Vec<SessionWrite>) -> StoreFuture<'_, Applied>;
 
     /// Every stored session, its last checkpoint applied. Records that no longer decode are
     /// deleted (their devices handshake again).

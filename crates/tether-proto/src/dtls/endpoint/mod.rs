@@ -651,6 +651,13 @@ impl Endpoint {
         self.drain(handle);
     }
 
+    /// Forgets session `handle` without sending anything more on it: another node holds it
+    /// now. It ends with [`CloseReason::HandedOver`].
+    pub fn hand_over(&mut self, now: Instant, handle: SessionHandle) {
+        self.last_now = now;
+        self.remove(handle, CloseReason::HandedOver);
+    }
+
     /// Closes every session, sending close_notify to each established peer.
     pub fn close_all(&mut self, now: Instant) {
         let handles: Vec<_> = self.sessions.keys().copied().collect();
@@ -836,8 +843,8 @@ impl Endpoint {
             }
         }
         // Tell the peer only about sessions it can still read; a replaced session's peer
-        // has moved on to the new one.
-        if reason != CloseReason::Replaced {
+        // has moved on to the new one, and a session handed over goes on at another node.
+        if !matches!(reason, CloseReason::Replaced | CloseReason::HandedOver) {
             let mut session = entry.session;
             while let Some(t) = session.poll_transmit() {
                 self.transmits.push_back(EndpointTransmit { destination: peer, contents: t.contents });

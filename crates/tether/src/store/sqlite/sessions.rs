@@ -29,7 +29,7 @@ use tether_proto::dtls::{HandleSpace, NodeId, SessionHandle, SessionSnapshot};
 
 use super::{blocking, Shared};
 use crate::store::generation::Marker;
-use crate::store::{SessionStore, SessionWrite, SessionsOpened, StoreError, StoreFuture, StoredSession};
+use crate::store::{Applied, SessionStore, SessionWrite, SessionsOpened, StoreError, StoreFuture, StoredSession};
 
 /// The schema, one step per version.
 const SCHEMA: &[&str] = &[
@@ -93,9 +93,12 @@ impl SqliteSessions {
 }
 
 impl SessionStore for SqliteSessions {
-    fn apply(&self, writes: Vec<SessionWrite>) -> StoreFuture<'_, ()> {
+    fn apply(&self, writes: Vec<SessionWrite>) -> StoreFuture<'_, Applied> {
         let marker = self.marker.clone();
-        Box::pin(blocking(&self.db, move |db| apply(db, &writes, marker.as_deref())))
+        // One server holds every session of the file: nothing is ever fenced.
+        Box::pin(async move {
+            blocking(&self.db, move |db| apply(db, &writes, marker.as_deref())).await.map(|()| Applied::default())
+        })
     }
 
     fn load(&self) -> StoreFuture<'_, Vec<StoredSession>> {
