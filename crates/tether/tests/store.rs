@@ -334,7 +334,8 @@ async fn postgres_schema_and_connection_errors_say_what_is_wrong() {
     let client = db.client().await;
     // A database of an older tether (schema version 1, before start counts) is brought up to
     // date, its rows kept.
-    let version_1 = "ALTER TABLE nodes DROP COLUMN boots, DROP COLUMN channel, DROP COLUMN http, DROP COLUMN lease_until;
+    let version_1 =
+        "ALTER TABLE nodes DROP COLUMN boots, DROP COLUMN channel, DROP COLUMN http, DROP COLUMN lease_until;
          ALTER TABLE sessions DROP COLUMN epoch, DROP COLUMN cid;
          ALTER TABLE registrations DROP COLUMN node;
          UPDATE tether_schema SET version = 1";
