@@ -218,6 +218,7 @@ impl DeviceArgs {
         client.jitter = if self.jitter { Jitter::Full } else { Jitter::None };
         client.rehandshake_after_idle = self.nat_timeout.map(Duration::from_secs_f64);
         client.send_interval = self.send_interval.map(Duration::from_secs_f64);
+        client.session_outlives_path = self.cid;
         client.seed = rand::random::<u64>() ^ i as u64;
         let mut config = Lwm2mDeviceConfig::new(client, server, context);
         config.resume = !self.no_resume;

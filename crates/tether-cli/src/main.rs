@@ -26,6 +26,7 @@ fn say_line(args: std::fmt::Arguments<'_>) {
 mod api;
 mod bench;
 mod bootstrap;
+mod cluster;
 mod demo;
 mod device;
 mod echo;

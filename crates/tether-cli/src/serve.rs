@@ -13,7 +13,9 @@ use serde::Deserialize;
 use tether::lwm2m::{EndpointBindings, Lwm2mServer, Lwm2mServerConfig};
 use tether::{DtlsServer, DtlsServerConfig};
 use tether_coap::model::Models;
-use tether_proto::dtls::{CipherSuite, ClientAuth, DtlsContext, PskKey, ServerConfig, SessionConfig, StaticPskStore};
+use tether_proto::dtls::{
+    CipherSuite, ClientAuth, DtlsContext, NodeCids, NodeId, PskKey, ServerConfig, SessionConfig, StaticPskStore,
+};
 
 /// The development PSK entry used when none is configured. Its key is public (README).
 pub const DEV_IDENTITY: &str = "identity";
@@ -69,6 +71,9 @@ pub struct ServeArgs {
     /// Serve the REST API and web UI without authentication: only on a loopback HTTP address.
     #[arg(long, conflicts_with = "api_token_file")]
     pub no_api_auth: bool,
+    /// A node of a cluster.
+    #[command(flatten)]
+    pub cluster: crate::cluster::ClusterArgs,
 }
 
 /// How log lines are written.
@@ -117,6 +122,9 @@ struct FileConfig {
     /// Limits (`[limits]`): what one source, one identity and all together may hold.
     #[serde(default)]
     limits: Limits,
+    /// `[cluster]`: this server as one node of several.
+    #[serde(default)]
+    cluster: crate::cluster::ClusterFile,
 }
 
 #[derive(Debug, Deserialize)]
@@ -172,6 +180,8 @@ pub struct Settings {
     pub data_dir: PathBuf,
     /// Where registrations and sessions are kept.
     pub store: StoreSetting,
+    /// This server as a node of a cluster, if it is one.
+    pub cluster: Option<crate::cluster::ClusterSettings>,
     /// PSK entries.
     pub psk: Vec<PskEntry>,
     /// Whether the development entry is in use.
@@ -252,6 +262,15 @@ impl Settings {
         }
         file.limits.validate()?;
         let http = args.http.or(file.http).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
+        let store = store_setting(args.store.as_deref(), file.store.as_deref())?;
+        let cluster = crate::cluster::ClusterSettings::resolve(&args.cluster, &file.cluster, http)?;
+        if let (Some(cluster), StoreSetting::Sqlite) = (&cluster, &store) {
+            bail!(
+                "--node {}: a cluster's nodes share one PostgreSQL database: give --store postgres://… (or \
+                 TETHER_STORE)",
+                cluster.node.0
+            );
+        }
         let api = if args.no_api_auth || file.api_auth == Some(false) {
             if !http.ip().is_loopback() {
                 bail!(
@@ -275,7 +294,8 @@ impl Settings {
             coaps: args.coaps.or(file.coaps).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 5684))),
             http,
             data_dir: args.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from("tether-data")),
-            store: store_setting(args.store.as_deref(), file.store.as_deref())?,
+            store,
+            cluster,
             psk: entries,
             development_psk,
             x509,
@@ -502,23 +522,38 @@ pub async fn run(settings: Settings) -> Result<()> {
     if let Err(err) = rlimit::increase_nofile_limit(u64::MAX) {
         tracing::warn!(%err, "could not raise the open-file limit");
     }
-    let stores = crate::stores::open(&settings.store, &settings.data_dir).await?;
+    let node = settings.cluster.as_ref().map_or(NodeId(0), |c| c.node);
+    let stores = crate::stores::open(&settings.store, &settings.data_dir, node).await?;
     let sessions = Arc::clone(&stores.sessions);
     let stored_sessions = sessions.count().await?;
     let mut dtls_config = DtlsServerConfig::default().session_store(sessions);
     dtls_config.endpoint = settings.limits.endpoint(dtls_config.endpoint);
     dtls_config.pool.capacity = settings.limits.max_sessions;
+    if let Some(cluster) = &settings.cluster {
+        // Connection IDs name this node, so any node can forward a record to its holder;
+        // unknown ones of this node's own may be held by a node that adopted them.
+        let cids = NodeCids::new(6, 0, cluster.node).context("connection ids")?;
+        dtls_config.endpoint = dtls_config.endpoint.connection_ids(Arc::new(cids));
+        dtls_config.endpoint.relay_unknown_own_ids = true;
+    }
     let dtls = Arc::new(DtlsServer::bind(settings.coaps, context, dtls_config).await?);
     let lwm2m = Lwm2mServer::start(
         Arc::clone(&dtls),
         Arc::new(authorizer),
-        Some(stores.registrations),
+        Some(Arc::clone(&stores.registrations)),
         Lwm2mServerConfig::default(),
     )
     .await?;
     let listener = tokio::net::TcpListener::bind(settings.http)
         .await
         .with_context(|| format!("cannot listen for HTTP on {}", settings.http))?;
+    let cluster = match (&settings.cluster, &stores.membership) {
+        (Some(cluster), Some(membership)) => {
+            let http = if settings.http.port() == 0 { listener.local_addr()? } else { cluster.advertise_http };
+            Some(crate::cluster::join(cluster, http, Arc::clone(membership), Arc::clone(&dtls), lwm2m.clone()).await?)
+        }
+        _ => None,
+    };
     let restored = lwm2m.registrations().await.len();
     tracing::info!(
         coaps = %dtls.local_addr(),
@@ -575,10 +610,19 @@ pub async fn run(settings: Settings) -> Result<()> {
     );
     inject_panic();
     return_freed_memory(Arc::clone(&dtls));
+    let (access, cluster_api) = match (&cluster, &settings.cluster, &stores.membership) {
+        (Some(cluster), Some(cluster_settings), Some(membership)) => {
+            let token = cluster_settings.node_api_token();
+            let api = crate::api::cluster::ClusterApi::new(cluster, Arc::clone(membership), &token);
+            (access.and_token(token), Some(api))
+        }
+        _ => (access, None),
+    };
     let api = crate::api::ApiSettings {
         access,
         hosts: crate::api::guard::Hosts::new(&settings.http_hosts),
         event_readers: settings.limits.event_readers,
+        cluster: cluster_api,
     };
     let app = crate::api::router(lwm2m.clone(), Arc::new(settings.models), api);
     let limits = crate::api::listener::HttpLimits {
@@ -587,6 +631,12 @@ pub async fn run(settings: Settings) -> Result<()> {
         header_timeout: std::time::Duration::from_secs_f64(settings.limits.http_header_timeout_s),
     };
     crate::api::listener::serve(listener, app, limits, shutdown_signal()).await?;
+    if let Some(cluster) = cluster {
+        tracing::info!("leaving the cluster: every session handed over to the other nodes");
+        say!("tether serve: leaving the cluster: sessions handed over, nothing closed");
+        cluster.leave().await;
+        return Ok(());
+    }
     tracing::info!("shutting down: close_notify to every device");
     say!("tether serve: shutting down: close_notify to every peer");
     dtls.shutdown().await;
@@ -664,6 +714,7 @@ mod tests {
             models: None,
             api_token_file: None,
             no_api_auth: false,
+            cluster: crate::cluster::ClusterArgs::default(),
         }
     }
 

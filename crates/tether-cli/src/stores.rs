@@ -57,11 +57,13 @@ pub struct Opened {
     pub registrations_at: String,
     /// Where sessions are, for the operator.
     pub sessions_at: String,
+    /// The cluster's membership (PostgreSQL only).
+    pub membership: Option<Arc<dyn tether::store::Membership>>,
 }
 
 /// Opens the stores `setting` names; `data_dir` holds the SQLite files, or the generation
 /// marker of a PostgreSQL node.
-pub async fn open(setting: &StoreSetting, data_dir: &Path) -> Result<Opened> {
+pub async fn open(setting: &StoreSetting, data_dir: &Path, node: NodeId) -> Result<Opened> {
     let opened = match setting {
         StoreSetting::Sqlite => {
             let db = data_dir.join("registrations.db");
@@ -75,18 +77,19 @@ pub async fn open(setting: &StoreSetting, data_dir: &Path) -> Result<Opened> {
                 sessions: Arc::new(sessions),
                 registrations_at: db.display().to_string(),
                 sessions_at: sessions_db.display().to_string(),
+                membership: None,
             }
         }
         StoreSetting::Postgres(url) => {
-            let store =
-                PostgresStore::connect(url, NodeId(0), Some(data_dir)).await.context("cannot open the store")?;
+            let store = PostgresStore::connect(url, node, Some(data_dir)).await.context("cannot open the store")?;
             let at = store.location().to_string();
             let store = Arc::new(store);
             Opened {
                 registrations: Arc::clone(&store) as Arc<dyn RegistrationStore>,
-                sessions: store,
+                sessions: Arc::clone(&store) as Arc<dyn SessionStore>,
                 registrations_at: at.clone(),
                 sessions_at: at,
+                membership: Some(store),
             }
         }
     };

@@ -6,40 +6,14 @@
 mod proxy;
 mod support;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use proxy::{Behaviour, Captured, Impairment, Proxy};
+use proxy::{assert_unique_nonces, Behaviour, Impairment, Proxy};
 use support::{data_dir, device_0, http, wait_for, wait_registered, Ended, Server, KEY};
-use tether_proto::dtls::record;
-
-/// Every protected record's explicit nonce (epoch, sequence number) is unique per client,
-/// direction and key; a ClientHello from a client starts a new key.
-fn assert_unique_nonces(captured: &[Captured]) -> usize {
-    let mut seen: HashMap<(SocketAddr, bool), HashSet<u64>> = HashMap::new();
-    let mut records = 0;
-    for c in captured {
-        if c.to_server && record::parse_client_hello(&c.datagram).is_some() {
-            seen.retain(|(client, _), _| *client != c.client); // a new handshake: new keys
-            continue;
-        }
-        let Some(parsed) = record::parse_records_with_cid(&c.datagram, Some(6)) else { continue };
-        for r in parsed.iter().filter(|r| r.epoch > 0) {
-            let nonce = u64::from_be_bytes(r.fragment[..8].try_into().unwrap());
-            records += 1;
-            assert!(
-                seen.entry((c.client, c.to_server)).or_default().insert(nonce),
-                "client {} ({}) reused sequence number {nonce:#x} under one key",
-                c.client,
-                if c.to_server { "to server" } else { "from server" }
-            );
-        }
-    }
-    records
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_store_put_back_from_a_backup_reuses_no_nonce() {

@@ -14,14 +14,13 @@ mod postgres;
 mod proxy;
 mod support;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use proxy::{Behaviour, Captured, Impairment, Proxy};
+use proxy::{assert_unique_nonces, Behaviour, Impairment, Proxy};
 use support::{http, wait_registered, Fleet, Server, KEY};
-use tether_proto::dtls::record;
 
 fn data_dir(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("tether-sessions-{name}-{}", std::process::id()));
@@ -179,6 +178,7 @@ async fn sigkill_and_restart(store: Option<&str>) {
     let captured = proxy.captured();
     assert!(captured.len() > before, "traffic after the restart");
     let records = assert_unique_nonces(&captured);
+    assert!(records > 1000, "{records} records checked");
     let report = format!(
         "SIGKILL + restart under {DEVICES} tether devices ({}): {} sessions restored, every device updated {:.1} s \
          after the kill, {DEVICES}/{DEVICES} REST reads answered, 0 handshakes; {records} protected records \
@@ -195,27 +195,4 @@ async fn sigkill_and_restart(store: Option<&str>) {
     print!("{report}");
     drop(server);
     let _ = std::fs::remove_dir_all(&data);
-}
-
-/// Every protected record's explicit nonce (epoch and sequence number) is unique per client
-/// and direction: under one key, a repeated nonce would break the AEAD.
-fn assert_unique_nonces(captured: &[Captured]) -> usize {
-    let mut seen: HashMap<(SocketAddr, bool), HashSet<u64>> = HashMap::new();
-    let mut records = 0;
-    for c in captured {
-        let Some(parsed) = record::parse_records_with_cid(&c.datagram, Some(6)) else { continue };
-        for r in parsed.iter().filter(|r| r.epoch > 0) {
-            let nonce = u64::from_be_bytes(r.fragment[..8].try_into().unwrap());
-            assert_eq!(nonce, r.epoch_and_sequence(), "tether's nonce is the epoch and sequence number");
-            records += 1;
-            assert!(
-                seen.entry((c.client, c.to_server)).or_default().insert(nonce),
-                "client {} ({}) reused sequence number {nonce:#x}",
-                c.client,
-                if c.to_server { "to server" } else { "from server" }
-            );
-        }
-    }
-    assert!(records > 1000, "{records} records checked");
-    records
 }

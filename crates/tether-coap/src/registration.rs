@@ -339,6 +339,18 @@ impl Registry {
         self.insert(registration);
     }
 
+    /// Whether a registration has location id `id`.
+    pub fn contains_id(&self, id: &str) -> bool {
+        self.by_id.contains_key(id)
+    }
+
+    /// Lets go of registration `id` without an event: another node of the same cluster
+    /// claimed it (its device moved there), and the stored registration is that node's.
+    pub fn release(&mut self, id: &str) -> Option<Registration> {
+        let endpoint = self.by_id.get(id)?.clone();
+        self.remove(&endpoint)
+    }
+
     /// Lets go of the registration bound to `session` without an event: another server (a
     /// node of the same cluster) serves it now, and the stored registration is its own.
     pub fn hand_over(&mut self, session: SessionHandle) -> Option<Registration> {

@@ -7,9 +7,11 @@
 //! - [`dtls`]: DTLS 1.2 sessions over OpenSSL and the many-peer server endpoint.
 //! - [`pool`]: the session pool policy (generations, idle expiry, LRU, statistics).
 //! - [`resilience`]: exponential backoff with jitter, and a circuit breaker.
+//! - [`cluster`]: the authenticated frames a cluster's nodes forward records in.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod cluster;
 pub mod dtls;
 pub mod pool;
 pub mod resilience;

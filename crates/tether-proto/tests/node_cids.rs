@@ -46,7 +46,7 @@ fn a_record_for_another_nodes_session_is_handed_out_for_it_and_served_there() {
     let moved: SocketAddr = "127.0.0.1:40001".parse().unwrap();
     two.handle(now, moved, &datagram);
     let forwarded = two.poll_foreign().expect("handed out for node 1");
-    assert_eq!(forwarded, ForeignDatagram { node: NodeId(1), from: moved, contents: datagram });
+    assert_eq!(forwarded, ForeignDatagram { node: NodeId(1), cid: cid.clone(), from: moved, contents: datagram });
     assert_eq!(two.poll_foreign(), None);
     assert_eq!(two.stats().foreign_records, 1);
     assert_eq!(two.stats().dropped_total(), 0);
@@ -87,6 +87,15 @@ fn unknown_ids_of_the_node_itself_or_of_no_layout_are_dropped() {
     // Node 2's layout: handed out (the owner authenticates it, or not).
     one.handle(now, addr(2), &record([0b000_00101, 2, 9, 9, 9, 9]));
     assert_eq!(one.poll_foreign().map(|f| f.node), Some(NodeId(2)));
+
+    // A node that may have had its sessions adopted hands its own unknown IDs out too.
+    let cids = NodeCids::new(6, 0, NodeId(1)).unwrap();
+    let mut config = EndpointConfig::new([1; 32]).connection_ids(Arc::new(cids));
+    config.handles = HandleSpace { node: NodeId(1), boot: 2 };
+    config.relay_unknown_own_ids = true;
+    let mut rejoined = Endpoint::new(psk_server(fast_session()), config, now).unwrap();
+    rejoined.handle(now, addr(2), &record([0b000_00101, 1, 9, 9, 9, 9]));
+    assert_eq!(rejoined.poll_foreign().map(|f| (f.node, f.cid)), Some((NodeId(1), vec![0b000_00101, 1, 9, 9, 9, 9])));
 }
 
 #[test]

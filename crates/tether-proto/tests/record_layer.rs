@@ -467,7 +467,7 @@ fn bad_connection_id_and_reservation_settings_are_named() {
     let now = Instant::now();
     let err =
         Endpoint::new(psk_server(fast_session()), EndpointConfig::new([1; 32]).connection_id_len(9), now).unwrap_err();
-    assert!(err.to_string().contains("connection ids are 0 to 8 bytes"), "{err}");
+    assert!(err.to_string().contains("connection ids are 1 to 8 bytes"), "{err}");
     let err = Endpoint::new(psk_server(fast_session()), EndpointConfig::new([1; 32]).sequence_reservation(1), now)
         .unwrap_err();
     assert!(err.to_string().contains("sequence_reservation"), "{err}");

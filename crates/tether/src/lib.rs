@@ -25,6 +25,7 @@
 pub mod bootstrap;
 mod client;
 mod clock;
+pub mod cluster;
 mod device;
 pub mod lwm2m;
 pub mod metrics;
@@ -44,7 +45,7 @@ pub use resilient::{
     RetryError, TcpConnection, TcpTransport, Transport, TransportError,
 };
 pub use server::{
-    identity_name, os_seed, Accepted, Arrival, DepartReason, Departed, DtlsServer, DtlsServerConfig, ServerError,
-    ServerSendError, ServerStats,
+    identity_name, os_seed, Accepted, Arrival, DepartReason, Departed, DtlsServer, DtlsServerConfig, RelayIn,
+    RelayLink, RelayOut, ServerError, ServerSendError, ServerStats,
 };
 pub use socket::{MemoryNetwork, MemorySocket, Socket, SERVER_RECV_BUFFER};

@@ -338,6 +338,7 @@ async fn postgres_schema_and_connection_errors_say_what_is_wrong() {
         "ALTER TABLE nodes DROP COLUMN boots, DROP COLUMN channel, DROP COLUMN http, DROP COLUMN lease_until;
          ALTER TABLE sessions DROP COLUMN epoch, DROP COLUMN cid;
          ALTER TABLE registrations DROP COLUMN node;
+         DROP INDEX registrations_by_id;
          UPDATE tether_schema SET version = 1";
     client.batch_execute(version_1).await.unwrap();
     let store = PostgresStore::connect(&db.url, NodeId(20), None).await.unwrap();
@@ -438,6 +439,16 @@ async fn postgres_leases_adoption_and_fencing() {
     assert_eq!((nodes[0].sessions, nodes[0].registrations), (0, 0), "node 1 holds nothing");
     assert_eq!(nodes[1].sessions + nodes[2].sessions, 40, "node 1's delete changed nothing");
     assert_eq!(nodes[1].registrations + nodes[2].registrations, 10);
+
+    // A device without a Connection ID that moved claims its registration at its new node:
+    // only its own identity can, and the node that served it is named.
+    let served_by = two.registration_node("urn:dev:6").await.unwrap().unwrap();
+    let claimer = if served_by == NodeId(2) { &three } else { &two };
+    assert!(claimer.claim_registration("id6", "psk:someone-else", now).await.unwrap().is_none());
+    assert!(claimer.claim_registration("no-such-id", "psk:identity", now).await.unwrap().is_none());
+    let (claimed, previous) = claimer.claim_registration("id6", "psk:identity", now).await.unwrap().unwrap();
+    assert_eq!((claimed.endpoint.as_str(), previous), ("urn:dev:6", served_by));
+    assert_eq!(two.registration_node("urn:dev:6").await.unwrap(), Some(claimer.node()));
     drop(one);
     let restarted = postgres::retry(Duration::from_secs(10), || PostgresStore::connect(&db.url, NodeId(1), None)).await;
     assert!(SessionStore::load(&restarted).await.unwrap().is_empty(), "a restart owns nothing it lost");

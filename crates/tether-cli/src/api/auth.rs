@@ -76,6 +76,14 @@ impl Access {
         }
     }
 
+    /// These rules, and an admin `token` besides (the one a cluster's nodes present to each
+    /// other).
+    pub fn and_token(self, token: String) -> Self {
+        let mut tokens = self.tokens.to_vec();
+        tokens.push((Role::Admin, token));
+        Self { tokens: tokens.into(), ..self }
+    }
+
     /// No authentication at all.
     pub fn open() -> Self {
         Self { open: true, open_metrics: true, ..Self::tokens(Vec::new(), true) }

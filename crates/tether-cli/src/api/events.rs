@@ -138,6 +138,9 @@ fn session_event(event: &SessionEvent) -> LiveEvent {
         SessionEvent::Moved { from, to, .. } => {
             LiveEvent { name: "session_moved", data: json!({ "from": from.to_string(), "address": to.to_string() }) }
         }
+        SessionEvent::Adopted { peer, from, .. } => {
+            LiveEvent { name: "session_adopted", data: json!({ "address": peer.to_string(), "from_node": from.0 }) }
+        }
         SessionEvent::Closed { peer, reason, .. } => {
             LiveEvent { name: "session_closed", data: json!({ "address": peer.to_string(), "reason": reason }) }
         }

@@ -1,6 +1,7 @@
 //! The REST API (Leshan-like) and `/metrics`.
 
 pub mod auth;
+pub mod cluster;
 mod composite;
 mod events;
 mod firmware;
@@ -41,6 +42,8 @@ struct Api {
     /// What `/api/events` streams.
     live: events::Live,
     access: auth::Access,
+    /// The cluster this node is part of, if any.
+    cluster: Option<cluster::ClusterApi>,
 }
 
 impl FromRef<Api> for auth::Access {
@@ -118,18 +121,22 @@ pub struct ApiSettings {
     pub hosts: guard::Hosts,
     /// `/api/events` readers at once.
     pub event_readers: usize,
+    /// The cluster this node is part of, if any.
+    pub cluster: Option<cluster::ClusterApi>,
 }
 
 /// The API's routes behind `settings`; values are decoded and writes checked with `models`.
 pub fn router(server: Lwm2mServer, models: Arc<Models>, settings: ApiSettings) -> Router {
     let live = events::live(&server, settings.event_readers);
     let access = settings.access;
-    let api = Api { server, models, feeds: Arc::default(), live, access: access.clone() };
+    let api = Api { server, models, feeds: Arc::default(), live, access: access.clone(), cluster: settings.cluster };
     let mut router = Router::new();
     for (path, _, handlers) in routes() {
         router = router.route(path, handlers);
     }
     router
+        // Inside the authentication layer: only an authorized request is carried on.
+        .route_layer(axum::middleware::from_fn_with_state(api.clone(), cluster::to_holder))
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(access, auth::require))
@@ -229,9 +236,31 @@ fn view(client: &ClientState) -> ClientView {
     }
 }
 
-async fn clients(State(server): State<Lwm2mServer>) -> Json<Vec<ClientView>> {
-    let mut all: Vec<ClientView> = server.clients().await.iter().map(view).collect();
-    all.sort_by(|a, b| natural_cmp(&a.endpoint, &b.endpoint));
+async fn clients(State(api): State<Api>, headers: axum::http::HeaderMap) -> Json<Vec<Value>> {
+    let node = api.cluster.as_ref().map(cluster::ClusterApi::node);
+    let mut all: Vec<Value> = api
+        .server
+        .clients()
+        .await
+        .iter()
+        .map(|c| {
+            let mut item = json!(view(c));
+            if let Some(node) = node {
+                item["node"] = json!(node);
+            }
+            item
+        })
+        .collect();
+    // A node asked by another lists its own; asked by anyone else, the whole cluster's.
+    if let Some(cluster) = api.cluster.as_ref().filter(|_| !headers.contains_key(cluster::FORWARDED)) {
+        all.extend(cluster.others_clients().await);
+    }
+    let endpoint = |v: &Value| v["endpoint"].as_str().unwrap_or_default().to_string();
+    let updated_ago = |v: &Value| v["updated_s_ago"].as_f64().unwrap_or(f64::INFINITY);
+    all.sort_by(|a, b| natural_cmp(&endpoint(a), &endpoint(b)).then(updated_ago(a).total_cmp(&updated_ago(b))));
+    // Two nodes list one endpoint only for a moment (a device moved, and the node it left
+    // has not let go yet): the latest update is the one that counts.
+    all.dedup_by(|later, kept| later["endpoint"] == kept["endpoint"]);
     Json(all)
 }
 
@@ -573,7 +602,8 @@ async fn remove(
     answer(within(options.timeout, server.request(&endpoint, request)).await, &path, &models)
 }
 
-async fn pool(State(server): State<Lwm2mServer>) -> Response {
+async fn pool(State(api): State<Api>) -> Response {
+    let server = &api.server;
     let Some(stats) = server.dtls().stats().await else {
         return error(StatusCode::SERVICE_UNAVAILABLE, None, "server shutting down".into());
     };
@@ -589,7 +619,7 @@ async fn pool(State(server): State<Lwm2mServer>) -> Response {
             })
         })
         .collect();
-    Json(json!({
+    let mut pool = json!({
         "sessions": stats.pool.sessions,
         "capacity": stats.pool.capacity,
         "handshakes_total": stats.pool.handshakes_total,
@@ -606,6 +636,7 @@ async fn pool(State(server): State<Lwm2mServer>) -> Response {
             "migrations": stats.endpoint.migrations,
             "sessions_restored": stats.endpoint.sessions_restored,
             "sessions_evicted": stats.endpoint.sessions_evicted,
+            "foreign_records": stats.endpoint.foreign_records,
             "stalled_handshakes_closed": stats.endpoint.stalled_handshakes_closed,
             "session_store_failures": stats.store_failures,
             "datagrams_dropped": stats.endpoint.dropped_total(),
@@ -615,8 +646,11 @@ async fn pool(State(server): State<Lwm2mServer>) -> Response {
                 .collect::<serde_json::Map<String, Value>>(),
         },
         "per_session": sessions,
-    }))
-    .into_response()
+    });
+    if let Some(cluster) = &api.cluster {
+        pool["cluster"] = cluster.summary();
+    }
+    Json(pool).into_response()
 }
 
 async fn metrics(State(server): State<Lwm2mServer>) -> Response {

@@ -63,6 +63,14 @@ impl Server {
         Self::start_command(command, "127.0.0.1:0", "127.0.0.1:0", data_dir, extra)
     }
 
+    /// Starts a node of a cluster: `extra` flags, `env` in its environment (the cluster key),
+    /// CoAPs and HTTP on free loopback ports.
+    pub fn start_node(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tether"));
+        command.envs(env.iter().copied());
+        Self::start_command(command, "127.0.0.1:0", "127.0.0.1:0", data_dir, extra)
+    }
+
     /// Starts with `extra` flags, keeping its log lines (at `warn`) in [`Server::log`].
     pub fn start_logged(data_dir: &Path, extra: &[&str]) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_tether"));
@@ -79,7 +87,9 @@ impl Server {
         command.args(["serve", "--coaps", coaps, "--http", http, "--data-dir"]).arg(data_dir);
         command.args(extra);
         // Info lines of hundreds of devices would bury the test output; tests/logs.rs reads them.
-        command.env("RUST_LOG", "warn");
+        if !command.get_envs().any(|(name, _)| name == "RUST_LOG") {
+            command.env("RUST_LOG", "warn");
+        }
         for i in 0..DEVICES {
             command.args(["--psk", &format!("device-{i}:{KEY}:urn:dev:{i}")]);
         }

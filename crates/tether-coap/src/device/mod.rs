@@ -63,6 +63,12 @@ pub struct ClientConfig {
     pub send_interval: Option<Duration>,
     /// What a Send carries. Default `/3303/0/5700` (the temperature) and `/3/0/9` (battery).
     pub send_paths: Vec<Path>,
+    /// The session does not depend on the path (the driver offers a DTLS Connection ID):
+    /// a Send that goes unanswered is a lost path, and the device keeps its session (its
+    /// next Update tells whether the server still knows it). Without it (default), an
+    /// unanswered Send means the session may be gone (its server died, and another one
+    /// behind the same address knows nothing of it): the device connects anew.
+    pub session_outlives_path: bool,
     /// Seed of tokens, message IDs and jitter.
     pub seed: u64,
 }
@@ -85,6 +91,7 @@ impl ClientConfig {
             reboot_time: Duration::from_secs(1),
             send_interval: None,
             send_paths: ["/3303/0/5700", "/3/0/9"].iter().filter_map(|p| Path::parse(p).ok()).collect(),
+            session_outlives_path: false,
             seed: 0,
         }
     }
@@ -652,7 +659,14 @@ impl Lwm2mClient {
         while let Some(event) = self.layer.poll_event() {
             match event {
                 CoapEvent::Response { token, response } => self.on_response(now, token, &response),
-                CoapEvent::RequestFailed { token, .. } if self.send_token == Some(token) => self.send_token = None,
+                CoapEvent::RequestFailed { token, reason } if self.send_token == Some(token) => {
+                    self.send_token = None;
+                    if !self.config.session_outlives_path {
+                        // No answer through every retransmission: the session may be what
+                        // is broken (a server without it cannot say so), as for an Update.
+                        self.attempt_failed(now, format!("no answer to a Send from the server ({reason})"));
+                    }
+                }
                 CoapEvent::RequestFailed { token, reason } => {
                     if let Phase::Connected(Some((kind, t))) = self.phase {
                         if t == token {

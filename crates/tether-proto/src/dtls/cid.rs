@@ -64,7 +64,7 @@ pub trait CidGenerator: Send + Sync + fmt::Debug {
 
 /// A generator's length is out of range.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("a Connection ID of {len} bytes: {what} takes {min} to {max}")]
+#[error("a Connection ID of {len} bytes: {what} take {min} to {max}")]
 pub struct CidLengthError {
     /// The length asked for.
     pub len: u8,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tether_coap::block::{block1_request, BlockOption, DEFAULT_SZX};
-use tether_coap::coap_lite::{CoapOption, MessageClass, Packet, ResponseType};
+use tether_coap::coap_lite::{CoapOption, MessageClass, Packet, RequestType, ResponseType};
 use tether_coap::message::{CoapConfig, CoapEvent, IncomingRequest, MessageLayer, RequestFailure, Token};
 use tether_coap::packet::{decode_uint, encode_uint};
 use tether_coap::registration::{Binding, EndpointAuthorizer, Origin, Registration, Registry, RegistryEvent};
@@ -17,7 +17,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::{
     authorization_identity, ClientState, Command, DeviceResponse, Lwm2mError, Lwm2mServerConfig, Observation,
-    SessionEvent, MAX_BLOCKWISE_BODY, NOTIFICATION_QUEUE,
+    RegistrationClaims, SessionEvent, MAX_BLOCKWISE_BODY, NOTIFICATION_QUEUE,
 };
 use crate::client::sleep_until;
 use crate::clock;
@@ -38,6 +38,10 @@ struct Session {
     peer: SocketAddr,
     /// When the peer last sent anything (queue mode).
     last_heard: Option<Instant>,
+    /// Adopted from a node of the cluster that died, and not heard from since: the
+    /// device's flow through the load balancer was bound to that node, so nothing reaches
+    /// it before it sends again (requests wait, as for a sleeping device).
+    awaiting_contact: bool,
     /// The CoAP layer's next timer, as filed in the actor's timer set.
     timer: Option<Instant>,
     /// Boxed: the session table stays small and dense with thousands of devices.
@@ -113,7 +117,18 @@ pub(super) struct Actor {
     /// The latest values devices sent (LwM2M Send).
     sent: crate::send::SentStore,
     refusal_log: LogBudget,
+    /// In a cluster: how registrations of devices that moved here are claimed, and where
+    /// the claims' outcomes come back.
+    claims: Option<(Arc<dyn RegistrationClaims>, mpsc::WeakSender<Command>)>,
+    /// Updates held while their registration is claimed, by registration id.
+    claiming: HashMap<String, Vec<(SessionHandle, IncomingRequest, Packet)>>,
 }
+
+/// Claims in flight at most; an Update beyond it is answered 4.04 (the device registers
+/// anew).
+const MAX_CLAIMS: usize = 1024;
+/// Retransmissions of one Update held while its claim runs.
+const MAX_HELD_PER_CLAIM: usize = 4;
 
 impl Actor {
     pub(super) fn new(
@@ -148,6 +163,8 @@ impl Actor {
             session_events,
             sent: crate::send::SentStore::default(),
             refusal_log: LogBudget::new(REFUSAL_LOG_WINDOW, REFUSAL_LOG_BURST),
+            claims: None,
+            claiming: HashMap::new(),
         }
     }
 
@@ -172,12 +189,18 @@ impl Actor {
                 accepted = dtls.accept() => {
                     let Some(accepted) = accepted else { return };
                     self.accepted(&accepted);
+                    if let Arrival::Adopted { .. } = accepted.arrival {
+                        if let Some(registration) = self.registry.by_session(accepted.handle) {
+                            self.dtls.bind_name(accepted.handle, registration.endpoint.clone()).await;
+                        }
+                    }
                 }
                 received = dtls.recv() => {
                     let Some((handle, data)) = received else { return };
                     let now = clock::now();
                     if let Some(session) = self.sessions.get_mut(&handle) {
                         session.last_heard = Some(now);
+                        session.awaiting_contact = false;
                         session.layer.handle_datagram(now, &data);
                         self.drive(handle).await;
                     }
@@ -263,6 +286,10 @@ impl Actor {
                     replaced: replaced.is_some(),
                 });
             }
+            Arrival::Adopted { from } => {
+                self.open_session(accepted);
+                let _ = self.session_events.send(SessionEvent::Adopted { session: handle, peer: accepted.peer, from });
+            }
             _ => self.open_session(accepted),
         }
     }
@@ -271,7 +298,8 @@ impl Actor {
         let identity = accepted.identity.as_ref().map(authorization_identity);
         self.seed = self.seed.wrapping_add(1);
         let layer = Box::new(MessageLayer::new(Arc::clone(&self.config), self.seed));
-        let session = Session { identity, peer: accepted.peer, last_heard: None, timer: None, layer };
+        let awaiting_contact = matches!(accepted.arrival, Arrival::Adopted { .. });
+        let session = Session { identity, peer: accepted.peer, last_heard: None, awaiting_contact, timer: None, layer };
         self.forget_session(accepted.handle);
         self.sessions.insert(accepted.handle, session);
     }
@@ -301,15 +329,14 @@ impl Actor {
     /// can go now.
     fn hold_if_asleep(&mut self, endpoint: &str, command: Command) -> Option<Command> {
         let Some(registration) = self.registry.get(endpoint) else { return Some(command) };
-        if registration.binding != Binding::UdpQueue {
+        let session = self.route(registration).and_then(|handle| self.sessions.get(&handle));
+        let unreachable = session.is_some_and(|s| s.awaiting_contact);
+        if registration.binding != Binding::UdpQueue && !unreachable {
             return Some(command);
         }
         let now = clock::now();
-        let heard = self
-            .route(registration)
-            .and_then(|handle| self.sessions.get(&handle)?.last_heard)
-            .unwrap_or(registration.last_update);
-        if now.saturating_duration_since(heard) < self.queue_awake {
+        let heard = session.and_then(|s| s.last_heard).unwrap_or(registration.last_update);
+        if !unreachable && now.saturating_duration_since(heard) < self.queue_awake {
             return Some(command);
         }
         let queue = self.queued.entry(endpoint.to_string()).or_default();
@@ -360,6 +387,28 @@ impl Actor {
         match command {
             Command::Ping(reply) => {
                 let _ = reply.send(());
+            }
+            Command::Adopt(registrations, reply) => {
+                for registration in registrations {
+                    let session = registration.session;
+                    tracing::info!(endpoint = %registration.endpoint, "registration adopted");
+                    self.registry.restore(registration);
+                    // A session adopted before its registration: bind it now.
+                    if let Some(handle) = session.filter(|h| self.sessions.contains_key(h)) {
+                        if let Some(registration) = self.registry.by_session(handle) {
+                            self.dtls.bind_name(handle, registration.endpoint.clone()).await;
+                        }
+                    }
+                }
+                let _ = reply.send(());
+            }
+            Command::ClaimWith(claims, commands) => self.claims = Some((claims, commands)),
+            Command::Claimed(id, claimed) => self.claimed(id, claimed).await,
+            Command::Release(id) => {
+                if let Some(registration) = self.registry.release(&id) {
+                    self.acknowledged.remove(&registration.endpoint);
+                    tracing::info!(endpoint = %registration.endpoint, "registration claimed by another node");
+                }
             }
             Command::Registrations(reply) => {
                 let _ = reply.send(self.acknowledged_registrations());
@@ -530,7 +579,24 @@ impl Actor {
         let Some(identity) = session.identity.clone() else {
             return Some(tether_coap::registration::response(ResponseType::Forbidden));
         };
-        let origin = Origin { session: handle, peer: session.peer, identity: &identity };
+        if self.hold_for_claim(handle, id, request, &identity) {
+            return None;
+        }
+        self.registration_request(handle, id, request, &identity)
+    }
+
+    /// A request on the registration interface from session `handle` of `identity`.
+    fn registration_request(
+        &mut self,
+        handle: SessionHandle,
+        id: &IncomingRequest,
+        request: &Packet,
+        identity: &str,
+    ) -> Option<Packet> {
+        let Some(session) = self.sessions.get(&handle) else {
+            return Some(tether_coap::registration::response(ResponseType::Forbidden));
+        };
+        let origin = Origin { session: handle, peer: session.peer, identity };
         let response = self.registry.handle_request(clock::now(), origin, self.authorizer.as_ref(), request);
         // Nothing is acknowledged before it is durable: a change waits in the batch being
         // gathered, its answer with it.
@@ -539,6 +605,66 @@ impl Actor {
         }
         self.gathering.answers.push(HeldAnswer { session: handle, request: id.clone(), response });
         None
+    }
+
+    /// An Update for a registration this node does not serve, from a device that moved here
+    /// (a cluster's node died, and the load balancer's flow for the device ends here now):
+    /// held while the registration is claimed, answered once it is here (or 4.04 if there is
+    /// none of this identity). `false`: not such a request; answer it now.
+    fn hold_for_claim(
+        &mut self,
+        handle: SessionHandle,
+        incoming: &IncomingRequest,
+        request: &Packet,
+        identity: &str,
+    ) -> bool {
+        let Some((claims, commands)) = &self.claims else { return false };
+        if request.header.code != MessageClass::Request(RequestType::Post) {
+            return false;
+        }
+        let path = tether_coap::registration::uri_path(request);
+        let [rd, id] = path.as_slice() else { return false };
+        if rd != "rd" || self.registry.contains_id(id) {
+            return false;
+        }
+        if let Some(waiting) = self.claiming.get_mut(id.as_str()) {
+            // A retransmission while the claim runs: answered with the first.
+            if waiting.len() < MAX_HELD_PER_CLAIM {
+                waiting.push((handle, incoming.clone(), request.clone()));
+            }
+            return true;
+        }
+        if self.claiming.len() >= MAX_CLAIMS {
+            return false;
+        }
+        self.claiming.insert(id.clone(), vec![(handle, incoming.clone(), request.clone())]);
+        let (claims, commands) = (Arc::clone(claims), commands.clone());
+        let (id, identity) = (id.clone(), identity.to_string());
+        tokio::spawn(async move {
+            let claimed = claims.claim(id.clone(), identity).await;
+            if let Some(commands) = commands.upgrade() {
+                let _ = commands.send(Command::Claimed(id, claimed)).await;
+            }
+        });
+        true
+    }
+
+    /// A claim's outcome: the registration served here if it was claimed, and the Updates
+    /// held for it answered.
+    async fn claimed(&mut self, id: String, claimed: Option<Registration>) {
+        let waiting = self.claiming.remove(&id).unwrap_or_default();
+        if let Some(registration) = claimed {
+            tracing::info!(endpoint = %registration.endpoint, "registration claimed: its device moved to this node");
+            self.registry.restore(registration);
+        }
+        for (handle, incoming, request) in waiting {
+            let Some(identity) = self.sessions.get(&handle).and_then(|s| s.identity.clone()) else { continue };
+            let Some(response) = self.registration_request(handle, &incoming, &request, &identity) else { continue };
+            if let Some(session) = self.sessions.get_mut(&handle) {
+                let _ = session.layer.respond(clock::now(), &incoming, response);
+            }
+            self.drive(handle).await;
+        }
     }
 
     /// A device answered a request of ours over session `handle`.

@@ -130,6 +130,25 @@ enum Command {
     Clients(oneshot::Sender<Vec<ClientState>>),
     Sent(String, oneshot::Sender<Option<Vec<SentValue>>>),
     Ping(oneshot::Sender<()>),
+    /// Registrations another node served, adopted with their sessions (already stored).
+    Adopt(Vec<Registration>, oneshot::Sender<()>),
+    /// From now, Updates for registrations this node does not serve are claimed through
+    /// these; the claims' outcomes come back on the sender.
+    ClaimWith(Arc<dyn RegistrationClaims>, mpsc::WeakSender<Command>),
+    /// A claim's outcome: registration id, and the registration if it is this node's now.
+    Claimed(String, Option<Registration>),
+    /// Another node claimed registration id: let it go.
+    Release(String),
+}
+
+/// How a node of a cluster takes over the registration of a device that moved to it (one
+/// without a Connection ID, whose node died and whose load balancer flow now ends here):
+/// when it sends an Update for a registration this node does not serve, the registration
+/// is claimed from the store, if the device's identity registered it, and served here.
+pub trait RegistrationClaims: Send + Sync + std::fmt::Debug {
+    /// Moves registration `id` of `identity` to this node (and tells the node that served
+    /// it to let go); `None` if there is none such.
+    fn claim(&self, id: String, identity: String) -> futures::future::BoxFuture<'static, Option<Registration>>;
 }
 
 /// A registration, and whether its device can be reached now.
@@ -170,6 +189,16 @@ pub enum SessionEvent {
         from: SocketAddr,
         /// The new one.
         to: SocketAddr,
+    },
+    /// Adopted from a node of the cluster whose lease ran out: the same session, held here
+    /// now.
+    Adopted {
+        /// The session.
+        session: SessionHandle,
+        /// The device's address.
+        peer: SocketAddr,
+        /// The node that held it.
+        from: tether_proto::dtls::NodeId,
     },
     /// The session ended.
     Closed {
@@ -246,6 +275,26 @@ impl Lwm2mServer {
     /// Devices' DTLS sessions opening, moving and closing.
     pub fn session_events(&self) -> broadcast::Receiver<SessionEvent> {
         self.session_events.subscribe()
+    }
+
+    /// Serves `registrations`, adopted (already stored) from a node of the cluster whose
+    /// lease ran out, with their sessions; call before the sessions are adopted.
+    pub async fn adopt(&self, registrations: Vec<Registration>) {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Adopt(registrations, tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Claims registrations through `claims` when a device that moved here from another
+    /// node sends an Update (see [`RegistrationClaims`]).
+    pub async fn claim_with(&self, claims: Arc<dyn RegistrationClaims>) {
+        let _ = self.commands.send(Command::ClaimWith(claims, self.commands.downgrade())).await;
+    }
+
+    /// Lets go of registration `id` without an event: another node claimed it.
+    pub async fn release(&self, id: String) {
+        let _ = self.commands.send(Command::Release(id)).await;
     }
 
     /// Every registration.

@@ -18,7 +18,12 @@ use crate::client::sleep_until;
 use crate::clock;
 use crate::oplog::{DropSummary, LogBudget};
 use crate::socket::{Socket, SERVER_RECV_BUFFER};
-use crate::store::{Applied, SessionStore, SessionWrite, StoreError};
+use crate::store::{Applied, SessionStore, SessionWrite, StoreError, StoredSession};
+
+mod relay;
+
+pub use relay::{RelayIn, RelayLink, RelayOut};
+use relay::{RelayState, RELAY_QUEUE};
 
 /// Settings of a [`DtlsServer`].
 #[derive(Debug, Clone)]
@@ -145,6 +150,12 @@ pub enum Arrival {
         /// The previous address.
         from: SocketAddr,
     },
+    /// Adopted from node `from` of the cluster, whose lease ran out: the same session, now
+    /// held here.
+    Adopted {
+        /// The node that held it.
+        from: tether_proto::dtls::NodeId,
+    },
 }
 
 /// Why a session left the server.
@@ -211,7 +222,9 @@ enum Command {
     SessionAt(SocketAddr, oneshot::Sender<Option<SessionHandle>>),
     Sessions(oneshot::Sender<Vec<Accepted>>),
     Stats(oneshot::Sender<ServerStats>),
+    AttachRelay(RelayState),
     Shutdown(oneshot::Sender<()>),
+    HandOver(oneshot::Sender<()>),
 }
 
 /// A DTLS server on one socket. Peers' handshakes are accepted automatically (after the
@@ -289,6 +302,7 @@ impl DtlsServer {
             store_failures: 0,
             handshake_log: LogBudget::new(HANDSHAKE_LOG_WINDOW, HANDSHAKE_LOG_BURST),
             drop_log: DropSummary::new(now, DROP_SUMMARY_INTERVAL),
+            relay: None,
         };
         tokio::spawn(actor.run(command_rx));
         Ok(Self {
@@ -381,6 +395,26 @@ impl DtlsServer {
         rx.await.ok()
     }
 
+    /// Joins the server to a cluster's forwarding: records for sessions other nodes hold go
+    /// out on the returned link, and what comes in on it is served here (see
+    /// [`RelayIn`]).
+    pub async fn relay(&self) -> Option<RelayLink> {
+        let (out_tx, out_rx) = mpsc::channel(RELAY_QUEUE);
+        let (in_tx, in_rx) = mpsc::channel(RELAY_QUEUE);
+        self.command(Command::AttachRelay(RelayState::new(out_tx, in_rx))).await.ok()?;
+        Some(RelayLink { to_server: in_tx, from_server: out_rx })
+    }
+
+    /// Leaves a cluster: writes every session's state, then the task ends without a word to
+    /// any device, so that the nodes that adopt the sessions serve them on (a rolling
+    /// restart costs no handshake).
+    pub async fn hand_over(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.command(Command::HandOver(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
     /// Graceful shutdown: close_notify to every peer, then the task ends.
     pub async fn shutdown(&self) {
         let (tx, rx) = oneshot::channel();
@@ -420,6 +454,8 @@ struct Actor {
     /// Failed handshakes are logged within a budget: anyone can cause them.
     handshake_log: LogBudget,
     drop_log: DropSummary,
+    /// A cluster's forwarding, once attached.
+    relay: Option<RelayState>,
 }
 
 /// A batch of session writes handed to the store: what it checkpoints, the new sessions in
@@ -440,6 +476,15 @@ impl Writing {
     }
 }
 
+/// The next message of the relay (which must be attached); `None` when the cluster room
+/// let go of it.
+async fn relay_message(relay: &mut Option<RelayState>) -> Option<RelayIn> {
+    match relay.as_mut() {
+        Some(relay) => relay.inbound.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Failed handshakes logged per window at most; the rest are counted in the next line.
 const HANDSHAKE_LOG_BURST: u32 = 10;
 /// The window of [`HANDSHAKE_LOG_BURST`].
@@ -456,6 +501,7 @@ impl Actor {
         let mut buf = vec![0u8; 65_536];
         loop {
             self.process_events();
+            self.hand_out_foreign();
             self.start_write();
             self.flush().await;
             let checkpoint = (self.store.is_some() && self.writing.is_none() && self.endpoint.dirty_sessions() > 0)
@@ -468,12 +514,18 @@ impl Actor {
             tokio::select! {
                 received = self.socket.recv_from(&mut buf) => {
                     let Ok((n, from)) = received else { continue };
+                    self.heard_directly(from);
                     self.endpoint.handle(clock::now(), from, &buf[..n]);
                     for _ in 1..RECV_BATCH {
                         let Ok((n, from)) = self.socket.try_recv_from(&mut buf) else { break };
+                        self.heard_directly(from);
                         self.endpoint.handle(clock::now(), from, &buf[..n]);
                     }
                 }
+                message = relay_message(&mut self.relay), if self.relay.is_some() => match message {
+                    Some(message) => self.relay_in(message).await,
+                    None => self.relay = None,
+                },
                 outcome = Writing::outcome(&mut self.writing), if self.writing.is_some() => self.written(outcome),
                 _ = sleep_until(deadline.map(clock::deadline)), if deadline.is_some() => {
                     let now = clock::now();
@@ -481,6 +533,12 @@ impl Actor {
                     self.pool.handle_timeout(now);
                 }
                 command = commands.recv() => match command {
+                    Some(Command::HandOver(done)) => {
+                        self.hand_over_all().await;
+                        drop(self);
+                        let _ = done.send(());
+                        return;
+                    }
                     Some(Command::Shutdown(done)) => {
                         self.stop().await;
                         // Release the socket before answering, so the address can be bound
@@ -537,20 +595,8 @@ impl Actor {
                 unusable.push(SessionWrite::Delete(stored.handle));
                 continue;
             }
-            if let Err(err) = self.endpoint.restore(now, stored.handle, stored.peer, &stored.snapshot) {
-                tracing::warn!(handle = %stored.handle, %err, "stored session not restored");
+            if !self.restore_one(now, &stored, Arrival::Restored) {
                 unusable.push(SessionWrite::Delete(stored.handle));
-                continue;
-            }
-            let name = stored.snapshot.identity().map(identity_name);
-            match self.pool.insert_restored(now, stored.peer, name) {
-                Ok((generation, _)) => {
-                    self.generations.insert(stored.handle, generation);
-                    self.handles.insert(generation, stored.handle);
-                }
-                Err(_full) => {
-                    self.endpoint.close(now, stored.handle);
-                }
             }
         }
         let restored = self.generations.len();
@@ -564,6 +610,56 @@ impl Actor {
         }
         if restored > 0 {
             tracing::info!(restored, "sessions restored from the session store");
+        }
+    }
+
+    /// Restores one stored session into the endpoint and the pool; an adopted one is
+    /// reported to the application. `false`: it could not be restored.
+    fn restore_one(&mut self, now: std::time::Instant, stored: &StoredSession, arrival: Arrival) -> bool {
+        if let Err(err) = self.endpoint.restore(now, stored.handle, stored.peer, &stored.snapshot) {
+            tracing::warn!(handle = %stored.handle, %err, "stored session not restored");
+            return false;
+        }
+        let name = stored.snapshot.identity().map(identity_name);
+        match self.pool.insert_restored(now, stored.peer, name) {
+            Ok((generation, _)) => {
+                self.generations.insert(stored.handle, generation);
+                self.handles.insert(generation, stored.handle);
+            }
+            Err(_full) => {
+                self.endpoint.close(now, stored.handle);
+                return true;
+            }
+        }
+        if let Arrival::Adopted { .. } = arrival {
+            let accepted = Accepted {
+                handle: stored.handle,
+                peer: stored.peer,
+                identity: stored.snapshot.identity().cloned(),
+                resumed: false,
+                arrival,
+                bound_name: None,
+            };
+            if self.accepted.try_send(accepted).is_err() {
+                self.events_dropped += 1;
+            }
+        }
+        true
+    }
+
+    /// Writes every session's state (a final checkpoint of them all, and whatever waits to
+    /// be written) and sends nothing more: another node adopts them.
+    async fn hand_over_all(&mut self) {
+        self.endpoint.checkpoint_all();
+        loop {
+            self.process_events();
+            self.next_checkpoint = clock::now();
+            self.start_write();
+            if self.writing.is_none() {
+                return;
+            }
+            let outcome = Writing::outcome(&mut self.writing).await;
+            self.written(outcome);
         }
     }
 
@@ -665,6 +761,7 @@ impl Actor {
                     self.pool.by_identity(&identity).and_then(|e| Some((*self.handles.get(&e.generation)?, e.peer)));
                 let _ = reply.send(found);
             }
+            Command::AttachRelay(relay) => self.relay = Some(relay),
             Command::SessionAt(peer, reply) => {
                 let _ = reply.send(self.endpoint.established(peer));
             }
@@ -701,7 +798,7 @@ impl Actor {
                     store_failures: self.store_failures,
                 });
             }
-            Command::Shutdown(_) => unreachable!("handled in run"),
+            Command::Shutdown(_) | Command::HandOver(_) => unreachable!("handled in run"),
         }
     }
 
@@ -861,7 +958,12 @@ impl Actor {
 
     async fn flush(&mut self) {
         while let Some(t) = self.endpoint.poll_transmit() {
-            let _ = self.socket.send_to(&t.contents, t.destination).await;
+            match self.route_of(t.destination) {
+                Some(via) => self.relay_reply(via, t.destination, t.contents),
+                None => {
+                    let _ = self.socket.send_to(&t.contents, t.destination).await;
+                }
+            }
         }
     }
 }

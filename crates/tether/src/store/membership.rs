@@ -93,4 +93,18 @@ pub trait Membership: Send + Sync + std::fmt::Debug {
 
     /// The node that holds the session whose Connection ID is `cid`, if any does.
     fn holder_of(&self, cid: &[u8]) -> StoreFuture<'_, Option<NodeId>>;
+
+    /// The node that serves the registration of `endpoint`, if it is registered.
+    fn registration_node(&self, endpoint: &str) -> StoreFuture<'_, Option<NodeId>>;
+
+    /// Moves registration `id` to this node, if `identity` registered it: its device (one
+    /// without a Connection ID, whose node died) handshook with this node and sends an
+    /// Update. The registration comes back, its times mapped onto `now`, with the node
+    /// that served it until now.
+    fn claim_registration(
+        &self,
+        id: &str,
+        identity: &str,
+        now: Instant,
+    ) -> StoreFuture<'_, Option<(Registration, NodeId)>>;
 }

@@ -265,3 +265,32 @@ impl Proxy {
         upstream.send(datagram).await.unwrap();
     }
 }
+
+/// Checks every protected record in `captured`: its explicit nonce is its epoch and sequence
+/// number (as tether writes it), and no nonce repeats per client, direction and key (a
+/// ClientHello from a client starts a new key): under one key a repeated nonce would break
+/// the AEAD. Returns how many records it checked.
+pub fn assert_unique_nonces(captured: &[Captured]) -> usize {
+    use tether_proto::dtls::record;
+    let mut seen: HashMap<(SocketAddr, bool), std::collections::HashSet<u64>> = HashMap::new();
+    let mut records = 0;
+    for c in captured {
+        if c.to_server && record::parse_client_hello(&c.datagram).is_some() {
+            seen.retain(|(client, _), _| *client != c.client); // a new handshake: new keys
+            continue;
+        }
+        let Some(parsed) = record::parse_records_with_cid(&c.datagram, Some(6)) else { continue };
+        for r in parsed.iter().filter(|r| r.epoch > 0) {
+            let nonce = u64::from_be_bytes(r.fragment[..8].try_into().unwrap());
+            assert_eq!(nonce, r.epoch_and_sequence(), "tether's nonce is the epoch and sequence number");
+            records += 1;
+            assert!(
+                seen.entry((c.client, c.to_server)).or_default().insert(nonce),
+                "client {} ({}) reused sequence number {nonce:#x} under one key",
+                c.client,
+                if c.to_server { "to server" } else { "from server" }
+            );
+        }
+    }
+    records
+}

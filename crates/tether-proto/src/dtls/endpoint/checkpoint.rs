@@ -168,6 +168,15 @@ impl Endpoint {
         out
     }
 
+    /// Marks every established session for the next [`checkpoint`](Self::checkpoint): a
+    /// node handing its sessions over to another writes them all as they are.
+    pub fn checkpoint_all(&mut self) {
+        let handles: Vec<SessionHandle> = self.sessions.keys().copied().collect();
+        for handle in handles {
+            self.mark_dirty(handle);
+        }
+    }
+
     /// The checkpoints are stored: their write limits may be used.
     pub fn checkpoint_written(&mut self, written: &[Checkpoint]) {
         for checkpoint in written {

@@ -43,6 +43,11 @@ pub struct EndpointConfig {
     pub max_sessions_per_identity: usize,
     /// Where session handles come from (see [`HandleSpace`](super::HandleSpace)).
     pub handles: super::HandleSpace,
+    /// In a cluster, another node may hold a session this one made (it adopted it while
+    /// this node was down): records with an unknown Connection ID of this node's own are
+    /// then handed out for forwarding too ([`Endpoint::poll_foreign`](super::Endpoint::poll_foreign),
+    /// naming this node). Default `false`: they are dropped.
+    pub relay_unknown_own_ids: bool,
 }
 
 impl EndpointConfig {
@@ -61,6 +66,7 @@ impl EndpointConfig {
             stalled_handshake_timeout: Duration::from_secs(10),
             max_sessions_per_identity: 4,
             handles: super::HandleSpace::default(),
+            relay_unknown_own_ids: false,
         }
     }
 

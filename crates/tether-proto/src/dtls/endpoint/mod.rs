@@ -94,6 +94,8 @@ pub struct EndpointTransmit {
 pub struct ForeignDatagram {
     /// The node the Connection ID names.
     pub node: NodeId,
+    /// The Connection ID.
+    pub cid: Vec<u8>,
     /// Where the datagram came from (the peer's address, as this node saw it).
     pub from: SocketAddr,
     /// The whole datagram.
@@ -402,13 +404,20 @@ impl Endpoint {
             return;
         };
         let Some(handle) = self.cids.get(&cid_number(cid)).copied() else {
-            match generator.owner(cid) {
-                CidOwner::Node(node) if self.foreign.len() < MAX_FOREIGN_QUEUED => {
+            let owner = match generator.owner(cid) {
+                // Another node may have adopted a session this one made (and forgot).
+                CidOwner::Local if self.config.relay_unknown_own_ids => Some(self.config.handles.node),
+                CidOwner::Node(node) => Some(node),
+                CidOwner::Local | CidOwner::Unknown => None,
+            };
+            match owner {
+                Some(node) if self.foreign.len() < MAX_FOREIGN_QUEUED => {
                     self.stats.foreign_records += 1;
-                    self.foreign.push_back(ForeignDatagram { node, from, contents: datagram.to_vec() });
+                    let foreign = ForeignDatagram { node, cid: cid.to_vec(), from, contents: datagram.to_vec() };
+                    self.foreign.push_back(foreign);
                 }
-                CidOwner::Node(_) => self.drop_datagram(DropReason::ForeignBacklog),
-                CidOwner::Local | CidOwner::Unknown => self.drop_datagram(DropReason::UnknownConnectionId),
+                Some(_) => self.drop_datagram(DropReason::ForeignBacklog),
+                None => self.drop_datagram(DropReason::UnknownConnectionId),
             }
             return;
         };

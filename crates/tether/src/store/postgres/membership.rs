@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use tether_coap::registration::Registration;
 use tether_proto::dtls::NodeId;
 
 use super::registrations::{registration_of, COLUMNS};
@@ -148,6 +149,38 @@ impl Membership for PostgresStore {
             let client = self.pool.get().await?;
             let row = client.query_opt("SELECT node FROM sessions WHERE cid = $1", &[&cid]).await?;
             Ok(row.and_then(|row| u8::try_from(row.get::<_, i32>(0)).ok()).map(NodeId))
+        })
+    }
+
+    fn registration_node(&self, endpoint: &str) -> StoreFuture<'_, Option<NodeId>> {
+        let endpoint = endpoint.to_string();
+        Box::pin(async move {
+            let client = self.pool.get().await?;
+            let row = client.query_opt("SELECT node FROM registrations WHERE endpoint = $1", &[&endpoint]).await?;
+            Ok(row.and_then(|row| u8::try_from(row.get::<_, i32>(0)).ok()).map(NodeId))
+        })
+    }
+
+    fn claim_registration(
+        &self,
+        id: &str,
+        identity: &str,
+        now: Instant,
+    ) -> StoreFuture<'_, Option<(Registration, NodeId)>> {
+        let (id, identity) = (id.to_string(), identity.to_string());
+        Box::pin(async move {
+            let mut client = self.pool.get().await?;
+            let tx = client.transaction().await?;
+            // The row locked while it moves: two nodes claiming at once serialize, and the
+            // loser sees the winner as the previous node.
+            let query = "SELECT node FROM registrations WHERE id = $1 AND identity = $2 FOR UPDATE";
+            let Some(previous) = tx.query_opt(query, &[&id, &identity]).await? else { return Ok(None) };
+            let previous = NodeId(u8::try_from(previous.get::<_, i32>(0)).unwrap_or(0));
+            let query =
+                format!("UPDATE registrations SET node = $3 WHERE id = $1 AND identity = $2 RETURNING {COLUMNS}");
+            let row = tx.query_one(&query, &[&id, &identity, &i32::from(self.node.0)]).await?;
+            tx.commit().await?;
+            Ok(registration_of(&row, now).map(|registration| (registration, previous)))
         })
     }
 }

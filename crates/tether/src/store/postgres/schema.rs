@@ -44,6 +44,9 @@ const SCHEMA: &[&str] = &[
      CREATE INDEX sessions_by_cid ON sessions (cid) WHERE cid IS NOT NULL;
      ALTER TABLE registrations ADD COLUMN node INTEGER NOT NULL DEFAULT 0;
      CREATE INDEX registrations_by_node ON registrations (node);",
+    // A device without a Connection ID that moved to another node claims its registration
+    // by id.
+    "CREATE INDEX registrations_by_id ON registrations (id);",
 ];
 
 /// Brings the schema up to date, one step a transaction, under an advisory lock (nodes
