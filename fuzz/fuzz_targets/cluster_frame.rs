@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = key().open(data, now, 30_000);
     let [kind, node, port_hi, port_lo, flip, datagram @ ..] = data else { return };
     let peer = SocketAddr::from(([192, 0, 2, *node], u16::from_be_bytes([*port_hi, *port_lo])));
-    let kind = if kind % 2 == 0 { FrameKind::Forward } else { FrameKind::Reply };
+    let kind = [FrameKind::Forward, FrameKind::Reply, FrameKind::Release][usize::from(*kind) % 3];
     let frame = Frame { kind, sender: NodeId(*node), sent_unix_ms: now, peer, datagram };
     let sealed = key().seal(&frame);
     assert_eq!(key().open(&sealed, now, 0).as_ref(), Ok(&frame));

@@ -1,17 +1,17 @@
 //! A node of a cluster: several `tether serve` processes on one PostgreSQL database behind a
 //! plain UDP load balancer serve one fleet.
 //!
-//! - **Membership** ([`lease`]): the node holds a lease in the store and renews it three
+//! - **Membership** (`lease.rs`): the node holds a lease in the store and renews it three
 //!   times a lease; if it cannot renew in time, it stops serving before any other node may
 //!   adopt its sessions (fail-stop: the process ends, and a restart owns nothing it lost).
-//! - **Forwarding** ([`forward`]): a record whose Connection ID names a session another
+//! - **Forwarding** (`forward.rs`): a record whose Connection ID names a session another
 //!   node holds goes there over the node channel, authenticated with the cluster key and
 //!   carrying the address the device's datagram came from; the holder's answers come back
 //!   the same way and leave from the node the device's flow is bound to.
-//! - **Claims** ([`claims`]): a device without a Connection ID whose node died
+//! - **Claims** (`claims.rs`): a device without a Connection ID whose node died
 //!   handshakes with a survivor and updates its registration there; the survivor claims
 //!   the registration and the node that served it lets go.
-//! - **Takeover** ([`adopt`]): when a node's lease runs out, the live nodes adopt its
+//! - **Takeover** (`adopt.rs`): when a node's lease runs out, the live nodes adopt its
 //!   sessions (each takes a share, by compare-and-set in the store) and the registrations
 //!   bound to them, and serve them on with no handshake, from above the last durable
 //!   sequence reservation.
