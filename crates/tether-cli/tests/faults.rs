@@ -43,7 +43,7 @@ async fn sigkill_under_load_loses_no_acknowledged_registration() {
     let server = Server::start_with(&data, &["--security", security.to_str().unwrap()]);
     let acknowledged = Arc::new(Mutex::new(HashSet::new()));
     let mut devices = Vec::new();
-    for i in 0..DEVICES {
+    let start = |i: usize| {
         let device = start_device(format!("s-{i}"), server.coaps);
         let mut events = device.events();
         let (acknowledged, name) = (Arc::clone(&acknowledged), device.endpoint().to_string());
@@ -54,9 +54,11 @@ async fn sigkill_under_load_loses_no_acknowledged_registration() {
                 }
             }
         });
-        devices.push(device);
-    }
-    // Kill it mid-stream: once some registrations are acknowledged and others are not.
+        device
+    };
+    // Kill it mid-stream: once some registrations are acknowledged, and just after the last
+    // third of the fleet started (on a fast machine the first two thirds may all be done).
+    devices.extend((0..DEVICES * 2 / 3).map(start));
     loop {
         let n = acknowledged.lock().unwrap().len();
         if n >= DEVICES / 4 {
@@ -64,6 +66,7 @@ async fn sigkill_under_load_loses_no_acknowledged_registration() {
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
+    devices.extend((DEVICES * 2 / 3..DEVICES).map(start));
     server.sigkill();
     let acknowledged_at_kill: HashSet<String> = acknowledged.lock().unwrap().clone();
     assert!(acknowledged_at_kill.len() < DEVICES, "the kill came while registrations were still in flight");

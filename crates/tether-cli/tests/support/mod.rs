@@ -66,9 +66,15 @@ impl Server {
     /// Starts a node of a cluster: `extra` flags, `env` in its environment (the cluster key),
     /// CoAPs and HTTP on free loopback ports.
     pub fn start_node(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_node_at("127.0.0.1:0", data_dir, extra, env)
+    }
+
+    /// [`Server::start_node`] with CoAPs on `coaps` (a node restarted where the load
+    /// balancer sends).
+    pub fn start_node_at(coaps: &str, data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_tether"));
         command.envs(env.iter().copied());
-        Self::start_command(command, "127.0.0.1:0", "127.0.0.1:0", data_dir, extra)
+        Self::start_command(command, coaps, "127.0.0.1:0", data_dir, extra)
     }
 
     /// Starts with `extra` flags, keeping its log lines (at `warn`) in [`Server::log`].
