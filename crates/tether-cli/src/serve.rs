@@ -567,6 +567,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         sessions_restored = stored_sessions,
         "tether serve started"
     );
+    let shutdown = shutdown_signal();
     say!("tether serve: CoAPs (DTLS 1.2) on udp {}", dtls.local_addr());
     let http = listener.local_addr()?;
     let loopback = http.ip().is_loopback();
@@ -630,7 +631,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         connections_per_address: settings.limits.http_connections_per_address,
         header_timeout: std::time::Duration::from_secs_f64(settings.limits.http_header_timeout_s),
     };
-    crate::api::listener::serve(listener, app, limits, shutdown_signal()).await?;
+    crate::api::listener::serve(listener, app, limits, shutdown).await?;
     if let Some(cluster) = cluster {
         tracing::info!("leaving the cluster: every session handed over to the other nodes");
         say!("tether serve: leaving the cluster: sessions handed over, nothing closed");
@@ -687,11 +688,25 @@ fn inject_panic() {
     }
 }
 
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+/// SIGINT or SIGTERM. The handlers are installed when this is called, not when it is first
+/// awaited: a signal that comes right after the addresses are printed (a supervisor, a test)
+/// still ends the server cleanly instead of killing it.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, Signal, SignalKind};
+    async fn received(signal: Option<Signal>) {
+        match signal {
+            Some(mut signal) => {
+                signal.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+    let (term, interrupt) = (signal(SignalKind::terminate()).ok(), signal(SignalKind::interrupt()).ok());
+    async move {
+        tokio::select! {
+            _ = received(term) => {}
+            _ = received(interrupt) => {}
+        }
     }
 }
 
